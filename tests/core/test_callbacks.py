@@ -1,0 +1,90 @@
+import hashlib
+import hmac
+import json
+import threading
+import time
+
+from tests.conftest import SUPABASE_TEST_CALLBACK_SECRET as SECRET, SUPABASE_TEST_SERVICE_KEY as KEY
+from workers.core import callbacks as cb
+from workers.core import keys
+from workers.core.callbacks import CallbackClient, OutboxSender, Outcome
+from workers.core.transport import RedisProtocolTransport
+
+
+def client(standin, retry_seconds=5.0, secret=SECRET, key=KEY):
+    return CallbackClient(standin.url, key, secret, retry_seconds=retry_seconds, timeout=2,
+                          sleep=lambda s: time.sleep(min(s, 0.2)))
+
+
+def test_body_is_signed_byte_for_byte_and_carries_both_auth_headers(supabase_standin):
+    body = cb.encode("job-1", "w1", "completed", [{"type": "image", "url": "u/job-1/0.png"}], None,
+                     {"seed": 0, "prompt": "é ünïcode"})
+    assert client(supabase_standin).deliver(body) is Outcome.DELIVERED
+    received = supabase_standin.wait_for("job-1")
+    assert received.raw == body
+    expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert received.headers["x-callback-signature"] == expected
+    assert received.headers["authorization"] == f"Bearer {KEY}" and received.headers["apikey"] == KEY
+    assert received.headers["content-type"] == "application/json"
+    assert set(received.body) == {"job_id", "worker_id", "status", "assets", "error_message", "metadata"}
+
+
+def test_wrong_secret_is_refused_and_not_retried(supabase_standin):
+    body = cb.encode("job-2", "w1", "failed", error_message="x")
+    started = time.monotonic()
+    assert client(supabase_standin, secret="wrong").deliver(body) is Outcome.REJECTED
+    assert time.monotonic() - started < 1.0  # a 401 is final
+    assert supabase_standin.callbacks() == []
+
+
+def test_5xx_and_429_are_retried_until_delivered(supabase_standin):
+    supabase_standin.fail_next(2, 503)
+    supabase_standin.fail_next(1, 429)
+    assert client(supabase_standin).deliver(cb.encode("job-3", "w", "completed")) is Outcome.DELIVERED
+    assert len(supabase_standin.callbacks("job-3")) == 1
+
+
+def test_receiver_down_longer_than_budget_fails(supabase_standin):
+    supabase_standin.set_down(True)
+    assert client(supabase_standin, retry_seconds=1.0).deliver(cb.encode("job-4", "w", "completed")) is Outcome.FAILED
+
+
+def test_skipped_counts_as_delivered(supabase_standin):
+    supabase_standin.skip_job_ids.add("job-5")
+    assert client(supabase_standin).deliver(cb.encode("job-5", "w", "completed")) is Outcome.DELIVERED
+
+
+def test_progress_is_best_effort_and_does_not_block(supabase_standin):
+    supabase_standin.delay = 2.0
+    started = time.monotonic()
+    client(supabase_standin).progress(cb.encode("job-6", "w", "processing"))
+    assert time.monotonic() - started < 0.5
+    supabase_standin.wait_for("job-6", status="processing", timeout=10)
+
+
+def test_outbox_sender_delivers_later_and_empties_the_outbox(supabase_standin, redis_client, redis_server):
+    transport = RedisProtocolTransport(redis_server.url, 5)
+    body = cb.encode("job-7", "w", "completed")
+    redis_client.hset(keys.OUTBOX, "job-7", body)
+    supabase_standin.set_down(True)
+    sender = OutboxSender(transport, client(supabase_standin))
+    assert sender.drain_once() == 0 and sender.pending() == 1
+    supabase_standin.set_down(False)
+    stop = threading.Event()
+    thread = threading.Thread(target=sender.run, args=(stop, 0.1))
+    thread.start()
+    try:
+        assert supabase_standin.wait_for("job-7", timeout=10).raw == body
+        deadline = time.monotonic() + 5
+        while sender.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sender.pending() == 0
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_body_never_contains_unserialisable_surprises():
+    body = json.loads(cb.encode("j", "w", "failed", None, "boom", {"error_type": "INTERNAL_ERROR"}))
+    assert body == {"job_id": "j", "worker_id": "w", "status": "failed", "assets": [], "error_message": "boom",
+                    "metadata": {"error_type": "INTERNAL_ERROR"}}

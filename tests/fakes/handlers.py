@@ -1,0 +1,65 @@
+"""A fast, real handler for runtime tests: it makes a small PNG per job, and obeys test knobs in
+``config``: ``sleep`` (seconds), ``crash`` (``"exit"`` kills the process mid-job), ``fail`` (an error type
+name to raise as a non-retryable WorkerError), ``retryable`` (raise RetryableError), ``images`` (count)."""
+from __future__ import annotations
+
+import io
+import os
+import time
+from typing import Any
+
+from PIL import Image
+
+from workers.core.errors import ErrorType, RetryableError, WorkerError
+from workers.core.handler import Output, Progress, Result
+from workers.core.job import Job, Queue
+from workers.core.settings import Settings
+from workers.core.storage import thumbnail
+
+
+class FakeHandler:
+    kind = "fake"
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+        self.loaded = False
+
+    def setup(self) -> None:
+        self.loaded = True
+
+    def run(self, job: Job, progress: Progress) -> Result:
+        config = job.config
+        progress(0.1, "started")
+        if config.get("crash") == "exit":
+            os._exit(137)
+        time.sleep(float(config.get("sleep", 0)))
+        if config.get("fail"):
+            raise WorkerError("the fake handler was told to fail", ErrorType(config["fail"]))
+        if config.get("retryable"):
+            raise RetryableError("transient fake failure", ErrorType.STORAGE_ERROR)
+        outputs = []
+        for i in range(int(config.get("images", 1))):
+            image = Image.new("RGB", (32, 16), (len(job.prompt) % 256, i * 40 % 256, 90))
+            data = io.BytesIO()
+            image.save(data, format="PNG")
+            outputs.append(Output(f"{i}.png", data.getvalue(), "image/png", "image", thumbnail(image),
+                                  {"width": 32, "height": 16, "seed": i}))
+        return Result(outputs, {"seed": 0, "num_images": len(outputs), "pid": os.getpid()})
+
+    def load(self, which: str) -> str:
+        self.loaded = True
+        return "loaded"
+
+    def unload(self, which: str) -> str:
+        self.loaded = False
+        return "unloaded"
+
+    def status(self) -> dict[str, Any]:
+        return {"loaded": self.loaded}
+
+    def register_routes(self, app: Any, service: Any) -> None:
+        return None
+
+
+def create_handler(settings: Settings) -> FakeHandler:
+    return FakeHandler(Queue(os.environ.get("FAKE_QUEUE", "sdxl_queue")))

@@ -1,0 +1,144 @@
+"""HTTP adapter helpers shared by every worker: the app factory with ``/health`` and ``/metrics``,
+JSON errors (never an HTML page or a stack trace), body limits, and Bearer-key auth.
+
+Routes stay a few lines: parse, call one method, map a typed error to a status code.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from functools import wraps
+from typing import Any, Callable, Iterable
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .metrics import Metrics
+from .settings import Secret
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 * 1024 * 1024
+
+
+class ApiError(Exception):
+    """A client-facing error: ``status`` and a message that is safe to show."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def create_base_app(name: str, health: Callable[[], tuple[bool, dict[str, Any]]],
+                    metrics: Metrics | None = None, max_body: int = MAX_BODY_BYTES) -> Flask:
+    """A Flask app with ``GET /health`` (200 when ``health()`` says ready, else 503) and ``GET /metrics``."""
+    app = Flask(name)
+    app.config["MAX_CONTENT_LENGTH"] = max_body
+    app.json.sort_keys = False
+
+    @app.get("/health")
+    def health_route():
+        ready, details = health()
+        body = {"status": "healthy" if ready else "unavailable", "service": name, **details}
+        return jsonify(body), 200 if ready else 503
+
+    if metrics is not None:
+        @app.get("/metrics")
+        def metrics_route():
+            return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
+
+        @app.after_request
+        def count(response):
+            metrics.requests.labels(request.url_rule.rule if request.url_rule else "unmatched",
+                                    str(response.status_code)).inc()
+            return response
+
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError):
+        return jsonify({"success": False, "error": exc.message}), exc.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        message = {413: f"request body is larger than {max_body} bytes"}.get(exc.code, exc.description)
+        return jsonify({"success": False, "error": message}), exc.code
+
+    @app.errorhandler(Exception)
+    def internal_error(exc: Exception):
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return jsonify({"success": False, "error": "internal error"}), 500
+
+    return app
+
+
+def json_body(optional: bool = False) -> dict[str, Any]:
+    """The request's JSON object, or ``ApiError(400)`` naming what is wrong."""
+    raw = request.get_data(cache=True)
+    if not raw:
+        if optional:
+            return {}
+        raise ApiError(400, "request body is required (JSON object)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "request body is not UTF-8") from None
+
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
+    except ValueError:
+        raise ApiError(400, "request body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return value
+
+
+def _presented_key() -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def key_matches(presented: str | None, keys: Iterable[Secret | None]) -> bool:
+    """Constant-time comparison against every configured key (no early exit on a match)."""
+    if presented is None:
+        return False
+    matched = False
+    for key in keys:
+        if key is not None:
+            matched |= hmac.compare_digest(presented.encode(), key.reveal().encode())
+    return matched
+
+
+def require_key(keys: Callable[[], Iterable[Secret | None]], allow_anonymous: Callable[[], bool] = lambda: False):
+    """Route decorator: a Bearer key from ``keys()``; no header at all passes only if ``allow_anonymous()``."""
+    def decorate(view):
+        @wraps(view)
+        def wrapper(*args, **kwargs):
+            presented = _presented_key()
+            if presented is None and "Authorization" not in request.headers and allow_anonymous():
+                return view(*args, **kwargs)
+            if not key_matches(presented, keys()):
+                raise ApiError(401, "missing or invalid API key")
+            return view(*args, **kwargs)
+        return wrapper
+    return decorate
+
+
+def require_admin(admin_key: Callable[[], Secret | None]):
+    """Route decorator for control endpoints: always the admin key; unset admin key refuses everything."""
+    def decorate(view):
+        @wraps(view)
+        def wrapper(*args, **kwargs):
+            key = admin_key()
+            if key is None:
+                raise ApiError(401, "control endpoints are disabled: WORKER_ADMIN_KEY is not set")
+            if not key_matches(_presented_key(), [key]):
+                raise ApiError(401, "missing or invalid admin key")
+            return view(*args, **kwargs)
+        return wrapper
+    return decorate

@@ -1,0 +1,119 @@
+"""Result storage (CONTRACT §3): Supabase Storage REST or a local directory with the same layout.
+
+Objects live at ``<bucket>/<user_id>/<job_id>/<name>``. Both backends refuse any path component that
+could leave that layout (``..``, separators, empty), so a hostile id never writes outside the bucket.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+from urllib.parse import quote
+
+import requests
+from PIL import Image
+
+from .errors import ErrorType, RetryableError, WorkerError
+from .settings import Settings
+
+_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+THUMBNAIL_EDGE = 256
+RETRIES = 3
+
+
+class Storage(Protocol):
+    def upload(self, path: str, data: bytes, content_type: str) -> str:
+        """Store ``data`` at the bucket-relative ``path``; return the path. Raise ``WorkerError``."""
+
+
+def object_path(user_id: str, job_id: str, name: str) -> str:
+    """``<user_id>/<job_id>/<name>``, refusing anything that is not one safe path component each."""
+    for part in (user_id, job_id, name):
+        if not _COMPONENT.match(part) or ".." in part:
+            raise WorkerError("unsafe storage path component", ErrorType.INVALID_JOB)
+    return f"{user_id}/{job_id}/{name}"
+
+
+def _check_path(path: str) -> list[str]:
+    parts = path.split("/")
+    if len(parts) != 3:
+        raise WorkerError("storage path must be <user_id>/<job_id>/<name>", ErrorType.INVALID_JOB)
+    object_path(*parts)
+    return parts
+
+
+def thumbnail(image: Image.Image) -> bytes:
+    """WebP thumbnail: longest edge 256 px, aspect kept, quality 85."""
+    thumb = image.convert("RGB")
+    thumb.thumbnail((THUMBNAIL_EDGE, THUMBNAIL_EDGE), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    thumb.save(out, format="WEBP", quality=85)
+    return out.getvalue()
+
+
+class LocalStorage:
+    """Writes ``<root>/<bucket>/<path>`` atomically (temp file + rename)."""
+
+    def __init__(self, root: Path, bucket: str):
+        self.root = Path(root) / bucket
+
+    def upload(self, path: str, data: bytes, content_type: str) -> str:
+        parts = _check_path(path)
+        target = self.root.joinpath(*parts)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise RetryableError(f"local storage write failed ({exc.strerror})", ErrorType.STORAGE_ERROR) from None
+        return path
+
+
+class SupabaseStorage:
+    """``POST {url}/storage/v1/object/<bucket>/<path>`` with the raw bytes, retried with backoff."""
+
+    def __init__(self, url: str, service_key: str, bucket: str, session: requests.Session | None = None,
+                 timeout: float = 60.0, sleep: Callable[[float], None] = time.sleep):
+        self.url = url.rstrip("/")
+        self._key = service_key
+        self.bucket = bucket
+        self.session = session or requests.Session()
+        self.timeout = timeout
+        self.sleep = sleep
+
+    def upload(self, path: str, data: bytes, content_type: str) -> str:
+        _check_path(path)
+        if not content_type or content_type == "application/octet-stream":
+            raise WorkerError("uploads need an explicit content type", ErrorType.INTERNAL_ERROR)
+        endpoint = f"{self.url}/storage/v1/object/{quote(self.bucket)}/{quote(path)}"
+        headers = {"Authorization": f"Bearer {self._key}", "apikey": self._key,
+                   "Content-Type": content_type, "x-upsert": "true"}
+        problem = ""
+        for attempt in range(RETRIES + 1):
+            if attempt:
+                self.sleep(min(2 ** (attempt - 1), 8))
+            try:
+                response = self.session.post(endpoint, data=data, headers=headers, timeout=self.timeout)
+            except requests.RequestException as exc:
+                problem = type(exc).__name__
+                continue
+            if response.ok:
+                return path
+            problem = f"HTTP {response.status_code}"
+            if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+                raise WorkerError(f"storage refused the upload ({problem})", ErrorType.STORAGE_ERROR)
+        raise RetryableError(f"storage upload failed after {RETRIES + 1} tries ({problem})",
+                             ErrorType.STORAGE_ERROR)
+
+
+def from_settings(settings: Settings) -> Storage:
+    if settings.storage_dir is not None:
+        return LocalStorage(settings.storage_dir, settings.storage_bucket)
+    settings.require("supabase_url", "supabase_service_key")
+    return SupabaseStorage(settings.supabase_url, settings.supabase_service_key.reveal(), settings.storage_bucket)
