@@ -84,6 +84,7 @@ class Settings:
     qwen_base_path: Path | None = None
     chat_worker_url: str = "http://127.0.0.1:7861"
     memory_manager_url: str = "http://127.0.0.1:7870"
+    gpu_index: int = 0  # FLEET_GPU_INDEX: the fleet GPU this worker runs on (set by the orchestrator)
     device: str = "auto"
     torch_compile: bool = False
     sdxl_attention: str = "sdpa"
@@ -138,6 +139,7 @@ class Settings:
             qwen_base_path=r.path("QWEN_BASE_PATH"),
             chat_worker_url=r.url("CHAT_WORKER_URL") or "http://127.0.0.1:7861",
             memory_manager_url=r.url("MEMORY_MANAGER_URL") or "http://127.0.0.1:7870",
+            gpu_index=int(r.number("FLEET_GPU_INDEX", 0, 0, 63)),
             device=r.text("DEVICE", "auto"),
             torch_compile=r.boolean("TORCH_COMPILE", False),
             sdxl_attention=r.choice("SDXL_ATTENTION", ("sdpa", "xformers"), "sdpa"),

@@ -1,0 +1,49 @@
+"""The CUDA path (skipped without a GPU): bf16 transformer and text encoder with fp32 norms, time embedding
+and VAE; T2V and VACE runs produce the asked-for frames; the VACE pipeline shares the T2V modules."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.wan.handler import WanHandler
+
+from .conftest import RecordingModels, make_job, no_progress, png_size, video_frames
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(scope="module")
+def cuda_models(wan_settings):
+    models = RecordingModels(wan_settings.wan_model_path, wan_settings.wan_vace_model_path, "cuda")
+    models.load("all")
+    yield models
+    models.unload("all")
+
+
+def test_cuda_dtypes_and_sharing(cuda_models):
+    t2v, vace = cuda_models._t2v, cuda_models._vace
+    assert cuda_models.dtype == torch.bfloat16 and str(cuda_models.device).startswith("cuda")
+    block = t2v.transformer.blocks[0]
+    assert block.attn1.to_q.weight.dtype == torch.bfloat16 and block.attn1.to_q.weight.is_cuda
+    assert block.norm2.weight.dtype == torch.float32 and block.scale_shift_table.dtype == torch.float32
+    assert t2v.vae.dtype == torch.float32 and t2v.text_encoder.dtype == torch.bfloat16
+    assert vace.text_encoder is t2v.text_encoder and vace.vae is t2v.vae
+    assert vace.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("solver", ["unipc", "dpm++"])
+def test_cuda_video_and_image(cuda_models, wan_settings, solver):
+    handler = WanHandler(wan_settings, models=cuda_models)
+    video = handler.run(make_job(config={"sample_solver": solver, "frame_num": 9}), no_progress)
+    assert len(video_frames(video.outputs[0].data)) == 9 and video.metadata["solver"] == solver
+    image = handler.run(make_job("image_high", config={"size": "96*64", "sample_solver": solver}), no_progress)
+    assert png_size(image.outputs[0].data) == (96, 64)
+
+
+def test_cuda_vace_reference_modes(cuda_models, wan_settings, media):
+    handler = WanHandler(wan_settings, models=cuda_models)
+    for config in ({"image": media.at("/frame.png")}, {"first_frame": media.at("/frame.png"),
+                                                       "last_frame": media.at("/frame.png?c=0,0,255")}):
+        result = handler.run(make_job(config=config), no_progress)
+        assert result.metadata["reference_mode_applied"] is True and cuda_models.last["pipeline"] == "WanVACEPipeline"
+        assert len(video_frames(result.outputs[0].data)) == 5

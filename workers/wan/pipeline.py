@@ -1,0 +1,234 @@
+"""The resident Wan 2.1 models: the text-to-video pipeline and, optionally, a VACE transformer that shares
+its text encoder, tokenizer and VAE (one copy of each in memory).
+
+Loaded once (``load()``) and kept. On CUDA the text encoder and transformer run in bf16 with the
+transformer's norm, time-embedding and RoPE layers kept in fp32 (diffusers' ``_keep_in_fp32_modules``) and
+the VAE in fp32; on CPU everything is fp32. Each job gets its own scheduler, built from the loaded
+scheduler config (UniPC or DPM++ flow-matching, with the job's flow shift), and a throwaway pipeline object
+around the shared modules, so no job mutates what another job sees.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers import (DPMSolverMultistepScheduler, UniPCMultistepScheduler, WanPipeline,
+                       WanVACEPipeline, WanVACETransformer3DModel)
+
+from workers.core.errors import ErrorType, FatalWorkerError, RetryableError, WorkerError
+from workers.core.settings import Settings
+
+from .references import VaceConditioning
+from .request import Solver
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]
+"""``on_step(steps_done, steps_total)``."""
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    num_frames: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    solver: Solver = Solver.UNIPC
+    shift: float = 5.0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; otherwise the named device."""
+    if name in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FatalWorkerError("DEVICE must be auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FatalWorkerError("DEVICE asks for CUDA but no CUDA device is available")
+    return device
+
+
+def make_scheduler(base_config: Any, solver: Solver, shift: float):
+    """A fresh flow-matching scheduler for one job, from the checkpoint's scheduler config."""
+    common = {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": float(shift)}
+    if solver is Solver.DPMPP:
+        return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++",
+                                                       solver_order=2, **common)
+    return UniPCMultistepScheduler.from_config(base_config, **common)
+
+
+def load_t2v(path: Path, device: torch.device, dtype: torch.dtype) -> WanPipeline:
+    """The T2V pipeline from a diffusers folder, offline; the VAE always in fp32."""
+    pipe = WanPipeline.from_pretrained(str(path), local_files_only=True,
+                                       dtype={"default": dtype, "vae": torch.float32})
+    pipe.to(device)
+    return pipe
+
+
+def load_vace(path: Path, t2v: WanPipeline, device: torch.device, dtype: torch.dtype) -> WanVACEPipeline:
+    """A VACE pipeline whose transformer comes from ``path`` (a diffusers VACE folder or its
+    ``transformer`` subfolder) and whose text encoder, tokenizer and VAE are ``t2v``'s own objects."""
+    subfolder = "transformer" if (Path(path) / "transformer").is_dir() else None
+    transformer = WanVACETransformer3DModel.from_pretrained(str(path), subfolder=subfolder,
+                                                            local_files_only=True, dtype=dtype)
+    transformer.to(device)
+    return WanVACEPipeline(tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, vae=t2v.vae,
+                           scheduler=t2v.scheduler, transformer=transformer)
+
+
+class WanModels:
+    """Owns the loaded pipelines; ``generate()`` is the one entry point for a denoising run."""
+
+    def __init__(self, model_path: Path | None, vace_path: Path | None = None, device: str = "auto",
+                 compile_transformer: bool = False, progress_bar: bool = False):
+        self.model_path = model_path
+        self.progress_bar = progress_bar  # a tqdm bar over denoising steps (the CLI; workers report progress)
+        self.vace_path = vace_path
+        self.device_name = device
+        self.compile_transformer = compile_transformer
+        self._t2v: WanPipeline | None = None
+        self._vace: WanVACEPipeline | None = None
+        self._lock = threading.RLock()
+        self.device: torch.device | None = None
+        self.dtype: torch.dtype | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "WanModels":
+        return cls(settings.wan_model_path, settings.wan_vace_model_path, settings.device,
+                   settings.torch_compile)
+
+    @property
+    def loaded(self) -> bool:
+        return self._t2v is not None
+
+    @property
+    def vace_available(self) -> bool:
+        return self._vace is not None
+
+    def load(self, which: str = "all") -> str:
+        with self._lock:
+            if self.model_path is None:
+                raise FatalWorkerError("WAN_MODEL_PATH is not set")
+            if not Path(self.model_path).is_dir():
+                raise FatalWorkerError("the WAN model folder (WAN_MODEL_PATH) does not exist")
+            self.device = resolve_device(self.device_name)
+            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            loaded = []
+            if self._t2v is None:
+                self._t2v = self._guarded(load_t2v, "WAN", self.model_path, self.device, self.dtype)
+                self._t2v.set_progress_bar_config(disable=True)
+                self._maybe_compile(self._t2v.transformer)
+                loaded.append("t2v")
+            if which in ("all", "vace") and self.vace_path is not None and self._vace is None:
+                if not Path(self.vace_path).is_dir():
+                    raise FatalWorkerError("the WAN VACE model folder (WAN_VACE_MODEL_PATH) does not exist")
+                self._vace = self._guarded(load_vace, "WAN VACE", self.vace_path, self._t2v, self.device,
+                                           self.dtype)
+                self._maybe_compile(self._vace.transformer)
+                loaded.append("vace")
+            return f"loaded {', '.join(loaded)}" if loaded else "already loaded"
+
+    def unload(self, which: str = "all") -> str:
+        with self._lock:
+            freed = []
+            if self._vace is not None:
+                self._vace = None
+                freed.append("vace")
+            if which != "vace" and self._t2v is not None:
+                self._t2v = None
+                freed.append("t2v")
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return f"unloaded {', '.join(freed)}" if freed else "nothing was loaded"
+
+    def status(self) -> dict[str, Any]:
+        return {"loaded": {"t2v": self._t2v is not None, "vace": self._vace is not None},
+                "vace_configured": self.vace_path is not None,
+                "device": str(self.device) if self.device else None,
+                "dtype": str(self.dtype).removeprefix("torch.") if self.dtype else None,
+                "solvers": [s.value for s in Solver]}
+
+    def generate(self, spec: GenerationSpec, conditioning: VaceConditioning | None = None,
+                 on_step: StepCallback | None = None) -> np.ndarray:
+        """Run one generation; frames as ``uint8`` ``(num_frames, height, width, 3)``."""
+        with self._lock:
+            pipe = self._job_pipeline(spec, conditioning is not None)
+            kwargs: dict[str, Any] = dict(
+                prompt=spec.prompt, negative_prompt=spec.negative_prompt, height=spec.height, width=spec.width,
+                num_frames=spec.num_frames, num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
+                generator=torch.Generator(device="cpu").manual_seed(spec.seed), output_type="np",
+            )
+            if on_step is not None:
+                def callback(_pipe, index, _timestep, tensors):
+                    on_step(index + 1, spec.steps)
+                    return {}
+                kwargs["callback_on_step_end"] = callback
+            if conditioning is not None:
+                kwargs.update(conditioning.kwargs())
+                kwargs.update(self._embeddings(spec))
+            try:
+                with torch.inference_mode():
+                    frames = pipe(**kwargs).frames[0]
+            except torch.cuda.OutOfMemoryError:
+                gc.collect()
+                torch.cuda.empty_cache()
+                raise RetryableError("out of GPU memory while generating", ErrorType.OOM_ERROR) from None
+            return to_uint8(frames)
+
+    def _job_pipeline(self, spec: GenerationSpec, vace: bool):
+        base = self._vace if vace else self._t2v
+        if base is None:
+            if vace:
+                raise WorkerError("reference frames need the VACE model, which is not loaded")
+            raise RetryableError("the WAN model is not loaded", ErrorType.MODEL_LOAD_ERROR)
+        scheduler = make_scheduler(base.scheduler.config, spec.solver, spec.shift)
+        pipe = type(base)(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                          scheduler=scheduler, transformer=base.transformer)
+        pipe.set_progress_bar_config(disable=not self.progress_bar, desc="denoising")
+        return pipe
+
+    def _embeddings(self, spec: GenerationSpec) -> dict[str, Any]:
+        """Prompt embeddings from the shared text encoder, through the T2V pipeline's encoder. VACE gets
+        these instead of text: diffusers 0.42's ``WanVACEPipeline`` cleans prompts with ``ftfy``
+        unconditionally (a ``NameError`` without it), while ``WanPipeline`` treats ftfy as optional."""
+        assert self._t2v is not None
+        positive, negative = self._t2v.encode_prompt(
+            prompt=spec.prompt, negative_prompt=spec.negative_prompt,
+            do_classifier_free_guidance=spec.guidance_scale > 1.0, num_videos_per_prompt=1,
+            max_sequence_length=512, device=self._t2v._execution_device)
+        return {"prompt": None, "negative_prompt": None, "prompt_embeds": positive,
+                "negative_prompt_embeds": negative}
+
+    def _maybe_compile(self, module: torch.nn.Module) -> None:
+        if self.compile_transformer and self.device is not None and self.device.type == "cuda":
+            module.compile()
+
+    @staticmethod
+    def _guarded(loader, what: str, *args):
+        try:
+            return loader(*args)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+            log.error("%s model failed to load: %s", what, type(exc).__name__)
+            log.debug("load failure detail", exc_info=True)
+            raise FatalWorkerError(f"{what} model could not be loaded ({type(exc).__name__})") from None
+
+
+def to_uint8(frames: Any) -> np.ndarray:
+    """Pipeline ``np`` output in [0, 1] → ``uint8`` frames ``(F, H, W, 3)``."""
+    array = np.asarray(frames, dtype=np.float32)
+    if array.ndim == 3:
+        array = array[None]
+    return (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8)
