@@ -55,7 +55,7 @@ class WorkerApplication(BaseApplication):
             "bind": f"{self.args.host}:{port}", "workers": 1, "worker_class": "gthread",
             "threads": self.args.threads, "timeout": 120, "graceful_timeout": int(self.args.grace + 15),
             "limit_request_line": 8190, "accesslog": None, "errorlog": "-", "loglevel": "info",
-            "proc_name": f"worker-{self.args.kind}",
+            "proc_name": f"worker-{self.args.kind}", "control_socket_disable": True,
             "post_worker_init": lambda worker: self.service.start(),
             "worker_int": lambda worker: self.service.stop_cold(),
             "worker_abort": lambda worker: self.service.stop_cold(),

@@ -18,7 +18,10 @@ from flask import Flask, jsonify, request
 
 from . import storage as storage_mod
 from . import transport as transport_mod
+from memory_manager.client import MemoryClient, ReserveResult
+
 from .callbacks import CallbackClient, OutboxSender
+from .errors import ErrorType, RetryableError
 from .handler import Handler
 from .http import ApiError, create_base_app, json_body, require_admin
 from .metrics import Metrics
@@ -53,6 +56,8 @@ class Service:
         self.unloaded = False
         self.runner: Runner | None = None
         self.queue: ReliableQueue | None = None
+        self.memory = MemoryClient.from_settings(settings, worker=handler.kind)
+        self.reservation: ReserveResult | None = None
         self._threads: list[threading.Thread] = []
         self.started_at = time.time()
 
@@ -66,6 +71,9 @@ class Service:
 
     def _setup_then_consume(self) -> None:
         began = time.monotonic()
+        self._reserve_until_granted()
+        if self.stop_event.is_set():
+            return
         try:
             self.handler.setup()
         except Exception:
@@ -88,6 +96,16 @@ class Service:
         self._spawn(self._liveness, "heartbeat")
         self._spawn(lambda: OutboxSender(transport, callbacks, self.metrics).run(self.stop_event), "outbox")
         self._spawn(lambda: self.runner.run(self.stop_event), "job-loop")
+
+    def _reserve_until_granted(self) -> None:
+        """Reserve GPU memory before loading; a manager that is away never blocks the load."""
+        while not self.stop_event.is_set():
+            self.reservation = self.memory.reserve()
+            if self.reservation.may_load:
+                return
+            self.setup_error = f"waiting for GPU memory: {self.reservation.reason}"
+            self.stop_event.wait(10.0)
+        self.setup_error = None
 
     def _recover(self) -> None:
         """Before the first fetch: a previous life of this worker id may have died holding a job."""
@@ -143,8 +161,26 @@ class Service:
 
     def _reload_if_unloaded(self) -> None:
         if self.unloaded:
-            self.handler.load("all")
-            self.unloaded = False
+            self._load("all")
+
+    def _load(self, which: str) -> str:
+        """Reserve, then load; a refusal is a retryable ``WORKER_UNAVAILABLE`` (HTTP 409 on /memory/load)."""
+        if self.reservation is None or self.reservation.id is None:
+            self.reservation = self.memory.reserve()
+            if not self.reservation.may_load:
+                raise RetryableError(f"no GPU memory for {self.handler.kind}: {self.reservation.reason}",
+                                     ErrorType.WORKER_UNAVAILABLE, delay=5.0)
+        message = self.handler.load(which)
+        self.unloaded = False
+        return message
+
+    def _unload(self, which: str) -> str:
+        message = self.handler.unload(which)
+        if which == "all":
+            self.unloaded = True
+            self.memory.release(self.reservation)
+            self.reservation = None
+        return message
 
     # -- HTTP ----------------------------------------------------------------------------------
     def health(self) -> tuple[bool, dict[str, Any]]:
@@ -181,8 +217,7 @@ class Service:
             if not self.gpu_lock.acquire(timeout=2.0):
                 raise ApiError(409, "a job is running; try again when the worker is idle")
             try:
-                message = self.handler.unload(which)
-                self.unloaded = which == "all" or self.unloaded
+                message = self._unload(which)
             finally:
                 self.gpu_lock.release()
             return jsonify({"success": True, "message": message})
@@ -192,8 +227,10 @@ class Service:
         def memory_load():
             which = _which()
             with self.gpu_lock:
-                message = self.handler.load(which)
-                self.unloaded = False
+                try:
+                    message = self._load(which)
+                except RetryableError as exc:
+                    raise ApiError(409, exc.message) from None
             return jsonify({"success": True, "message": message})
 
         @app.get("/debug/env")

@@ -1,0 +1,1 @@
+"""Process supervision for the fleet (``python -m orchestrator``), the router, and start-up checks."""

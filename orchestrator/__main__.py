@@ -1,0 +1,118 @@
+"""``python -m orchestrator`` runs the fleet; ``python -m orchestrator status`` shows it.
+
+The supervisor loop runs on the main thread (it spawns every child, see :mod:`orchestrator.child`); the
+status server and the registration loops are daemon threads. SIGTERM/SIGINT only set a flag.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Mapping
+
+from workers.core.errors import ConfigError
+from workers.core.settings import Settings
+
+from registration.client import Service
+from registration.runner import Registrations
+
+from .checks import check_health, detect_gpus, startup_report
+from .config import FleetSettings
+from .exit_codes import ExitCode
+from .fleet import build_specs
+from .logs import setup_logging
+from .program import Backoff
+from .status import StatusServer, create_app, fetch, render
+from .supervisor import Supervisor
+
+log = logging.getLogger("orchestrator")
+
+
+def main(argv: list[str] | None = None, env: Mapping[str, str] = os.environ) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator", description="Run or inspect the worker fleet.")
+    parser.add_argument("command", nargs="?", choices=("run", "status"), default="run")
+    parser.add_argument("--json", action="store_true", help="status: print the raw JSON document")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env(env)
+        fleet = FleetSettings.from_env(env, python=sys.executable)
+    except ConfigError as exc:
+        print(f"orchestrator: configuration error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    if args.command == "status":
+        return show_status(fleet, args.json)
+    return run(settings, fleet, env)
+
+
+def show_status(fleet: FleetSettings, as_json: bool) -> int:
+    status = fetch(fleet.status_port) if fleet.status_port else None
+    if status is None:
+        print(f"no orchestrator answers on 127.0.0.1:{fleet.status_port}", file=sys.stderr)
+        return ExitCode.STATUS_UNAVAILABLE
+    print(json.dumps(status, indent=2) if as_json else render(status))
+    return ExitCode.OK
+
+
+def gpu_count(fleet: FleetSettings, env: Mapping[str, str]) -> tuple[int, list]:
+    if fleet.gpu_count is not None:
+        return fleet.gpu_count, []
+    gpus = detect_gpus()
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return min(len(gpus), len([d for d in visible.split(",") if d.strip()])), gpus
+    return len(gpus), gpus
+
+
+def run(settings: Settings, fleet: FleetSettings, env: Mapping[str, str]) -> int:
+    log_file = setup_logging(fleet.log_dir, fleet.log_max_bytes, fleet.log_backups)
+    log.info("orchestrator starting: pid %d, programs %s, log file %s", os.getpid(),
+             ",".join(fleet.programs) or "none", log_file or "none")
+    count, gpus = gpu_count(fleet, env)
+    try:
+        specs = build_specs(settings, fleet, env, count)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return ExitCode.CONFIG_ERROR
+    startup_report(settings, [s.name for s in specs], gpus, count)
+    if not specs:
+        log.error("nothing to run")
+        return ExitCode.NO_PROGRAMS
+
+    registrations = Registrations(
+        settings, {Service.CHAT: fleet.ports["chat"], Service.ROUTER: fleet.ports["router"]},
+        healthy=lambda url: check_health(url, timeout=5.0).ok,
+        interval=fleet.registration_interval_seconds, retry_max=fleet.registration_retry_max_seconds)
+    supervisor = Supervisor(
+        specs, Backoff(fleet.backoff_base_seconds, fleet.backoff_max_seconds, fleet.max_quick_failures,
+                       fleet.stable_seconds),
+        stop_grace=fleet.stop_grace_seconds, kill_after=fleet.kill_after_seconds,
+        health_interval=fleet.health_interval_seconds,
+        on_running=lambda program: registrations.on_running(program.name), on_stop=registrations.stop)
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        supervisor.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    status_server = None
+    if fleet.status_port:
+        try:
+            status_server = StatusServer(create_app(supervisor.status), fleet.status_port)
+            log.info("status: http://127.0.0.1:%d/status (python -m orchestrator status)", status_server.port)
+        except OSError as exc:
+            log.warning("status: cannot listen on 127.0.0.1:%d (%s): no status page", fleet.status_port,
+                        exc.strerror or type(exc).__name__)
+    code = supervisor.run()
+    registrations.stop()
+    if status_server is not None:
+        status_server.stop()
+    log.info("orchestrator exits with %d (%s)", code, code.name)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Serve a WSGI app with gunicorn in-process: one worker process, ``gthread`` threads.
+
+The app factory runs inside the gunicorn worker (no preload), so any thread the factory starts lives in the
+process that serves the requests. gunicorn ≥ 25.1 opens a control socket at a fixed per-user path by
+default; several gunicorns on one pod would fight over it, so it is disabled.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from gunicorn.app.base import BaseApplication
+
+
+class _Gunicorn(BaseApplication):
+    def __init__(self, factory: Callable[[], Any], options: dict[str, Any]):
+        self._factory = factory
+        self._options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        return self._factory()
+
+
+def serve(factory: Callable[[], Any], *, host: str, port: int, threads: int, name: str,
+          graceful_timeout: float = 30.0) -> None:
+    """Run until SIGTERM (gunicorn's own graceful stop: in-flight requests finish, up to ``graceful_timeout``)."""
+    _Gunicorn(factory, {
+        "bind": f"{host}:{port}",
+        "workers": 1,
+        "worker_class": "gthread",
+        "threads": threads,
+        "graceful_timeout": int(graceful_timeout),
+        "timeout": 60,
+        "keepalive": 5,
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": "warning",
+        "proc_name": name,
+        "preload_app": False,
+        "control_socket_disable": True,
+    }).run()

@@ -1,0 +1,84 @@
+"""The running orchestrator's status, served on a loopback-only port, and the ``status`` command that reads it.
+
+``GET http://127.0.0.1:<ORCHESTRATOR_STATUS_PORT>/status`` (default 7871) → JSON: every program's state, pid,
+uptime, restarts, health. The server binds 127.0.0.1 only (never 0.0.0.0) and is read-only, so it needs no
+key. ``python -m orchestrator status`` prints it as a table (``--json`` for the raw document).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import requests
+from flask import Flask
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from workers.core.http import create_base_app
+
+LOOPBACK = "127.0.0.1"
+
+
+def create_app(status: Callable[[], dict[str, Any]]) -> Flask:
+    def health() -> tuple[bool, dict[str, Any]]:
+        return True, {}
+
+    app = create_base_app("orchestrator", health)
+
+    @app.get("/status")
+    def status_route():
+        return status()
+
+    return app
+
+
+class StatusServer:
+    """A threaded werkzeug server on 127.0.0.1 in a daemon thread."""
+
+    def __init__(self, app: Flask, port: int):
+        self._server: BaseWSGIServer = make_server(LOOPBACK, port, app, threaded=True)
+        self.port = self._server.server_port
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="status-server", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def fetch(port: int, timeout: float = 5.0) -> dict[str, Any] | None:
+    session = requests.Session()
+    session.trust_env = False
+    try:
+        response = session.get(f"http://{LOOPBACK}:{port}/status", timeout=timeout)
+        response.raise_for_status()
+        return response.json()
+    except (requests.RequestException, ValueError):
+        return None
+
+
+def render(status: dict[str, Any]) -> str:
+    columns = ("PROGRAM", "STATE", "PID", "UPTIME", "RESTARTS", "HEALTH", "PORT", "GPU")
+    rows = [columns]
+    for p in status.get("programs", []):
+        rows.append((p["name"], p["state"], str(p["pid"] or "-"), _duration(p["uptime_seconds"]),
+                     str(p["restarts"]), p["health"], str(p["port"]), p["gpu"] or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append(f"orchestrator up {_duration(status.get('uptime_seconds'))}"
+                 + (", stopping" if status.get("stopping") else ""))
+    for p in status.get("programs", []):
+        if p["state"] in ("FATAL", "BACKOFF") and p.get("reason"):
+            lines.append(f"{p['name']}: {p['reason']}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -1,0 +1,70 @@
+"""Test support shared by the orchestrator, memory manager and registration tests: fake programs, waiting."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+FAKE = Path(__file__).with_name("fake_program.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def fake_command(name: str, events: Path, *flags: str, port: int | str = "{port}") -> tuple[str, ...]:
+    return (sys.executable, str(FAKE), "--name", name, "--port", str(port), "--events", str(events), *flags)
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie is dead: its parent may be gone, so nobody reaps it here)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def fleet_env(ports: dict[str, int], tmp_path: Path, **extra: str) -> dict[str, str]:
+    """An environment for ``python -m orchestrator`` on free ports, with nothing secret or remote in it."""
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env.update({
+        "PYTHONPATH": str(ROOT), "LOG_DIR": str(tmp_path / "logs"), "GPU_COUNT": "0",
+        "MEMORY_MANAGER_PORT": str(ports["memory_manager"]), "ROUTER_PORT": str(ports["router"]),
+        "SDXL_PORT": str(ports["sdxl"]), "CHAT_PORT": str(ports["chat"]), "WAN_PORT": str(ports["wan"]),
+        "ORCHESTRATOR_STATUS_PORT": str(ports["status"]),
+    })
+    env.update(extra)
+    return env
+
+
+def status(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", "status", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=30)
+
+
+def all_running(env: dict[str, str]) -> dict | None:
+    result = status(env, "--json")
+    if result.returncode != 0:
+        return None
+    document = json.loads(result.stdout)
+    return document if all(p["state"] == "RUNNING" for p in document["programs"]) else None
