@@ -1,0 +1,13 @@
+"""SDXL image worker (``sdxl_queue``): ``python -m workers sdxl`` serves ``create_handler(settings)``."""
+from __future__ import annotations
+
+from workers.core.settings import Settings
+
+from .handler import SdxlHandler
+
+
+def create_handler(settings: Settings) -> SdxlHandler:
+    return SdxlHandler(settings)
+
+
+__all__ = ["SdxlHandler", "create_handler"]
