@@ -1,0 +1,123 @@
+"""Chat test fixtures: the tiny demo Qwen models, one resident ChatHandler, and its real Flask app served
+over loopback HTTP (werkzeug, threaded), built the way the service builds it: ``create_base_app`` + the
+handler's ``register_routes(app, service)``."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every load below must work without the hub
+
+import pytest
+import requests
+import torch
+
+from workers.chat import create_handler
+from workers.chat.handler import ChatHandler
+from workers.core.http import create_base_app
+from workers.core.job import Job, decode
+from workers.core.metrics import Metrics
+from workers.core.settings import Secret, Settings
+from workers.demo_models import build
+from workers.local.net import BackgroundServer
+
+WAN_KEY = "test-wan-key"
+CHAT_KEY = "test-chat-key"
+AUTH = {"Authorization": f"Bearer {CHAT_KEY}"}
+
+
+@dataclass
+class FakeService:
+    """What ``register_routes`` reads from the lead's service: settings, metrics, busy, handler."""
+
+    settings: Settings
+    handler: ChatHandler
+    metrics: Metrics
+    busy: bool = False
+
+
+class Served:
+    def __init__(self, handler: ChatHandler, settings: Settings):
+        service = FakeService(settings, handler, Metrics())
+        app = create_base_app("chat-worker", lambda: (handler.engine.running, {}), service.metrics)
+        handler.register_routes(app, service)
+        self.server = BackgroundServer(app, name="chat-test-http")
+        self.url = self.server.url
+        self.session = requests.Session()
+
+    def post(self, path: str, body: Any = None, headers: dict[str, str] | None = AUTH, **kwargs: Any):
+        return self.session.post(self.url + path, json=body, headers=headers, timeout=60, **kwargs)
+
+    def get(self, path: str, headers: dict[str, str] | None = AUTH):
+        return self.session.get(self.url + path, headers=headers, timeout=60)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def chat_settings(models: dict[str, Path], **overrides: Any) -> Settings:
+    values: dict[str, Any] = dict(qwen_instruct_path=models["qwen_instruct"], qwen_base_path=models["qwen_base"],
+                                  device="cpu", wan_worker_api_key=Secret(WAN_KEY),
+                                  chat_worker_api_key=Secret(CHAT_KEY), chat_max_context_tokens=4096)
+    values.update(overrides)
+    return Settings(**values)
+
+
+def make_job(type: str, config: dict[str, Any] | None = None, prompt: str = "", **top: Any) -> Job:
+    body = {"id": "job-1", "type": type, "user_id": "user-1", "prompt": prompt, "config": config, **top}
+    return decode(json.dumps([json.dumps(body)]))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The tiny models are all overhead: on a shared 2-core machine, torch's intra-op thread pool only adds
+    contention (a 64-wide matmul takes ~1 ms with 2 threads under load, ~20 us with one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def qwen_models(tmp_path_factory) -> dict[str, Path]:
+    return build(tmp_path_factory.mktemp("qwen-demo-models"), {"qwen"})
+
+
+@pytest.fixture(scope="session")
+def settings(qwen_models) -> Settings:
+    return chat_settings(qwen_models)
+
+
+@pytest.fixture(scope="session")
+def handler(settings) -> Iterator[ChatHandler]:
+    handler = create_handler(settings)
+    handler.setup()
+    yield handler
+    handler.close()
+
+
+@pytest.fixture(scope="session")
+def served(handler, settings) -> Iterator[Served]:
+    served = Served(handler, settings)
+    yield served
+    served.stop()
+
+
+@pytest.fixture
+def fresh_handler(qwen_models) -> Iterator[Any]:
+    """A separate handler (its own engine and models), for tests that unload or reconfigure."""
+    made: list[ChatHandler] = []
+
+    def make(**overrides: Any) -> ChatHandler:
+        handler = create_handler(chat_settings(qwen_models, **overrides))
+        handler.setup()
+        made.append(handler)
+        return handler
+
+    yield make
+    for handler in made:
+        handler.close()
+

@@ -1,0 +1,30 @@
+"""Chat worker: Qwen instruct/base behind one continuously batched generation loop, the chat HTTP API
+(CONTRACT §5, plus OpenAI-compatible routes) and the chat_queue jobs.
+
+    engine.py    the generation loop thread (submit -> Future), admission between decode steps
+    batch.py     one model's running rows: left-padded KV cache, prefill/merge/step/remove
+    sampling.py  per-request temperature, top_p, presence/frequency penalties, seeds
+    prompt.py    chat template, context cut from the oldest turns
+    models.py    loading/unloading the two models
+    request.py   body decoding (HTTP and jobs), errors naming the field
+    service.py   reply / stream: model choice, prompt, engine, sfw filter
+    api.py, openai.py  HTTP routes;  handler.py  the Handler (jobs, memory control, status)
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from workers.core.settings import Settings
+
+    from .handler import ChatHandler
+
+
+def create_handler(settings: "Settings") -> "ChatHandler":
+    """The chat Handler (imported here, so the engine modules load without the HTTP stack)."""
+    from .handler import ChatHandler
+
+    return ChatHandler(settings)
+
+
+__all__ = ["create_handler"]

@@ -1,0 +1,277 @@
+"""The generation loop: one thread owns the models' forward passes; everyone else submits and waits.
+
+HTTP requests and queue jobs call ``submit(request) -> Future`` (or ``run(request, timeout)``). Between two
+decode steps the loop admits waiting requests (prefilled together, merged into the running batch of their
+model), steps every running batch once, hands new tokens to streams and completes finished requests. So
+requests join and leave a running batch continuously; no lock is held for a generation.
+
+Why not transformers' ``ContinuousBatchingManager`` / ``generate_batch`` (5.23): its per-request processors
+cover temperature, top-p and top-k only when the shared generation config enables them; greedy-or-sample
+(``do_sample``) is global, and presence/frequency penalties and per-request seeds are not supported.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from workers.core.errors import ErrorType, RetryableError, WorkerError
+
+from .batch import DecodeBatch, Row
+from .models import ModelName, ModelStore, ModelUnavailable
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    model: ModelName
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    on_tokens: Callable[[list[int]], None] | None = None   # called from the loop thread; must not block
+    future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        """Stop generating for this request (the loop drops it before its next step)."""
+        self.cancelled.set()
+
+
+@dataclass(frozen=True)
+class Generation:
+    model: ModelName
+    token_ids: list[int]
+    finish_reason: str          # "stop" (a stop token) | "length" (max_tokens or the context end)
+    prompt_tokens: int
+    queued_seconds: float       # submit -> prefill
+    seconds: float              # submit -> done
+
+
+class Engine:
+    def __init__(self, store: ModelStore, max_batch: int = 16, max_prefill_tokens: int = 16384):
+        self.store = store
+        self.max_batch = max_batch
+        self.max_prefill_tokens = max_prefill_tokens
+        self._waiting: deque[GenerationRequest] = deque()
+        self._commands: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._batches: dict[ModelName, DecodeBatch] = {}
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._counters = {"steps": 0, "tokens": 0, "completed": 0, "failed": 0, "largest_batch": 0}
+        self._active = 0
+
+    # ---------------------------------------------------------------- callers' side
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="chat-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def submit(self, request: GenerationRequest) -> Future:
+        with self._wake:
+            if not self.running:
+                raise ModelUnavailable("the chat engine is not running")
+            self._waiting.append(request)
+            self._wake.notify_all()
+        return request.future
+
+    def run(self, request: GenerationRequest, timeout: float) -> Generation:
+        """Submit and wait (see ``wait``)."""
+        self.submit(request)
+        return self.wait(request, timeout)
+
+    def wait(self, request: GenerationRequest, timeout: float | None = None) -> Generation:
+        """The request's generation; on timeout it is cancelled and ``RetryableError(TIMEOUT_ERROR)`` raised."""
+        try:
+            return request.future.result(timeout)
+        except TimeoutError:
+            request.cancel()
+            raise RetryableError(f"generation did not finish within {timeout:g} s", ErrorType.TIMEOUT_ERROR) from None
+        except CancelledError:
+            raise ModelUnavailable("the request was cancelled (model unloaded or worker stopping)") from None
+
+    def unload(self, name: ModelName) -> bool:
+        """Unload a model from inside the loop, failing its running requests; returns whether it was loaded."""
+        return self._call(lambda: self._unload(name))
+
+    def stats(self) -> dict[str, Any]:
+        return {"running": self.running, "max_batch": self.max_batch, "waiting": len(self._waiting),
+                "active": self._active, **self._counters}
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        if not self.running:
+            return fn()
+        future: Future = Future()
+        with self._wake:
+            self._commands.append((fn, future))
+            self._wake.notify_all()
+        return future.result()
+
+    # ---------------------------------------------------------------- the loop thread
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while self._next_round():
+                try:
+                    self._run_commands()
+                    self._admit()
+                    for batch in list(self._batches.values()):
+                        self._step(batch)
+                except Exception:  # a bug must not kill the loop: fail what is running, carry on
+                    log.exception("chat engine round failed")
+                    self._drop_all(WorkerError("generation failed", ErrorType.INTERNAL_ERROR))
+        self._shutdown()
+
+    def _next_round(self) -> bool:
+        with self._wake:
+            while not (self._stopping or self._waiting or self._commands or self._active):
+                self._wake.wait()
+            return not self._stopping
+
+    def _run_commands(self) -> None:
+        while self._commands:
+            fn, future = self._commands.popleft()
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # reported to the caller, never kills the loop
+                future.set_exception(exc)
+
+    def _admit(self) -> None:
+        if not self._waiting:
+            return
+        groups: dict[ModelName, list[GenerationRequest]] = {}
+        with self._wake:
+            waiting, self._waiting = self._waiting, deque()
+            for request in waiting:
+                if request.cancelled.is_set():
+                    request.future.cancel()
+                    continue
+                group = groups.setdefault(request.model, [])
+                room = self.max_batch - len(self._batches.get(request.model, ())) - len(group)
+                longest = max([len(request.prompt_ids)] + [len(r.prompt_ids) for r in group])
+                if room <= 0 or (group and longest * (len(group) + 1) > self.max_prefill_tokens):
+                    self._waiting.append(request)   # next round
+                else:
+                    group.append(request)
+        for name, group in groups.items():
+            if group:
+                self._prefill(name, group)
+
+    def _prefill(self, name: ModelName, requests: list[GenerationRequest]) -> None:
+        loaded = self.store.get(name)
+        if loaded is None:
+            self._fail(requests, ModelUnavailable(f"{name.value} is not loaded"))
+            return
+        batch = self._batches.get(name)
+        if batch is None or batch.loaded is not loaded:
+            batch = self._batches[name] = DecodeBatch(loaded)
+        try:
+            rows = batch.admit(requests)
+        except Exception as exc:  # a failed prefill fails its requests only; the running batch is untouched
+            self._fail(requests, _as_worker_error(exc, loaded.device))
+            return
+        self._active += len(rows)
+        self._settle(batch)
+
+    def _step(self, batch: DecodeBatch) -> None:
+        if not batch.rows:
+            return
+        try:
+            batch.step()
+        except Exception as exc:  # the batch's state is unknown now: fail its requests, start afresh
+            self._fail([r.request for r in batch.rows], _as_worker_error(exc, batch.loaded.device))
+            self._active -= len(batch.rows)
+            self._batches.pop(batch.loaded.name, None)
+            return
+        self._counters["steps"] += 1
+        self._counters["largest_batch"] = max(self._counters["largest_batch"], len(batch.rows))
+        self._settle(batch)
+
+    def _settle(self, batch: DecodeBatch) -> None:
+        """Hand new tokens to streams; complete finished rows, drop cancelled ones."""
+        done: list[Row] = []
+        for row in batch.rows:
+            request = row.request
+            new = row.tokens[row.notified:]
+            row.notified = len(row.tokens)
+            self._counters["tokens"] += len(new)
+            if new and request.on_tokens is not None and not request.cancelled.is_set():
+                try:
+                    request.on_tokens(new)
+                except Exception:  # a broken stream consumer cancels its own request only
+                    log.exception("stream callback failed; cancelling its request")
+                    request.cancel()
+            if row.finish is not None or request.cancelled.is_set():
+                done.append(row)
+        if not done:
+            return
+        batch.remove(done)
+        self._active -= len(done)
+        now = time.monotonic()
+        for row in done:
+            request = row.request
+            if row.finish is None:
+                request.future.cancel()
+                continue
+            self._counters["completed"] += 1
+            request.future.set_result(Generation(
+                batch.loaded.name, list(row.tokens), row.finish, len(request.prompt_ids),
+                row.admitted - request.submitted, now - request.submitted))
+
+    def _unload(self, name: ModelName) -> bool:
+        batch = self._batches.pop(name, None)
+        if batch is not None:
+            self._fail([r.request for r in batch.rows], ModelUnavailable(f"{name.value} was unloaded"))
+            self._active -= len(batch.rows)
+            del batch
+        return self.store.unload(name)
+
+    def _fail(self, requests: list[GenerationRequest], error: Exception) -> None:
+        self._counters["failed"] += len(requests)
+        for request in requests:
+            if not request.future.done():
+                request.future.set_exception(error)
+
+    def _drop_all(self, error: Exception) -> None:
+        for batch in self._batches.values():
+            self._fail([r.request for r in batch.rows], error)
+        self._batches.clear()
+        self._active = 0
+
+    def _shutdown(self) -> None:
+        error = ModelUnavailable("the chat engine is stopping")
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), deque()
+        self._fail(waiting, error)
+        self._drop_all(error)
+        self._run_commands()
+
+
+def _as_worker_error(exc: Exception, device: torch.device) -> WorkerError:
+    if isinstance(exc, WorkerError):
+        return exc
+    if isinstance(exc, torch.OutOfMemoryError):
+        log.error("out of memory during generation")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return RetryableError("out of GPU memory during generation", ErrorType.OOM_ERROR, delay=1.0)
+    log.exception("generation failed")
+    return WorkerError("generation failed", ErrorType.INTERNAL_ERROR)

@@ -1,0 +1,136 @@
+"""The chat worker's Handler: models + engine + service, chat-queue jobs, memory control, status."""
+from __future__ import annotations
+
+from typing import Any
+
+from workers.core.errors import FatalWorkerError, InvalidJob
+from workers.core.handler import Progress, Result
+from workers.core.http import ApiError
+from workers.core.job import Job, JobType, Queue
+from workers.core.settings import Settings
+
+from . import api
+from .engine import Engine
+from .models import ModelName, ModelStore, ModelUnavailable
+from .request import Fields, chat_request, enhance_request
+from .sampling import MAX_NEW_TOKENS
+from .service import ChatService, Reply
+
+WHICH = {"instruct": (ModelName.INSTRUCT,), "base": (ModelName.BASE,), "all": tuple(ModelName),
+         "qwen_instruct": (ModelName.INSTRUCT,), "qwen_base": (ModelName.BASE,)}
+CAPABILITIES = ["chat", "chat_unrestricted", "enhance", "generate", "openai_chat_completions", "streaming",
+                "continuous_batching", "presence_penalty", "frequency_penalty", "seed", "sfw_filter",
+                "context_truncation"]
+ENDPOINTS = ["POST /chat", "POST /chat/unrestricted", "POST /enhance", "POST /generate", "GET /enhancement/info",
+             "GET /worker/info", "GET /debug/model", "POST /v1/chat/completions", "GET /v1/models",
+             "GET /health", "GET /metrics", "GET /memory/status", "POST /memory/load", "POST /memory/unload"]
+
+
+class ChatHandler:
+    queue = Queue.CHAT
+    kind = "chat"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = ModelStore(settings)
+        self.engine = Engine(self.store, max_batch=settings.chat_max_batch)
+        self.chat = ChatService(settings, self.store, self.engine)
+
+    # ---------------------------------------------------------------- lifecycle
+    def setup(self) -> None:
+        instruct, base = (self.store.configured(name) for name in ModelName)
+        if not (instruct or base):
+            raise FatalWorkerError("QWEN_INSTRUCT_PATH is not set (and no QWEN_BASE_PATH either)")
+        self.engine.start()
+        try:
+            if instruct:
+                self.store.load(ModelName.INSTRUCT)
+            if base and (self.settings.qwen_base_preload or not instruct):
+                self.store.load(ModelName.BASE)
+        except ModelUnavailable as exc:
+            raise FatalWorkerError(exc.message) from exc
+
+    def close(self) -> None:
+        self.engine.stop()
+
+    # ---------------------------------------------------------------- chat_queue
+    def run(self, job: Job, progress: Progress) -> Result:
+        if job.queue is not Queue.CHAT:
+            raise InvalidJob(f"job type {job.type.value} does not belong to chat_queue")
+        fields = job_fields(job)
+        progress(0.0, "generating")
+        if job.type is JobType.CHAT_ENHANCE:
+            request, original = enhance_request(fields, self.chat.instruction)
+            reply = self.chat.reply(request)
+            enhanced = api.enhanced_text(reply.text) or original
+            return Result(outputs=[], metadata={**job_metadata(reply), "enhanced_prompt": enhanced,
+                                                "original_prompt": original,
+                                                "enhancement_source": reply.loaded.name.value})
+        unrestricted = job.type is JobType.CHAT_UNRESTRICTED
+        reply = self.chat.reply(chat_request(fields), unrestricted=unrestricted)
+        metadata = job_metadata(reply)
+        if unrestricted:
+            metadata["unrestricted_mode"] = True
+        return Result(outputs=[], metadata=metadata)
+
+    # ---------------------------------------------------------------- memory control
+    def load(self, which: str) -> str:
+        done = []
+        for name in _which(which):
+            if not self.store.configured(name):
+                done.append(f"{name.value} is not configured")
+                continue
+            try:
+                self.store.load(name)
+            except ModelUnavailable as exc:
+                raise ApiError(503, exc.message) from None
+            done.append(f"{name.value} loaded")
+        return "; ".join(done)
+
+    def unload(self, which: str) -> str:
+        return "; ".join(f"{name.value} {'unloaded' if self.engine.unload(name) else 'was not loaded'}"
+                         for name in _which(which))
+
+    # ---------------------------------------------------------------- status
+    def models_available(self) -> dict[str, dict[str, bool]]:
+        return {name.value: {"configured": self.store.configured(name), "loaded": self.store.get(name) is not None}
+                for name in ModelName}
+
+    def status(self, detail: bool = False) -> dict[str, Any]:
+        models = {name.value: self.store.describe(name) if detail else {
+            "configured": self.store.configured(name), "loaded": self.store.get(name) is not None}
+            for name in ModelName}
+        return {"kind": self.kind, "queue": self.queue.value, "device": self.store.device.type,
+                "ready": self.engine.running and any(m["loaded"] for m in models.values()),
+                "models": models, "loaded_models": [n for n, m in models.items() if m["loaded"]],
+                "engine": self.engine.stats(), "capabilities": CAPABILITIES, "endpoints": ENDPOINTS,
+                "limits": {"max_tokens": MAX_NEW_TOKENS, "max_context_tokens": self.store.max_context,
+                           "max_batch": self.engine.max_batch}}
+
+    def register_routes(self, app: Any, service: Any) -> None:
+        api.register_routes(app, service)
+
+
+def job_fields(job: Job) -> Fields:
+    """The request fields of a chat job: ``config`` first, then top-level keys; a bare ``prompt`` becomes the
+    user message when there are no ``messages``."""
+    body = {k: v for k, v in job.top.items() if k not in ("config", "metadata")}
+    body.update(job.config)
+    if body.get("messages") is None and isinstance(body.get("prompt"), str) and body["prompt"].strip():
+        body["messages"] = [{"role": "user", "content": body["prompt"]}]
+    return Fields(body, lambda key: f"config.{key}" if key in job.config else key)
+
+
+def job_metadata(reply: Reply) -> dict[str, Any]:
+    info = reply.model_info()
+    return {"response": reply.text, "generation_time": round(reply.seconds, 3),
+            "tokens_generated": len(reply.generation.token_ids), "model_used": info["model"],
+            "finish_reason": info["finish_reason"], "prompt_tokens": info["prompt_tokens"],
+            "context_truncated": info["context_truncated"]}
+
+
+def _which(which: str) -> tuple[ModelName, ...]:
+    names = WHICH.get(which.strip().lower()) if isinstance(which, str) else None
+    if names is None:
+        raise ApiError(400, "which must be instruct, base or all")
+    return names

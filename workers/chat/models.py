@@ -1,0 +1,177 @@
+"""The two Qwen models (instruct and base): loading, unloading, and what a loaded model offers.
+
+One copy of each model at most. Loading runs in the caller's thread under a per-model lock (a second caller
+waits for the first load instead of starting another); the engine thread reads what is loaded with ``get``.
+Tokenizer calls go through ``LoadedModel`` and are serialised by its own small lock (fast tokenizers are not
+safe to share between threads), never held across a generation.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.core.errors import ErrorType, WorkerError
+from workers.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+class ModelName(str, Enum):
+    INSTRUCT = "qwen_instruct"
+    BASE = "qwen_base"
+
+    @property
+    def short(self) -> str:
+        """The ``which`` name used by /memory/load and /memory/unload."""
+        return self.value.removeprefix("qwen_")
+
+    @property
+    def other(self) -> "ModelName":
+        return ModelName.BASE if self is ModelName.INSTRUCT else ModelName.INSTRUCT
+
+
+class ModelUnavailable(WorkerError):
+    """No model can serve the request (not configured, failed to load, or unloaded)."""
+
+    error_type = ErrorType.WORKER_UNAVAILABLE
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    name: ModelName
+    model: Any                   # a transformers causal LM, in eval mode
+    tokenizer: Any
+    device: torch.device
+    stop_ids: frozenset[int]
+    max_context: int
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, text: str) -> list[int]:
+        with self.lock:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The chat template applied to ``messages``, ending with the assistant's generation prompt."""
+        with self.lock:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def decode(self, ids: list[int]) -> str:
+        with self.lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def describe(self) -> dict[str, Any]:
+        config = self.model.config
+        return {"loaded": True, "architecture": type(self.model).__name__, "dtype": str(self.dtype).removeprefix("torch."),
+                "device": self.device.type, "parameters": sum(p.numel() for p in self.model.parameters()),
+                "layers": getattr(config, "num_hidden_layers", None), "hidden_size": getattr(config, "hidden_size", None),
+                "vocab_size": getattr(config, "vocab_size", None), "max_context_tokens": self.max_context,
+                "chat_template": self.has_chat_template}
+
+
+def load_model(name: ModelName, path: Path, device: torch.device, max_context: int) -> LoadedModel:
+    """Load one model folder offline: bf16 on CUDA, fp32 on CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    kwargs: dict[str, Any] = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, **kwargs)
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    stop_ids = set(_ids(model.generation_config.eos_token_id)) | set(_ids(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    stop_ids |= {vocab[token] for token in STOP_TOKENS if token in vocab}
+    limit = getattr(model.config, "max_position_embeddings", None) or max_context
+    return LoadedModel(name, model, tokenizer, device, frozenset(stop_ids), min(limit, max_context))
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else [int(v) for v in value]
+
+
+class ModelStore:
+    """Which models are configured and loaded. Loading is explicit (``load``); nothing loads by accident."""
+
+    def __init__(self, settings: Settings):
+        self.device = resolve_device(settings.device)
+        self.max_context = settings.chat_max_context_tokens
+        self._paths = {ModelName.INSTRUCT: settings.qwen_instruct_path, ModelName.BASE: settings.qwen_base_path}
+        self._loaded: dict[ModelName, LoadedModel] = {}
+        self._locks = {name: threading.Lock() for name in ModelName}
+        self._errors: dict[ModelName, str] = {}
+
+    def configured(self, name: ModelName) -> bool:
+        return self._paths[name] is not None
+
+    def failed(self, name: ModelName) -> bool:
+        """Whether the last load of this model failed (it is then loaded again only when asked explicitly)."""
+        return name in self._errors
+
+    def get(self, name: ModelName) -> LoadedModel | None:
+        return self._loaded.get(name)
+
+    def load(self, name: ModelName) -> LoadedModel:
+        """The loaded model, loading it first if needed; ``ModelUnavailable`` when it cannot be loaded."""
+        with self._locks[name]:
+            loaded = self._loaded.get(name)
+            if loaded is not None:
+                return loaded
+            path = self._paths[name]
+            if path is None:
+                raise ModelUnavailable(f"{name.value} is not configured on this worker")
+            log.info("loading %s on %s", name.value, self.device)
+            try:
+                loaded = load_model(name, path, self.device, self.max_context)
+            except (OSError, ValueError, RuntimeError, ImportError) as exc:
+                log.error("loading %s failed: %s", name.value, type(exc).__name__)
+                self._errors[name] = f"{type(exc).__name__} while loading"
+                raise ModelUnavailable(f"{name.value} could not be loaded", ErrorType.MODEL_LOAD_ERROR) from exc
+            self._errors.pop(name, None)
+            self._loaded[name] = loaded
+            return loaded
+
+    def unload(self, name: ModelName) -> bool:
+        """Forget the model; the caller makes sure nothing else holds it. Returns whether it was loaded."""
+        with self._locks[name]:
+            loaded = self._loaded.pop(name, None)
+        if loaded is None:
+            return False
+        del loaded
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return True
+
+    def describe(self, name: ModelName) -> dict[str, Any]:
+        loaded = self._loaded.get(name)
+        if loaded is not None:
+            return {"configured": True, **loaded.describe()}
+        info: dict[str, Any] = {"configured": self.configured(name), "loaded": False}
+        if name in self._errors:
+            info["last_error"] = self._errors[name]
+        return info

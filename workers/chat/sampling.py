@@ -1,0 +1,86 @@
+"""Per-request sampling parameters and the batched next-token choice.
+
+Every row of a decode batch carries its own parameters: temperature (0 = greedy), nucleus ``top_p``, OpenAI
+``presence_penalty`` / ``frequency_penalty`` over the tokens generated so far, and its own random generator
+(seeded from ``seed`` when given), so one request's sampling never depends on which others share its batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+MAX_NEW_TOKENS = 4096
+"""Upper bound of ``max_tokens`` accepted from clients."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_tokens: int = 512
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass
+class RowParams:
+    """The parameters of a batch's rows as device tensors (rebuilt only when the rows change)."""
+
+    temperature: torch.Tensor   # [B] float
+    top_p: torch.Tensor         # [B] float
+    presence: torch.Tensor      # [B, 1] float
+    frequency: torch.Tensor     # [B, 1] float
+    any_penalty: bool
+    sampled: list[int]          # rows that sample (temperature > 0); the others are greedy
+
+    @classmethod
+    def build(cls, params: Sequence[SamplingParams], device: torch.device) -> "RowParams":
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        return cls(temperature=column([p.temperature for p in params]),
+                   top_p=column([p.top_p for p in params]),
+                   presence=column([p.presence_penalty for p in params])[:, None],
+                   frequency=column([p.frequency_penalty for p in params])[:, None],
+                   any_penalty=any(p.penalised for p in params),
+                   sampled=[i for i, p in enumerate(params) if not p.greedy])
+
+
+def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def next_tokens(logits: torch.Tensor, counts: torch.Tensor, rows: RowParams,
+                generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Choose one token per row. ``logits`` [B, V] (any float dtype), ``counts`` [B, V] how often each token
+    was generated so far by that row. Returns a [B] long tensor on the logits' device."""
+    logits = logits.float()
+    if rows.any_penalty:  # OpenAI: mu[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty
+        logits = logits - counts * rows.frequency - (counts > 0).float() * rows.presence
+    chosen = logits.argmax(dim=-1)
+    if not rows.sampled:
+        return chosen
+    temperature = rows.temperature.clamp(min=1e-4)[:, None]
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs   # probability mass ranked above each token
+    sorted_probs = sorted_probs.masked_fill(before > rows.top_p[:, None], 0.0)  # the first token always stays
+    for i in rows.sampled:
+        chosen[i] = order[i, torch.multinomial(sorted_probs[i], 1, generator=generators[i])[0]]
+    return chosen

@@ -1,0 +1,146 @@
+"""What the HTTP routes and the queue jobs call: pick a model, build the prompt, generate, filter.
+
+``reply(request)`` waits for the whole answer; ``stream(request)`` resolves and submits at once (so a bad
+request or a missing model fails before anything is sent) and returns an iterator of text deltas that ends
+with the ``Reply``.
+"""
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from workers.core.errors import ConfigError, ErrorType, InvalidJob, RetryableError
+from workers.core.settings import Settings
+
+from .detokenize import IncrementalDecoder
+from .engine import Engine, Generation, GenerationRequest
+from .models import LoadedModel, ModelName, ModelStore, ModelUnavailable
+from .prompt import Prompt, chat_prompt, prompt_budget, text_prompt
+from .request import ChatRequest
+from .sfw import WordFilter
+
+DEFAULT_INSTRUCTION = Path(__file__).with_name("enhance_system.txt")
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    generation: Generation
+    prompt: Prompt
+    loaded: LoadedModel
+    requested: ModelName
+    filtered: int | None       # words masked by sfw_mode; None when it was off
+    seconds: float
+
+    def model_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "model": self.loaded.name.value, "requested_model": self.requested.value,
+            "fallback": self.loaded.name is not self.requested, "device": self.loaded.device.type,
+            "dtype": str(self.loaded.dtype).removeprefix("torch."), "prompt_tokens": self.generation.prompt_tokens,
+            "max_context_tokens": self.loaded.max_context, "context_truncated": self.prompt.truncated,
+            "dropped_messages": self.prompt.dropped_messages, "finish_reason": self.generation.finish_reason,
+            "queue_seconds": round(self.generation.queued_seconds, 3)}
+        if self.filtered is not None:
+            info["sfw_filtered_words"] = self.filtered
+        return info
+
+
+def load_instruction(path: Path | None) -> str:
+    try:
+        text = (path or DEFAULT_INSTRUCTION).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        raise ConfigError("CHAT_ENHANCE_TEMPLATE_PATH cannot be read as a UTF-8 text file") from None
+    if not text:
+        raise ConfigError("CHAT_ENHANCE_TEMPLATE_PATH is empty")
+    return text
+
+
+class ChatService:
+    def __init__(self, settings: Settings, store: ModelStore, engine: Engine):
+        self.store = store
+        self.engine = engine
+        self.timeout = settings.chat_request_timeout_seconds
+        self.words = WordFilter.from_file(settings.chat_sfw_words_path)
+        self.instruction = load_instruction(settings.chat_enhance_template_path)
+
+    def resolve(self, requested: ModelName) -> LoadedModel:
+        """The requested model; the base model loads on first use; else the other loaded model (reported as
+        a fallback in model_info); else ``ModelUnavailable``."""
+        loaded = self.store.get(requested)
+        if loaded is None and requested is ModelName.BASE and self.store.configured(requested) \
+                and not self.store.failed(requested):
+            try:
+                loaded = self.store.load(requested)
+            except ModelUnavailable:
+                loaded = None
+        loaded = loaded or self.store.get(requested.other)
+        if loaded is None:
+            raise ModelUnavailable("no chat model is loaded that can serve this request")
+        return loaded
+
+    def reply(self, request: ChatRequest, unrestricted: bool = False) -> Reply:
+        start = time.monotonic()
+        loaded, prompt = self._prepare(request)
+        generation = self.engine.run(GenerationRequest(loaded.name, prompt.ids, request.sampling), self.timeout)
+        text = loaded.decode(generation.token_ids)
+        if request.text is None:
+            text = text.strip()
+        filtered = None
+        if request.sfw_mode and not unrestricted:
+            text, filtered = self.words.apply(text)
+        return Reply(text, generation, prompt, loaded, request.model, filtered, time.monotonic() - start)
+
+    def stream(self, request: ChatRequest) -> Iterator[str | Reply]:
+        start = time.monotonic()
+        loaded, prompt = self._prepare(request)
+        tokens: queue.SimpleQueue[list[int] | None] = queue.SimpleQueue()
+        job = GenerationRequest(loaded.name, prompt.ids, request.sampling, on_tokens=tokens.put)
+        future = self.engine.submit(job)
+        future.add_done_callback(lambda _: tokens.put(None))
+        return self._deltas(request, loaded, prompt, job, tokens, start)
+
+    def _deltas(self, request: ChatRequest, loaded: LoadedModel, prompt: Prompt, job: GenerationRequest,
+                tokens: "queue.SimpleQueue[list[int] | None]", start: float) -> Iterator[str | Reply]:
+        decoder = IncrementalDecoder(loaded)
+        text, sent, filtered = "", 0, 0
+        try:
+            while (ids := self._next(tokens, start)) is not None:
+                text += decoder.push(ids)
+                cut = self.words.stream_cut(text, sent) if request.sfw_mode else len(text)
+                if cut > sent:
+                    piece, masked = self._filter(text[sent:cut], request.sfw_mode)
+                    filtered, sent = filtered + masked, cut
+                    yield piece
+            generation = self.engine.wait(job)
+            text += decoder.finish()
+            piece, masked = self._filter(text[sent:], request.sfw_mode)
+            if piece:
+                yield piece
+            yield Reply(text, generation, prompt, loaded, request.model,
+                        filtered + masked if request.sfw_mode else None, time.monotonic() - start)
+        finally:
+            job.cancel()
+
+    def _next(self, tokens: "queue.SimpleQueue[list[int] | None]", start: float) -> list[int] | None:
+        try:
+            return tokens.get(timeout=max(0.0, start + self.timeout - time.monotonic()))
+        except queue.Empty:
+            raise RetryableError(f"generation did not finish within {self.timeout:g} s",
+                                 ErrorType.TIMEOUT_ERROR) from None
+
+    def _filter(self, text: str, sfw_mode: bool) -> tuple[str, int]:
+        return self.words.apply(text) if sfw_mode else (text, 0)
+
+    def _prepare(self, request: ChatRequest) -> tuple[LoadedModel, Prompt]:
+        loaded = self.resolve(request.model)
+        budget = prompt_budget(loaded, request.sampling.max_tokens)
+        if request.text is not None:
+            prompt = text_prompt(loaded, request.text, budget)
+        else:
+            prompt = chat_prompt(loaded, request.messages, budget)
+        if not prompt.ids:
+            raise InvalidJob("the prompt is empty after tokenisation")
+        return loaded, prompt
