@@ -186,7 +186,12 @@ def main() -> int:
             ]
             print_table(steps)
             memory = requests.get(f"http://127.0.0.1:{ports['memory']}/memory/status", timeout=10).json()
-            print("\nmemory manager /memory/status:\n" + json.dumps(memory, indent=2)[:2000])
+            print("\nmemory manager /memory/status (GPUs and reservations):")
+            for gpu in memory.get("gpus", []):
+                print("  " + json.dumps({k: v for k, v in gpu.items() if k != "reservations"}))
+            for reservation in memory.get("reservations", []):
+                print(f"  reservation {reservation['id']}: {reservation['worker']} {reservation['gb']} GB"
+                      f" on GPU {reservation['gpu']}")
             print(f"\noutputs are under {VAR / 'demo' / 'storage'}")
             ok = all(s.status in ("completed", "200") for s in steps)
         finally:
