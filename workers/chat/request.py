@@ -5,11 +5,11 @@ HTTP maps it to 400, the job loop to a ``failed`` callback. Unknown keys are ign
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 from workers.core.errors import InvalidJob
+from workers.core.params import describe, finite_number
 
 from .models import ModelName
 from .prompt import Message, Role
@@ -47,18 +47,18 @@ class Fields:
         value = self.body.get(key)
         if value is None:
             return default
-        number = _number(value)
+        number = finite_number(value)
         if number is None or not lo <= number <= hi:
-            raise InvalidJob(f"{self.label(key)} must be a number in [{lo:g}, {hi:g}], got {_show(value)}")
+            raise InvalidJob(f"{self.label(key)} must be a number in [{lo:g}, {hi:g}], got {describe(value)}")
         return number
 
     def integer(self, key: str, default: int | None, lo: int, hi: int) -> int | None:
         value = self.body.get(key)
         if value is None:
             return default
-        number = _number(value)
+        number = finite_number(value)
         if number is None or not number.is_integer() or not lo <= number <= hi:
-            raise InvalidJob(f"{self.label(key)} must be an integer in [{lo}, {hi}], got {_show(value)}")
+            raise InvalidJob(f"{self.label(key)} must be an integer in [{lo}, {hi}], got {describe(value)}")
         return int(number)
 
     def flag(self, key: str, default: bool) -> bool:
@@ -69,7 +69,7 @@ class Fields:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise InvalidJob(f"{self.label(key)} must be true or false, got {_show(value)}")
+        raise InvalidJob(f"{self.label(key)} must be true or false, got {describe(value)}")
 
     def text(self, key: str, required: bool = False) -> str | None:
         value = self.body.get(key)
@@ -78,7 +78,7 @@ class Fields:
                 raise InvalidJob(f"{self.label(key)} is required: a non-empty string")
             return None
         if not isinstance(value, str):
-            raise InvalidJob(f"{self.label(key)} must be a string, got {_show(value)}")
+            raise InvalidJob(f"{self.label(key)} must be a string, got {describe(value)}")
         if required and not value.strip():
             raise InvalidJob(f"{self.label(key)} must not be empty")
         if len(value) > MAX_TOTAL_CHARS:
@@ -91,7 +91,7 @@ class Fields:
             return default
         name = MODEL_ALIASES.get(value.strip().lower().replace("-", "_")) if isinstance(value, str) else None
         if name is None:
-            raise InvalidJob(f"{self.label('model')} must be qwen_instruct or qwen_base, got {_show(value)}")
+            raise InvalidJob(f"{self.label('model')} must be qwen_instruct or qwen_base, got {describe(value)}")
         return name
 
     def messages(self, roles: Mapping[str, Role] | None = None) -> tuple[Message, ...]:
@@ -126,9 +126,9 @@ class Fields:
         value = self.body.get("seed")
         if value is None:
             return None
-        number = _number(value)
+        number = finite_number(value)
         if number is None or not number.is_integer():
-            raise InvalidJob(f"{self.label('seed')} must be an integer, got {_show(value)}")
+            raise InvalidJob(f"{self.label('seed')} must be an integer, got {describe(value)}")
         return (value if isinstance(value, int) else int(number)) % (1 << 63)
 
 
@@ -192,7 +192,7 @@ def _message(item: Any, where: str, roles: Mapping[str, Role]) -> Message:
         raise InvalidJob(f"{where} must be an object with role and content, got {type(item).__name__}")
     role = item.get("role")
     if not isinstance(role, str) or role not in roles:
-        raise InvalidJob(f"{where}.role must be one of {', '.join(roles)}, got {_show(role)}")
+        raise InvalidJob(f"{where}.role must be one of {', '.join(roles)}, got {describe(role)}")
     content = item.get("content")
     if isinstance(content, list):  # OpenAI content parts: text only
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -206,21 +206,5 @@ def _message(item: Any, where: str, roles: Mapping[str, Role]) -> Message:
     return Message(roles[role], content)
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            return None
-    else:
-        return None
-    return number if math.isfinite(number) else None
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."

@@ -15,7 +15,8 @@ from .job import Job
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[x*×]\s*(\d{1,5})\s*$")
 
 
-def _describe(value: Any) -> str:
+def describe(value: Any) -> str:
+    """A short repr of a bad value for an error message."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -25,9 +26,9 @@ def integer(job: Job, paths: Sequence[str], default: int | None, lo: int, hi: in
     if found is None:
         return default
     path, value = found
-    number = _number(value)
+    number = finite_number(value)
     if number is None or not float(number).is_integer() or not lo <= number <= hi:
-        raise InvalidJob(f"{path} must be an integer in [{lo}, {hi}], got {_describe(value)}")
+        raise InvalidJob(f"{path} must be an integer in [{lo}, {hi}], got {describe(value)}")
     return int(number)
 
 
@@ -36,9 +37,9 @@ def real(job: Job, paths: Sequence[str], default: float | None, lo: float, hi: f
     if found is None:
         return default
     path, value = found
-    number = _number(value)
+    number = finite_number(value)
     if number is None or not lo <= number <= hi:
-        raise InvalidJob(f"{path} must be a number in [{lo}, {hi}], got {_describe(value)}")
+        raise InvalidJob(f"{path} must be a number in [{lo}, {hi}], got {describe(value)}")
     return float(number)
 
 
@@ -48,7 +49,7 @@ def text(job: Job, paths: Sequence[str], default: str | None, max_len: int = 10_
         return default
     path, value = found
     if not isinstance(value, str):
-        raise InvalidJob(f"{path} must be a string, got {_describe(value)}")
+        raise InvalidJob(f"{path} must be a string, got {describe(value)}")
     if len(value) > max_len:
         raise InvalidJob(f"{path} is longer than {max_len} characters")
     return value
@@ -63,7 +64,7 @@ def flag(job: Job, paths: Sequence[str], default: bool = False) -> bool:
         return value
     if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
         return value.lower() in ("true", "1")
-    raise InvalidJob(f"{path} must be true or false, got {_describe(value)}")
+    raise InvalidJob(f"{path} must be true or false, got {describe(value)}")
 
 
 def size(job: Job, paths: Sequence[str]) -> tuple[str, int, int] | None:
@@ -74,11 +75,12 @@ def size(job: Job, paths: Sequence[str]) -> tuple[str, int, int] | None:
     path, value = found
     match = _SIZE.match(value) if isinstance(value, str) else None
     if not match or int(match.group(1)) == 0 or int(match.group(2)) == 0:
-        raise InvalidJob(f"{path} must look like '1024x576' with positive numbers, got {_describe(value)}")
+        raise InvalidJob(f"{path} must look like '1024x576' with positive numbers, got {describe(value)}")
     return path, int(match.group(1)), int(match.group(2))
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
+    """A finite number from a JSON number or numeric string (never a bool); ``None`` otherwise."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):

@@ -14,6 +14,7 @@ from typing import Any
 from workers.core import params
 from workers.core.errors import ErrorType, InvalidJob
 from workers.core.job import Job, Queue
+from workers.core.params import describe, finite_number
 from workers.core.settings import Settings
 
 from . import weighting
@@ -184,9 +185,9 @@ def _num_images(job: Job) -> int:
     if found is None:
         return 1
     value = found[1]
-    number = _finite(value)
+    number = finite_number(value)
     if number is None:
-        raise InvalidJob(f"config.num_images must be a number (1, 3 or 6), got {_describe(value)}")
+        raise InvalidJob(f"config.num_images must be a number (1, 3 or 6), got {describe(value)}")
     return round_images(number)
 
 
@@ -199,7 +200,7 @@ def _seed(job: Job) -> tuple[int, bool]:
             found = None
         elif seed is None or not 0 <= seed <= MAX_SEED:
             raise InvalidJob(f"config.seed must be an integer in [0, {MAX_SEED}] (or -1 for random), "
-                             f"got {_describe(value)}")
+                             f"got {describe(value)}")
         else:
             return seed, False
     return secrets.randbits(32), True
@@ -228,21 +229,5 @@ def _exact_int(value: Any) -> int | None:
     return None
 
 
-def _finite(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            return None
-    else:
-        return None
-    return number if math.isfinite(number) else None
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
