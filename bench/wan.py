@@ -1,0 +1,215 @@
+"""WAN 2.1 T2V 1.3B: the handler's ``run()`` (job in, PNG or MP4 out) next to a plain ``WanPipeline`` call on
+the same modules, prompt, seed, guidance and scheduler config.
+
+The 81-frame video runs ``wan_video_steps`` steps (4 at full size) and is extrapolated to 25: the time of one
+CFG step is the median gap between step callbacks (each after a device synchronisation), and
+``25 × step + (total − steps × step)`` is reported, the second term being text encoding, VAE decode and
+(ours) the MP4 encode. The single frame runs all its 25 steps. The handler gets the built pipeline through a
+``WanModels`` whose ``load()`` adopts it instead of reading ``WAN_MODEL_PATH`` (the real loader is timed in
+the ``load`` section).
+"""
+from __future__ import annotations
+
+import io
+import json
+import statistics
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from workers.core.job import decode
+from workers.core.settings import Settings
+from workers.wan.handler import WanHandler
+from workers.wan.pipeline import WanModels, to_uint8
+from workers.wan.request import TIER_DEFAULTS
+
+from . import models
+from .context import Context
+from .measure import BF16_TOLERANCE, describe, free, peak_gb, rel_err, repeat, reset_peak, resident_gb, sync, timed
+from .report import Row
+
+SECTION = "wan"
+PROMPT = "a man walking through a forest in the rain, slow motion video, fog"
+SEED = 7
+GUIDANCE = TIER_DEFAULTS["fast"][1]
+VIDEO_TARGET_S, IMAGE_TARGET_S = 24.0, 1.5
+
+
+class AdoptedModels(WanModels):
+    """``WanModels`` whose ``load()`` takes an already built pipeline (random weights) instead of a folder."""
+
+    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype):
+        super().__init__(None, None, device=str(device))
+        self._built, self._built_dtype = pipe, dtype
+
+    def load(self, which: str = "all") -> str:
+        with self._lock:
+            self.device, self.dtype, self._t2v = self._built.transformer.device, self._built_dtype, self._built
+            return "adopted the built pipeline"
+
+
+class StepClock:
+    """Timestamps (after a device sync) of each finished denoising step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.started = time.perf_counter()
+        self.steps: list[float] = []
+        self.marks: dict[str, float] = {}
+
+    def step(self) -> None:
+        sync(self.device)
+        self.steps.append(time.perf_counter() - self.started)
+
+    def progress(self, _fraction: float, message: str) -> None:
+        if message.startswith("step "):
+            self.step()
+        else:
+            self.marks.setdefault(message, time.perf_counter() - self.started)
+
+    def per_step(self) -> float | None:
+        gaps = [b - a for a, b in zip(self.steps, self.steps[1:])]
+        return statistics.median(gaps) if gaps else None
+
+
+def job(kind: str, width: int, height: int, steps: int, frames: int):
+    config: dict[str, Any] = {"size": f"{width}*{height}", "seed": SEED, "num_inference_steps": steps}
+    if kind == "video":
+        config["frame_num"] = frames
+    body = {"id": f"bench-{kind}", "type": f"{kind}_fast", "user_id": "bench", "prompt": PROMPT, "config": config,
+            "metadata": {}}
+    return decode(json.dumps(body))
+
+
+def baseline_call(pipe: Any, width: int, height: int, frames: int, steps: int,
+                  on_step: Callable[[], None] | None = None) -> np.ndarray:
+    kwargs: dict[str, Any] = dict(prompt=PROMPT, negative_prompt="", height=height, width=width, num_frames=frames,
+                                  num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="np",
+                                  generator=torch.Generator("cpu").manual_seed(SEED))
+    if on_step is not None:
+        kwargs["callback_on_step_end"] = lambda _pipe, _i, _t, _tensors: (on_step(), {})[1]
+    return pipe(**kwargs).frames[0]
+
+
+def run(ctx: Context) -> None:
+    p, dev = ctx.profile, ctx.profile.device
+    started = time.perf_counter()
+    pipe = ctx.step(SECTION, "build", 60, lambda: models.wan(p))
+    if pipe is None:
+        return
+    ctx.report.detail(SECTION, "build_s", round(time.perf_counter() - started, 1))
+    ctx.report.detail(SECTION, "parameters_m", {n: round(models.parameters(getattr(pipe, n)) / 1e6, 1)
+                                                for n in ("transformer", "vae", "text_encoder")})
+    ctx.report.detail(SECTION, "resident_gb", resident_gb(dev))
+    w, h = p.wan_width, p.wan_height
+    base: dict[str, dict] = {}
+
+    ctx.step(SECTION, "baseline warm-up", 10, lambda: baseline_call(pipe, w, h, 1, p.warm_steps))
+
+    def baseline_image():
+        reset_peak(dev)
+        median, all_s, frames, latents = repeat(lambda: baseline_call(pipe, w, h, 1, p.wan_image_steps), dev,
+                                                p.repeats, tap=pipe.vae.post_quant_conv)
+        base["image"] = {"s": median, "frames": to_uint8(frames), "latents": latents, "peak": peak_gb(dev)}
+        ctx.report.detail(SECTION, "baseline_image", {"s": all_s, "peak_gb": peak_gb(dev)})
+    ctx.step(SECTION, "baseline image", 8, baseline_image)
+
+    def baseline_video():
+        reset_peak(dev)
+        clock = StepClock(dev)
+        _, all_s, _, latents = repeat(lambda: baseline_call(pipe, w, h, p.wan_frames, p.wan_video_steps,
+                                                            clock.step), dev, 1, tap=pipe.vae.post_quant_conv)
+        base["video"] = _video_numbers(p, all_s[0], clock) | {"latents": latents, "peak": peak_gb(dev)}
+        ctx.report.detail(SECTION, "baseline_video", _public(base["video"]))
+    ctx.step(SECTION, "baseline video", 20, baseline_video)
+
+    def make_handler():
+        handler = WanHandler(Settings(device=dev.type), models=AdoptedModels(pipe, dev, p.bf16))
+        handler.setup()
+        return handler
+    handler = ctx.step(SECTION, "handler setup", 5, make_handler)
+    if handler is None:
+        return
+    ctx.step(SECTION, "ours warm-up", 10,
+             lambda: handler.run(job("image", w, h, p.warm_steps, 1), lambda f, m: None))
+    ctx.step(SECTION, "ours image", 10, lambda: _ours_image(ctx, handler, pipe, base.get("image")))
+    ctx.step(SECTION, "ours video", 25, lambda: _ours_video(ctx, handler, pipe, base.get("video")))
+    ctx.step(SECTION, "to_uint8", 5, lambda: _to_uint8(ctx))
+    del handler, pipe
+    free(dev)
+
+
+def _to_uint8(ctx: Context) -> None:
+    """The handler's CPU conversion of the pipeline's float32 frames, alone (it runs between decode and MP4)."""
+    p = ctx.profile
+    frames = np.random.default_rng(0).random((p.wan_frames, p.wan_height, p.wan_width, 3), dtype=np.float32)
+    seconds, _ = timed(lambda: to_uint8(frames), torch.device("cpu"))
+    ctx.report.detail(SECTION, "to_uint8_s", round(seconds, 3))
+
+
+def _video_numbers(p, total: float, clock: StepClock) -> dict[str, Any]:
+    step = clock.per_step()
+    if step is None:
+        return {"measured_s": total, "steps": p.wan_video_steps}
+    fixed = total - p.wan_video_steps * step
+    return {"measured_s": round(total, 3), "steps": p.wan_video_steps, "per_step_s": round(step, 4),
+            "fixed_s": round(fixed, 3), "extrapolated_s": round(fixed + p.wan_full_steps * step, 3),
+            "step_marks_s": [round(s, 3) for s in clock.steps],
+            "marks_s": {k: round(v, 3) for k, v in clock.marks.items()}}
+
+
+def _public(numbers: dict) -> dict:
+    return {k: v for k, v in numbers.items() if k not in ("latents", "frames")}
+
+
+def _ours_image(ctx: Context, handler: WanHandler, pipe: Any, base: dict | None) -> None:
+    p, dev = ctx.profile, ctx.profile.device
+    reset_peak(dev)
+    the_job = job("image", p.wan_width, p.wan_height, p.wan_image_steps, 1)
+    median, all_s, result, latents = repeat(lambda: handler.run(the_job, lambda f, m: None), dev, p.repeats,
+                                            tap=pipe.vae.post_quant_conv)
+    ctx.report.detail(SECTION, "ours_image", {"s": all_s, "peak_gb": peak_gb(dev),
+                                              "generation_time": result.metadata["generation_time"]})
+    ctx.report.add(Row("wan_image", f"WAN {p.wan_width}×{p.wan_height} 1 frame, {p.wan_image_steps} steps, CFG", "s",
+                       baseline=base and round(base["s"], 3), ours=round(median, 3), peak_gb=peak_gb(dev),
+                       note="handler.run incl. PNG encode"),
+                   ("<=", IMAGE_TARGET_S) if p.full else None)
+    if base is None:
+        return
+    err = rel_err(latents, base["latents"])
+    ctx.report.check("WAN 1 frame latents", err <= BF16_TOLERANCE, f"rel err {err:.2e} ({describe(latents)})")
+    with Image.open(io.BytesIO(result.outputs[0].data)) as image:
+        ours = np.asarray(image.convert("RGB"))
+    err = rel_err(ours, base["frames"][0])
+    ctx.report.check("WAN 1 frame image", err <= BF16_TOLERANCE,
+                     f"rel err {err:.2e}, max |Δpixel| {int(np.abs(ours.astype(int) - base['frames'][0]).max())}")
+
+
+def _ours_video(ctx: Context, handler: WanHandler, pipe: Any, base: dict | None) -> None:
+    p, dev = ctx.profile, ctx.profile.device
+    reset_peak(dev)
+    clock = StepClock(dev)
+    the_job = job("video", p.wan_width, p.wan_height, p.wan_video_steps, p.wan_frames)
+    _, all_s, result, latents = repeat(lambda: handler.run(the_job, clock.progress), dev, 1,
+                                       tap=pipe.vae.post_quant_conv)
+    ours = _video_numbers(p, all_s[0], clock)
+    encode = all_s[0] - ours["marks_s"].get("encoding", all_s[0]) if "marks_s" in ours else None
+    ctx.report.detail(SECTION, "ours_video", ours | {"peak_gb": peak_gb(dev), "mp4_encode_s": encode,
+                                                      "frames": result.metadata.get("frame_num"),
+                                                      "generation_time": result.metadata["generation_time"]})
+    extrapolated = f"extrapolated from {p.wan_video_steps} measured steps"
+    ctx.report.add(Row("wan_video", f"WAN {p.wan_width}×{p.wan_height} {p.wan_frames} frames, {p.wan_full_steps} "
+                       "steps, CFG", "s", baseline=base and base.get("extrapolated_s"),
+                       ours=ours.get("extrapolated_s"), peak_gb=peak_gb(dev),
+                       note=f"{extrapolated}; ours incl. MP4 encode"),
+                   ("<=", VIDEO_TARGET_S) if p.full else None)
+    ctx.report.add(Row("wan_video_step", f"WAN {p.wan_frames} frames, one CFG step (2 transformer passes)", "s",
+                       baseline=base and base.get("per_step_s"), ours=ours.get("per_step_s")))
+    if base is None:
+        return
+    err = rel_err(latents, base["latents"])
+    ctx.report.check(f"WAN {p.wan_frames} frames latents", err <= BF16_TOLERANCE,
+                     f"rel err {err:.2e} ({describe(latents)})")
