@@ -7,7 +7,9 @@ terminal callback → ack. Typed errors decide: ``InvalidJob``/``WorkerError`` f
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import threading
 import time
 from pathlib import PurePosixPath
@@ -26,6 +28,7 @@ from .transport import TransportError
 
 log = logging.getLogger(__name__)
 
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 APP_OWNED_KEYS = frozenset({"destination", "scene_id", "character_id", "conversation_id", "project_id",
                             "user_id", "job_id", "status", "credits", "cost"})
 
@@ -49,12 +52,18 @@ class Runner:
         self.current_job: Job | None = None
         self.progress_state: dict[str, Any] = {}
         self.jobs_done = 0
+        self._orphaned = False
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         failures = 0
         while not stop.is_set():
             try:
+                if failures or self._orphaned:
+                    # Idle after a Redis outage: whatever is still in our processing list (a job taken just
+                    # before the outage, a move whose reply was lost) goes back to the head of its queue.
+                    self.queue.recover_own()
+                    self._orphaned = False
                 delivery = self.queue.fetch()
                 failures = 0
             except TransportError as exc:
@@ -70,8 +79,10 @@ class Runner:
         try:
             self._process(delivery, started)
         except TransportError as exc:
-            # The element stays in our processing list; recover_own/reap return it. Nothing is lost.
-            log.error("queue unavailable while finishing a job (%s); it will be returned to the queue", exc)
+            # Only before the job ran (acks retry until Redis answers): the element stays in our processing
+            # list and `run` returns it to the queue once Redis answers again. Nothing is lost.
+            log.error("queue unavailable before the job ran (%s); it will be returned to the queue", exc)
+            self._orphaned = True
         finally:
             self.current, self.current_job, self.progress_state = None, None, {}
 
@@ -113,7 +124,12 @@ class Runner:
     # -- outcomes ------------------------------------------------------------------------------
     def _on_error(self, delivery: Delivery, job: Job, exc: Exception, attempt: int) -> None:
         retry = isinstance(exc, RetryableError) or not isinstance(exc, WorkerError)
-        if not isinstance(exc, WorkerError):
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            # Any handler's temporary files (e.g. the MP4 encoder's): say so clearly; no path in the message.
+            log.error("job %s (%s): the worker's disk is full: %s", job.id, job.type.value, exc)
+            exc = WorkerError(f"no space left on the worker's disk for temporary files ({os.strerror(exc.errno)})",
+                              ErrorType.INTERNAL_ERROR)
+        elif not isinstance(exc, WorkerError):
             log.exception("job %s (%s) raised an unexpected error", job.id, job.type.value)
             exc = WorkerError("internal error while running the job", ErrorType.INTERNAL_ERROR)
         else:
@@ -125,14 +141,14 @@ class Runner:
         delay = getattr(exc, "delay", 0.0)
         if delay:
             time.sleep(min(delay, 30.0))
-        self.queue.hand_back(delivery, job.id, count_attempt=True)
+        self._until_acknowledged(lambda: self.queue.hand_back(delivery, job.id, count_attempt=True))
         self.metrics.jobs.labels(job.type.value, "retried").inc()
 
     def _dead(self, delivery: Delivery, job: Job, error: WorkerError, reason: str) -> None:
-        self.queue.dead_letter(delivery, reason, job.id)
+        self._until_acknowledged(lambda: self.queue.dead_letter(delivery, reason, job.id))
         body = self._failed_body(job.id, job, error)
         if self.callbacks.deliver(body) is Outcome.FAILED:
-            self.queue.transport.command("HSET", keys.OUTBOX, job.id, body)
+            self._until_acknowledged(lambda: self.queue.transport.command("HSET", keys.OUTBOX, job.id, body))
         self.metrics.jobs.labels(job.type.value, "dead").inc()
 
     def _finish(self, delivery: Delivery, job_id: str, job: Job | None, body: bytes, outcome: str,
@@ -140,14 +156,27 @@ class Runner:
         delivered = self.callbacks.deliver(body)
         if delivered is Outcome.FAILED:
             log.error("callback for job %s not delivered; kept in the outbox", job_id)
-            self.queue.finish_to_outbox(delivery, job_id, body)
+            self._until_acknowledged(lambda: self.queue.finish_to_outbox(delivery, job_id, body))
         else:
-            self.queue.finish(delivery, job_id)
+            self._until_acknowledged(lambda: self.queue.finish(delivery, job_id))
         job_type = job.type.value if job else "unknown"
         self.metrics.jobs.labels(job_type, outcome).inc()
         if started is not None:
             self.metrics.job_seconds.labels(job_type).observe(self.clock() - started)
         self.jobs_done += 1
+
+    def _until_acknowledged(self, step: Callable[[], Any]) -> None:
+        """Leave the processing list even across a Redis outage: once the terminal callback is out, a lost
+        ack would run the job again (a second callback). Retry with backoff until Redis answers."""
+        delay = 0.5
+        while True:
+            try:
+                step()
+                return
+            except TransportError as exc:
+                log.warning("queue unavailable for an acknowledgement (%s); retrying in %.1f s", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     # -- pieces --------------------------------------------------------------------------------
     def _store(self, job: Job, result: Result) -> list[dict[str, Any]]:

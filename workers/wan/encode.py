@@ -58,7 +58,7 @@ def _write_mp4(path: Path, frames: np.ndarray, fps: int, crf: int) -> None:
     with av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
         stream = container.add_stream("libx264", rate=Fraction(fps, 1))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "medium"}
+        stream.options = {"crf": str(crf), "preset": "veryfast"}  # medium: 3.5 s of an 81-frame job (bench/)
         for index in range(frames.shape[0]):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[index]), format="rgb24")
             for packet in stream.encode(frame):

@@ -169,7 +169,7 @@ class WanModels:
             kwargs: dict[str, Any] = dict(
                 prompt=spec.prompt, negative_prompt=spec.negative_prompt, height=spec.height, width=spec.width,
                 num_frames=spec.num_frames, num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
-                generator=torch.Generator(device="cpu").manual_seed(spec.seed), output_type="np",
+                generator=torch.Generator(device="cpu").manual_seed(spec.seed), output_type="pt",
             )
             if on_step is not None:
                 def callback(_pipe, index, _timestep, tensors):
@@ -227,7 +227,12 @@ class WanModels:
 
 
 def to_uint8(frames: Any) -> np.ndarray:
-    """Pipeline ``np`` output in [0, 1] → ``uint8`` frames ``(F, H, W, 3)``."""
+    """Pipeline output in [0, 1] → ``uint8`` frames ``(F, H, W, 3)``. A ``pt`` output ``(F, 3, H, W)`` is
+    converted where it lies (the GPU) and copied once as bytes: 4× less traffic than float frames."""
+    if isinstance(frames, torch.Tensor):
+        if frames.ndim == 3:
+            frames = frames[None]
+        return (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     array = np.asarray(frames, dtype=np.float32)
     if array.ndim == 3:
         array = array[None]
