@@ -75,7 +75,7 @@ class Delivery:
 class ReliableQueue:
     def __init__(self, transport: Transport, queue: str, worker_id: str, side: str = "left",
                  heartbeat_ttl: int = 30, poll_min: float = 0.1, poll_max: float = 2.0,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
         if side not in ("left", "right"):
             raise ValueError("side must be 'left' or 'right'")
         self.transport = transport
@@ -86,6 +86,8 @@ class ReliableQueue:
         self.poll_min = poll_min
         self.poll_max = poll_max
         self.sleep = sleep
+        self.clock = clock
+        self._suspects: dict[str, float] = {}   # member → when its heartbeat was first seen missing
         self.processing = keys.processing(queue, worker_id)
         self._idle_polls = 0
 
@@ -149,13 +151,22 @@ class ReliableQueue:
         return moved
 
     def reap(self) -> int:
-        """Return the jobs of every worker whose heartbeat expired to the head of their queue."""
+        """Return the jobs of every worker whose heartbeat has been missing for a whole TTL (seen by this
+        reaper) to the head of their queue. The second TTL of grace covers a Redis restart, after which every
+        live worker's heartbeat is gone until its next beat: a running job is not handed out twice."""
         moved = 0
-        for member in self.transport.command("SMEMBERS", keys.ACTIVE_WORKERS) or []:
-            member = member.decode() if isinstance(member, bytes) else member
+        now = self.clock()
+        members = [m.decode() if isinstance(m, bytes) else m
+                   for m in self.transport.command("SMEMBERS", keys.ACTIVE_WORKERS) or []]
+        self._suspects = {m: t for m, t in self._suspects.items() if m in members}
+        for member in members:
             queue, worker_id = keys.parse_active_member(member)
             if worker_id == self.worker_id or self.transport.command("EXISTS", keys.heartbeat(worker_id)):
+                self._suspects.pop(member, None)
                 continue
+            if now - self._suspects.setdefault(member, now) < self.heartbeat_ttl:
+                continue
+            del self._suspects[member]
             count = self._return_all(keys.processing(queue, worker_id), queue)
             self.transport.command("SREM", keys.ACTIVE_WORKERS, member)
             if count:
