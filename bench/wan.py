@@ -129,6 +129,7 @@ def run(ctx: Context) -> None:
     def make_handler():
         handler = WanHandler(Settings(device=dev.type), models=AdoptedModels(pipe, dev, p.bf16))
         handler.setup()
+        ctx.report.detail(SECTION, "ours_batched_cfg", handler.status()["batched_cfg"])  # WAN_BATCHED_CFG
         return handler
     handler = ctx.step(SECTION, "handler setup", 5, make_handler)
     if handler is None:

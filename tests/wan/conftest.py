@@ -25,6 +25,7 @@ from workers.demo_models import build
 from workers.local.net import BackgroundServer
 from workers.wan.handler import WanHandler
 from workers.wan.pipeline import WanModels
+from workers.wan.sampler import BatchedCfgSampler
 
 SMALL = {"size": "64*64", "num_inference_steps": 2, "frame_num": 5, "seed": 11}
 CHAT_KEY, WAN_KEY = "test-chat-key", "test-wan-key"
@@ -61,7 +62,8 @@ def no_progress(fraction: float, message: str) -> None:
 
 
 class RecordingModels(WanModels):
-    """The real ``WanModels``; each pipeline call's keyword arguments are recorded before it runs."""
+    """The real ``WanModels``; each pipeline call's keyword arguments are recorded before it runs, with the
+    diffusers pipeline's class name and whether the batched-CFG sampler ran around it."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -70,9 +72,11 @@ class RecordingModels(WanModels):
     def _job_pipeline(self, spec, vace):
         pipe = super()._job_pipeline(spec, vace)
         calls = self.calls
+        batched = isinstance(pipe, BatchedCfgSampler)
+        name = type(pipe.pipe if batched else pipe).__name__
 
         def call(**kwargs):
-            calls.append({"pipeline": type(pipe).__name__, "scheduler": pipe.scheduler, **kwargs})
+            calls.append({"pipeline": name, "batched_cfg": batched, "scheduler": pipe.scheduler, **kwargs})
             return pipe(**kwargs)
         return call
 

@@ -85,7 +85,7 @@ def json_body(optional: bool = False) -> dict[str, Any]:
         raise ApiError(400, "request body is not UTF-8") from None
 
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_no_constant)
     except RecursionError:
         raise ApiError(400, "request body is nested too deeply") from None
     except ValueError:
@@ -93,6 +93,11 @@ def json_body(optional: bool = False) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ApiError(400, "request body must be a JSON object")
     return value
+
+
+def _no_constant(name: str) -> float:
+    """``NaN`` / ``Infinity`` are not JSON (Python's parser accepts them by default): refuse them."""
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def _presented_key() -> str | None:
@@ -142,3 +147,17 @@ def require_admin(admin_key: Callable[[], Secret | None]):
             return view(*args, **kwargs)
         return wrapper
     return decorate
+
+
+def pooled_session(size: int = 64):
+    """A ``requests.Session`` whose connection pool fits ``size`` concurrent callers (the default 10 makes a
+    threaded server discard and reopen connections under load). Never routed through an env proxy."""
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    session = requests.Session()
+    session.trust_env = False
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=size)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session

@@ -80,6 +80,7 @@ class Settings:
     wan_vace_model_path: Path | None = None
     wan_enhance_template: Path | None = None
     wan_enhance_timeout_seconds: float = 20.0
+    wan_batched_cfg: bool = True  # WAN_BATCHED_CFG: cond + uncond in one batch-2 transformer pass
     qwen_instruct_path: Path | None = None
     qwen_base_path: Path | None = None
     chat_worker_url: str = "http://127.0.0.1:7861"
@@ -96,6 +97,8 @@ class Settings:
     chat_request_timeout_seconds: float = 300.0
     chat_sfw_words_path: Path | None = None
     chat_enhance_template_path: Path | None = None
+    chat_static_cache: bool = True   # CHAT_STATIC_CACHE: slot KV cache for decoding (off: the DynamicCache path)
+    chat_cuda_graphs: bool = True    # CHAT_CUDA_GRAPHS: CUDA-graph the decode step (only on CUDA, static cache)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
@@ -135,6 +138,7 @@ class Settings:
             wan_vace_model_path=r.path("WAN_VACE_MODEL_PATH"),
             wan_enhance_template=r.path("WAN_ENHANCE_TEMPLATE"),
             wan_enhance_timeout_seconds=r.number("WAN_ENHANCE_TIMEOUT_SECONDS", 20.0, 0.5, 300),
+            wan_batched_cfg=r.boolean("WAN_BATCHED_CFG", True),
             qwen_instruct_path=r.path("QWEN_INSTRUCT_PATH"),
             qwen_base_path=r.path("QWEN_BASE_PATH"),
             chat_worker_url=r.url("CHAT_WORKER_URL") or "http://127.0.0.1:7861",
@@ -150,6 +154,8 @@ class Settings:
             chat_request_timeout_seconds=r.number("CHAT_REQUEST_TIMEOUT_SECONDS", 300.0, 1, 3600),
             chat_sfw_words_path=r.path("CHAT_SFW_WORDS_PATH"),
             chat_enhance_template_path=r.path("CHAT_ENHANCE_TEMPLATE_PATH"),
+            chat_static_cache=r.boolean("CHAT_STATIC_CACHE", True),
+            chat_cuda_graphs=r.boolean("CHAT_CUDA_GRAPHS", True),
         )
         if settings.poll_min_seconds > settings.poll_max_seconds:
             raise ConfigError("QUEUE_POLL_MIN_SECONDS must not exceed QUEUE_POLL_MAX_SECONDS")

@@ -23,6 +23,7 @@ from typing import Any
 
 import requests
 
+from workers.core.http import pooled_session
 from workers.core.settings import Secret, Settings
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class PromptEnhancer:
         self.template = template or DEFAULT_TEMPLATE
         self.timeout = timeout
         self.max_chars = max_chars
-        self.session = session or requests.Session()
+        self.session = session or pooled_session(32)
         self.session.trust_env = False
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="enhance")
 

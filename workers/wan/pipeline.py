@@ -5,7 +5,10 @@ Loaded once (``load()``) and kept. On CUDA the text encoder and transformer run 
 transformer's norm, time-embedding and RoPE layers kept in fp32 (diffusers' ``_keep_in_fp32_modules``) and
 the VAE in fp32; on CPU everything is fp32. Each job gets its own scheduler, built from the loaded
 scheduler config (UniPC or DPM++ flow-matching, with the job's flow shift), and a throwaway pipeline object
-around the shared modules, so no job mutates what another job sees.
+around the shared modules, so no job mutates what another job sees. Text-to-video jobs run through
+``BatchedCfgSampler`` (cond + uncond in one batch-2 transformer pass; ``WAN_BATCHED_CFG``, on by default) unless
+it is turned off, in which case diffusers' ``WanPipeline`` runs the two passes one after the other; VACE jobs
+always run diffusers' ``WanVACEPipeline``.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from workers.core.settings import Settings
 
 from .references import VaceConditioning
 from .request import Solver
+from .sampler import BatchedCfgSampler
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +96,9 @@ class WanModels:
     """Owns the loaded pipelines; ``generate()`` is the one entry point for a denoising run."""
 
     def __init__(self, model_path: Path | None, vace_path: Path | None = None, device: str = "auto",
-                 compile_transformer: bool = False, progress_bar: bool = False):
+                 compile_transformer: bool = False, progress_bar: bool = False, batched_cfg: bool = True):
         self.model_path = model_path
+        self.batched_cfg = batched_cfg  # T2V: cond + uncond as one batch-2 transformer pass
         self.progress_bar = progress_bar  # a tqdm bar over denoising steps (the CLI; workers report progress)
         self.vace_path = vace_path
         self.device_name = device
@@ -107,7 +112,7 @@ class WanModels:
     @classmethod
     def from_settings(cls, settings: Settings) -> "WanModels":
         return cls(settings.wan_model_path, settings.wan_vace_model_path, settings.device,
-                   settings.torch_compile)
+                   settings.torch_compile, batched_cfg=settings.wan_batched_cfg)
 
     @property
     def loaded(self) -> bool:
@@ -159,7 +164,7 @@ class WanModels:
                 "vace_configured": self.vace_path is not None,
                 "device": str(self.device) if self.device else None,
                 "dtype": str(self.dtype).removeprefix("torch.") if self.dtype else None,
-                "solvers": [s.value for s in Solver]}
+                "solvers": [s.value for s in Solver], "batched_cfg": self.batched_cfg}
 
     def generate(self, spec: GenerationSpec, conditioning: VaceConditioning | None = None,
                  on_step: StepCallback | None = None) -> np.ndarray:
@@ -188,7 +193,9 @@ class WanModels:
                 raise RetryableError("out of GPU memory while generating", ErrorType.OOM_ERROR) from None
             return to_uint8(frames)
 
-    def _job_pipeline(self, spec: GenerationSpec, vace: bool):
+    def _job_pipeline(self, spec: GenerationSpec, vace: bool) -> WanPipeline | WanVACEPipeline | BatchedCfgSampler:
+        """What this job calls with the pipeline keywords: a fresh pipeline around the shared modules, or
+        for T2V with batched CFG on, the batched sampler around it."""
         base = self._vace if vace else self._t2v
         if base is None:
             if vace:
@@ -198,6 +205,8 @@ class WanModels:
         pipe = type(base)(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
                           scheduler=scheduler, transformer=base.transformer)
         pipe.set_progress_bar_config(disable=not self.progress_bar, desc="denoising")
+        if not vace and self.batched_cfg and BatchedCfgSampler.supports(pipe):
+            return BatchedCfgSampler(pipe)
         return pipe
 
     def _embeddings(self, spec: GenerationSpec) -> dict[str, Any]:
