@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install redis models clean
+.PHONY: test demo install redis models clean audit
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: install
 
 demo: install
 	$(PY) -m workers.local.demo
+
+# Known-vulnerability audit of the pins (pip-audit); skips with a message where its database is unreachable.
+audit: install
+	PY=$(PY) .ci/audit
 
 clean:
 	rm -rf var .pytest_cache .hypothesis

@@ -5,6 +5,7 @@
     /enhance, /memory/<rest>, /debug/env → WAN worker   (same path; what the app called before the split)
     GET /health                          → 200 with both workers' states; 503 only if neither serves
     GET /router/health                   → 200 while the router process serves (the orchestrator's gate)
+    GET /openapi.json                    → the OpenAPI 3.1 document of this port (workers.core.openapi)
 
 It forwards the method, the body, the query string and every end-to-end header (``Authorization``
 included); hop-by-hop headers are stripped both ways. It is not an open proxy: the destination is always
@@ -29,7 +30,8 @@ import requests
 from flask import Flask, Response, request
 
 from workers.core.errors import ConfigError
-from workers.core.http import ApiError, create_base_app
+from workers.core import openapi
+from workers.core.http import ApiError, create_base_app, pooled_session
 
 from .checks import check_health
 from .config import FleetSettings
@@ -53,7 +55,7 @@ class RouterDeps:
     connect_timeout: float = 3.0
     max_body: int = 16 * 1024 * 1024
     health_timeout: float = 2.0
-    session: requests.Session = field(default_factory=requests.Session)
+    session: requests.Session = field(default_factory=pooled_session)
 
 
 def resolve(path: str) -> tuple[str, str] | None:
@@ -105,6 +107,8 @@ def create_app(deps: RouterDeps) -> Flask:
     @app.get("/router/health")
     def router_health():
         return {"status": "healthy", "service": "router"}
+
+    openapi.serve(app, openapi.router_document)
 
     @app.route("/", defaults={"path": ""}, methods=METHODS, provide_automatic_options=False)
     @app.route("/<path:path>", methods=METHODS, provide_automatic_options=False)

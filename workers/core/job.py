@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from .errors import InvalidJob
 
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")  # \Z: "$" would let a trailing newline in
 MAX_ELEMENT_BYTES = 1_000_000
 
 

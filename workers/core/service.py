@@ -16,12 +16,13 @@ from typing import Any
 
 from flask import Flask, jsonify, request
 
+from . import openapi
 from . import storage as storage_mod
 from . import transport as transport_mod
 from memory_manager.client import MemoryClient, ReserveResult
 
 from .callbacks import CallbackClient, OutboxSender
-from .errors import ErrorType, RetryableError
+from .errors import ErrorType, InvalidJob, RetryableError, WorkerError
 from .handler import Handler
 from .http import ApiError, create_base_app, json_body, require_admin
 from .metrics import Metrics
@@ -218,6 +219,8 @@ class Service:
                 raise ApiError(409, "a job is running; try again when the worker is idle")
             try:
                 message = self._unload(which)
+            except WorkerError as exc:
+                raise _control_error(exc) from None
             finally:
                 self.gpu_lock.release()
             return jsonify({"success": True, "message": message})
@@ -229,8 +232,8 @@ class Service:
             with self.gpu_lock:
                 try:
                     message = self._load(which)
-                except RetryableError as exc:
-                    raise ApiError(409, exc.message) from None
+                except WorkerError as exc:
+                    raise _control_error(exc) from None
             return jsonify({"success": True, "message": message})
 
         @app.get("/debug/env")
@@ -240,6 +243,7 @@ class Service:
                             "settings_set": self.settings.is_set()})
 
         self.handler.register_routes(app, self)
+        openapi.serve(app, lambda: openapi.worker_document(self.handler.kind))
         return app
 
     def _handler_status(self) -> dict[str, Any]:
@@ -250,8 +254,23 @@ class Service:
             return {"error": "status unavailable"}
 
 
+def _control_error(exc: WorkerError) -> ApiError:
+    """A handler's typed error on /memory/load|unload: bad ``which`` 400, no memory now 409, else 503."""
+    if isinstance(exc, InvalidJob):
+        return ApiError(400, exc.message)
+    if isinstance(exc, RetryableError):
+        return ApiError(409, exc.message)
+    return ApiError(503, exc.message)
+
+
 def _which() -> str:
-    which = request.args.get("which") or json_body(optional=True).get("which") or "all"
+    """``which`` from the query string, else the JSON body; absent (or null / "") means ``all``. A value of
+    another type is a 400, never read as ``all`` (``{"which": []}`` must not unload everything)."""
+    which = request.args.get("which")
+    if which is None:
+        which = json_body(optional=True).get("which")
+    if which is None or which == "":
+        return "all"
     if not isinstance(which, str):
         raise ApiError(400, "'which' must be a string")
     return which

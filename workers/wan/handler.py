@@ -9,6 +9,7 @@ import logging
 import time
 from typing import Any
 
+from workers.core.errors import InvalidJob
 from workers.core.handler import Progress, Result
 from workers.core.job import Job, Queue
 from workers.core.references import ReferenceFetcher
@@ -122,4 +123,8 @@ def job_metadata(job: Job, request: WanRequest, references: refs_mod.ReferenceOu
 
 
 def _which(which: str) -> str:
-    return "vace" if which == "vace" else "all"
+    """``vace`` (the VACE transformer only) or ``all``/``wan`` (everything); anything else is refused, so a
+    typo never unloads more than was asked."""
+    if which in ("all", "wan", "vace"):
+        return "vace" if which == "vace" else "all"
+    raise InvalidJob(f"'which' must be all, wan or vace, got {which[:32]!r}")
