@@ -119,6 +119,12 @@ def argmax_gaps(model: Any, prompts_: list[list[int]], tokens: list[list[int]]) 
     return out
 
 
+def decode_path(engine: Engine) -> str:
+    """How the engine decoded: "cuda_graphs", "static_eager" (slot cache, no graphs) or "dynamic_cache"."""
+    info = engine.stats().get("decode", {}).get(ModelName.INSTRUCT.value, {})
+    return str(info.get("path", "?")) + (f" (graph failure: {info['failure']})" if info.get("failure") else "")
+
+
 def run(ctx: Context) -> None:
     p, dev = ctx.profile, ctx.profile.device
     started = time.perf_counter()
@@ -177,7 +183,8 @@ def _measure(ctx: Context, model: Any, engine: Engine) -> None:
                                                   "prompt": p.qwen_prompt, "new": p.qwen_new})
         ctx.report.add(Row("qwen_decode_1", f"{name} decode, 1 stream ({p.qwen_prompt}+{p.qwen_new} tokens)",
                            "tok/s", baseline=round(base_rate, 1), ours=round(stream.decode_rate, 1),
-                           peak_gb=peak_gb(dev)), (">=", DECODE_TARGET) if p.full else None)
+                           peak_gb=peak_gb(dev), note=f"decode: {decode_path(engine)}"),
+                       (">=", DECODE_TARGET) if p.full else None)
     ctx.step(SECTION, "one stream", 30, one_stream)
 
     def concurrent():
@@ -192,7 +199,7 @@ def _measure(ctx: Context, model: Any, engine: Engine) -> None:
                                                   "streams": len(batch), "tokens": total})
         ctx.report.add(Row("qwen_aggregate", f"{name} {len(batch)} concurrent streams, aggregate", "tok/s",
                            baseline=round(len(batch) * p.qwen_new / base_s, 1), ours=round(total / wall, 1),
-                           peak_gb=peak, note="all submitted at once, prefill included"),
+                           peak_gb=peak, note=f"all submitted at once, prefill included; decode: {decode_path(engine)}"),
                        (">=", AGGREGATE_TARGET) if p.full else None)
     ctx.step(SECTION, "concurrent", 40, concurrent)
     _check_tokens(ctx, model, batch, got)

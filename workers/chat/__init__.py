@@ -2,7 +2,9 @@
 (CONTRACT §5, plus OpenAI-compatible routes) and the chat_queue jobs.
 
     engine.py    the generation loop thread (submit -> Future), admission between decode steps
-    batch.py     one model's running rows: left-padded KV cache, prefill/merge/step/remove
+    slot_batch.py one model's running rows as slots of a static KV cache (slots.py); decode step replayed as
+                 a CUDA graph per batch bucket (graphs.py) on CUDA
+    batch.py     the fallback: left-padded DynamicCache, prefill/merge/step/remove
     sampling.py  per-request temperature, top_p, presence/frequency penalties, seeds
     prompt.py    chat template, context cut from the oldest turns
     models.py    loading/unloading the two models

@@ -5,6 +5,10 @@ decode steps the loop admits waiting requests (prefilled together, merged into t
 model), steps every running batch once, hands new tokens to streams and completes finished requests. So
 requests join and leave a running batch continuously; no lock is held for a generation.
 
+Each model's running rows live in a ``SlotBatch`` (static slot KV cache, decode step replayed as a CUDA graph
+per batch bucket on CUDA; slot_batch.py) when ``static_cache`` is on and the model allows it, else in a
+``DecodeBatch`` (DynamicCache, eager; batch.py). A batch that cannot get its cache falls back to the latter.
+
 Why not transformers' ``ContinuousBatchingManager`` / ``generate_batch`` (5.23): its per-request processors
 cover temperature, top-p and top-k only when the shared generation config enables them; greedy-or-sample
 (``do_sample``) is global, and presence/frequency penalties and per-request seeds are not supported.
@@ -24,8 +28,10 @@ import torch
 from workers.core.errors import ErrorType, RetryableError, WorkerError
 
 from .batch import DecodeBatch, Row
-from .models import ModelName, ModelStore, ModelUnavailable
+from .models import LoadedModel, ModelName, ModelStore, ModelUnavailable
 from .sampling import SamplingParams
+from .slot_batch import SlotBatch
+from .slots import SlotCache, unsupported_reason
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +62,16 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, store: ModelStore, max_batch: int = 16, max_prefill_tokens: int = 16384):
+    def __init__(self, store: ModelStore, max_batch: int = 16, max_prefill_tokens: int = 16384,
+                 static_cache: bool = True, cuda_graphs: bool = True):
         self.store = store
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
+        self.static_cache = static_cache
+        self.cuda_graphs = cuda_graphs     # only used on CUDA, with the static cache
         self._waiting: deque[GenerationRequest] = deque()
         self._commands: deque[tuple[Callable[[], Any], Future]] = deque()
-        self._batches: dict[ModelName, DecodeBatch] = {}
+        self._batches: dict[ModelName, DecodeBatch | SlotBatch] = {}
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -113,9 +122,14 @@ class Engine:
         """Unload a model from inside the loop, failing its running requests; returns whether it was loaded."""
         return self._call(lambda: self._unload(name))
 
+    def prepare(self, name: ModelName) -> dict[str, Any]:
+        """Set up ``name``'s decode batch now (slot cache, CUDA-graph capture) instead of at its first request."""
+        return self._call(lambda: self._prepare(name))
+
     def stats(self) -> dict[str, Any]:
+        decode = {name.value: _describe(batch) for name, batch in list(self._batches.items())}
         return {"running": self.running, "max_batch": self.max_batch, "waiting": len(self._waiting),
-                "active": self._active, **self._counters}
+                "active": self._active, **self._counters, "decode": decode}
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         if not self.running:
@@ -180,9 +194,7 @@ class Engine:
         if loaded is None:
             self._fail(requests, ModelUnavailable(f"{name.value} is not loaded"))
             return
-        batch = self._batches.get(name)
-        if batch is None or batch.loaded is not loaded:
-            batch = self._batches[name] = DecodeBatch(loaded)
+        batch = self._batch(loaded)
         try:
             rows = batch.admit(requests)
         except Exception as exc:  # a failed prefill fails its requests only; the running batch is untouched
@@ -191,7 +203,43 @@ class Engine:
         self._active += len(rows)
         self._settle(batch)
 
-    def _step(self, batch: DecodeBatch) -> None:
+    def _prepare(self, name: ModelName) -> dict[str, Any]:
+        loaded = self.store.get(name)
+        if loaded is None:
+            return {"path": "not loaded"}
+        with torch.inference_mode():
+            return _describe(self._batch(loaded))
+
+    def _batch(self, loaded: LoadedModel) -> DecodeBatch | SlotBatch:
+        """The running batch of ``loaded``'s model, made (and warmed up) if there is none yet."""
+        batch = self._batches.get(loaded.name)
+        if batch is None or batch.loaded is not loaded:
+            batch = self._batches[loaded.name] = self._new_batch(loaded)
+        return batch
+
+    def _new_batch(self, loaded: LoadedModel) -> DecodeBatch | SlotBatch:
+        reason = unsupported_reason(loaded.model) if self.static_cache else "off"
+        if reason is None and loaded.device.type == "cuda":
+            need = SlotCache.bytes_needed(loaded.model.config, self.max_batch, loaded.max_context, loaded.dtype)
+            free, _ = torch.cuda.mem_get_info(loaded.device)
+            if need > 0.8 * free:
+                reason = f"its {need / 1e9:.1f} GB KV cache does not fit the {free / 1e9:.1f} GB free"
+        if reason is None:
+            try:
+                batch = SlotBatch(loaded, self.max_batch, cuda_graphs=self.cuda_graphs)
+                batch.warm_up()
+                log.info("%s decodes on the slot cache (%s)", loaded.name.value, batch.path)
+                return batch
+            except Exception as exc:  # noqa: BLE001 - the fast path must never take the worker down
+                reason = f"{type(exc).__name__} while setting it up"
+                log.warning("slot cache for %s failed", loaded.name.value, exc_info=True)
+                if loaded.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if reason != "off":
+            log.warning("%s decodes on the DynamicCache path: %s", loaded.name.value, reason)
+        return DecodeBatch(loaded)
+
+    def _step(self, batch: DecodeBatch | SlotBatch) -> None:
         if not batch.rows:
             return
         try:
@@ -205,7 +253,7 @@ class Engine:
         self._counters["largest_batch"] = max(self._counters["largest_batch"], len(batch.rows))
         self._settle(batch)
 
-    def _settle(self, batch: DecodeBatch) -> None:
+    def _settle(self, batch: DecodeBatch | SlotBatch) -> None:
         """Hand new tokens to streams; complete finished rows, drop cancelled ones."""
         done: list[Row] = []
         for row in batch.rows:
@@ -263,6 +311,10 @@ class Engine:
         self._fail(waiting, error)
         self._drop_all(error)
         self._run_commands()
+
+
+def _describe(batch: DecodeBatch | SlotBatch) -> dict[str, Any]:
+    return batch.describe() if isinstance(batch, SlotBatch) else {"path": "dynamic_cache"}
 
 
 def _as_worker_error(exc: Exception, device: torch.device) -> WorkerError:

@@ -33,7 +33,8 @@ class ChatHandler:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.store = ModelStore(settings)
-        self.engine = Engine(self.store, max_batch=settings.chat_max_batch)
+        self.engine = Engine(self.store, max_batch=settings.chat_max_batch, static_cache=settings.chat_static_cache,
+                             cuda_graphs=settings.chat_cuda_graphs)
         self.chat = ChatService(settings, self.store, self.engine)
 
     # ---------------------------------------------------------------- lifecycle
@@ -49,6 +50,9 @@ class ChatHandler:
                 self.store.load(ModelName.BASE)
         except ModelUnavailable as exc:
             raise FatalWorkerError(exc.message) from exc
+        for name in ModelName:
+            if self.store.get(name) is not None:
+                self.engine.prepare(name)   # slot cache + CUDA-graph capture now, not at the first request
 
     def close(self) -> None:
         self.engine.stop()
@@ -84,6 +88,7 @@ class ChatHandler:
                 self.store.load(name)
             except ModelUnavailable as exc:
                 raise ApiError(503, exc.message) from None
+            self.engine.prepare(name)
             done.append(f"{name.value} loaded")
         return "; ".join(done)
 

@@ -1,0 +1,209 @@
+"""One model's running sequences on the static slot cache (slots.py), decoded by a CUDA graph when it can.
+
+Rows are slots: the i-th running row owns slot i, so the running rows always fill slots ``0 .. n-1``. A new
+request is prefilled eagerly (left-padded batch, transformers ``DynamicCache``, exactly like batch.py) and
+copied into the next free slots; a finished row frees its slot and the last row moves into the hole. A decode
+step runs over the first ``b`` slots, ``b`` the batch bucket (1, 2, 4, 8, 16, ... up to the slot count) at or
+above ``n``: the padding slots are free ones, fed token 0 at position 0, their logits ignored. Attention reads
+the first ``span`` columns, ``span`` the smallest span bucket (1024, 4096, ... up to the context; from 128 when
+decoding eagerly) above every
+row's position. Each row's rotary position is its own length, so a row decodes the same tokens alone or in a
+batch, as on the DynamicCache path (up to floating-point reduction order).
+
+Sampling, penalties and seeds are per row and unchanged (sampling.py): the graph ends at the logits.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from workers.core.errors import InvalidJob
+
+from .batch import Row
+from .graphs import DecodeGraphs
+from .models import LoadedModel
+from .sampling import RowParams, new_generator, next_tokens
+from .slots import SlotCache
+
+if TYPE_CHECKING:
+    from .engine import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+FIRST_SPAN = 1024    # span buckets 1024, 4096, 16384, ... (few graphs; a short span saves little on a GPU)
+EAGER_FIRST_SPAN = 128   # without graphs shapes are free: 128, 512, 2048, ... (the CPU pays per column)
+WARM_SPANS = 1      # span buckets captured for every batch bucket at warm-up; longer ones on first use
+
+
+def buckets(limit: int, first: int, factor: int) -> list[int]:
+    """first, first*factor, ... below ``limit``, then ``limit`` itself."""
+    out, size = [], first
+    while size < limit:
+        out.append(size)
+        size *= factor
+    return out + [limit]
+
+
+def bucket(value: int, sizes: list[int]) -> int:
+    return next(size for size in sizes if size >= value)
+
+
+class SlotBatch:
+    def __init__(self, loaded: LoadedModel, slots: int, cuda_graphs: bool = True):
+        self.loaded = loaded
+        self.rows: list[Row] = []
+        model, device = loaded.model, loaded.device
+        self.slots, self.max_len = slots, loaded.max_context
+        self.cache = SlotCache(model.config, slots, self.max_len, loaded.dtype, device)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self._tokens = torch.zeros(slots, dtype=torch.long, device=device)      # token fed next; 0 in free slots
+        self._positions = torch.zeros(slots, dtype=torch.long, device=device)   # = cached tokens; 0 in free slots
+        self._counts = torch.zeros(slots, vocab, dtype=torch.float32, device=device)
+        self._columns = torch.arange(self.max_len, device=device)
+        self._lengths: list[int] = []        # host copy of _positions for the running rows
+        self._params: RowParams | None = None
+        self.batch_buckets = buckets(slots, 1, 2)
+        self.graphs = DecodeGraphs(device) if cuda_graphs and device.type == "cuda" else None
+        first_span = FIRST_SPAN if self.graphs is not None else EAGER_FIRST_SPAN
+        self.span_buckets = buckets(self.max_len, min(first_span, self.max_len), 4)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def path(self) -> str:
+        return "cuda_graphs" if self.graphs is not None and self.graphs.usable else "static_eager"
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"path": self.path, "slots": self.slots, "max_len": self.max_len,
+                                "kv_cache_gb": round(self.cache.nbytes / 1e9, 3)}
+        if self.graphs is not None:
+            info.update(self.graphs.describe())
+        return info
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Capture the decode graphs of every batch bucket at the first span bucket(s), largest first (the
+        shared memory pool then fits the smaller ones). Free slots only: the running rows are untouched."""
+        if self.graphs is None or self.rows:
+            return
+        started = time.perf_counter()
+        for span in self.span_buckets[:WARM_SPANS]:
+            for rows in reversed(self.batch_buckets):
+                if self.graphs.capture((rows, span), lambda r=rows, s=span: self._forward(r, s)) is None:
+                    return
+        log.info("chat decode graphs ready for %s: %d graphs in %.1f s", self.loaded.name.value,
+                 len(self.graphs.keys), time.perf_counter() - started)
+
+    @torch.inference_mode()
+    def admit(self, requests: Sequence["GenerationRequest"]) -> list[Row]:
+        """Prefill ``requests`` as one left-padded batch, copy them into free slots, choose their first token."""
+        device, first, n = self.loaded.device, len(self.rows), len(requests)
+        lengths = [len(r.prompt_ids) for r in requests]
+        if first + n > self.slots:
+            raise RuntimeError(f"{first + n} rows do not fit {self.slots} slots")
+        if max(lengths) > self.max_len:
+            raise InvalidJob(f"the prompt is longer than the model context ({self.max_len} tokens)")
+        longest = max(lengths)
+        ids = torch.zeros(n, longest, dtype=torch.long)
+        mask = torch.zeros(n, longest, dtype=torch.long)
+        for i, r in enumerate(requests):
+            ids[i, longest - lengths[i]:] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, longest - lengths[i]:] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        prefill = DynamicCache()
+        out = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=prefill,
+                                use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :]
+        rows = [Row(r, max(1, min(r.sampling.max_tokens, self.loaded.max_context - len(r.prompt_ids))),
+                    new_generator(r.sampling.seed, device)) for r in requests]
+        try:
+            self.cache.load(first, prefill.layers, lengths)
+            del prefill, out
+            self._positions[first:first + n] = torch.tensor(lengths, dtype=torch.long, device=device)
+            self._counts[first:first + n] = 0
+            params = RowParams.build([r.request.sampling for r in rows], device)
+            chosen = next_tokens(logits, self._counts[first:first + n], params, [r.generator for r in rows])
+        except Exception:
+            self._clear_free_slots()   # the rows never joined; their slots stay free
+            raise
+        self.rows.extend(rows)
+        self._lengths.extend(lengths)
+        self._params = None
+        self._accept(chosen, offset=first)
+        return rows
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One decode step for every row."""
+        n = len(self.rows)
+        rows = bucket(n, self.batch_buckets)
+        span = bucket(max(self._lengths) + 1, self.span_buckets)
+        if self.graphs is not None:
+            logits = self.graphs.run((rows, span), lambda: self._forward(rows, span))
+        else:
+            logits = self._forward(rows, span)
+        logits = logits[:n]
+        self._positions[:n] += 1
+        self._lengths = [length + 1 for length in self._lengths]
+        if self._params is None:
+            self._params = RowParams.build([r.request.sampling for r in self.rows], self.loaded.device)
+        self._accept(next_tokens(logits, self._counts[:n], self._params, [r.generator for r in self.rows]))
+
+    def _forward(self, rows: int, span: int) -> torch.Tensor:
+        """The model on one token per slot ``[0, rows)``: [rows, vocab] logits. Tensor ops on fixed buffers only
+        (this is what the CUDA graph records)."""
+        positions = self._positions[:rows]
+        mask = (self._columns[None, :span] <= positions[:, None])[:, None, None, :]   # [rows, 1, 1, span]
+        self.cache.begin(rows, span, positions)
+        out = self.loaded.model(input_ids=self._tokens[:rows, None], attention_mask={"full_attention": mask},
+                                position_ids=positions[:, None], past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1, :]
+
+    @torch.inference_mode()
+    def remove(self, rows: Sequence[Row]) -> None:
+        """Free the slots of finished or cancelled rows; the last rows move into the holes."""
+        gone = set(map(id, rows))
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        count = len(keep)
+        holes = [i for i in range(count) if id(self.rows[i]) in gone]
+        movers = [i for i in keep if i >= count]
+        if movers:
+            self.cache.move(movers, holes, max(self._lengths[i] for i in movers))
+            src = torch.tensor(movers, dtype=torch.long, device=self._tokens.device)
+            dst = torch.tensor(holes, dtype=torch.long, device=self._tokens.device)
+            for buffer in (self._tokens, self._positions, self._counts):
+                buffer[dst] = buffer[src]
+            for hole, mover in zip(holes, movers):
+                self.rows[hole], self._lengths[hole] = self.rows[mover], self._lengths[mover]
+        del self.rows[count:], self._lengths[count:]
+        self._clear_free_slots()
+        self._params = None
+
+    def _clear_free_slots(self) -> None:
+        """Free slots are fed token 0 at position 0 as batch padding: keep them there."""
+        self._tokens[len(self.rows):] = 0
+        self._positions[len(self.rows):] = 0
+
+    def _accept(self, tokens: torch.Tensor, offset: int = 0) -> None:
+        """Record the chosen tokens of rows ``offset:``; a stop token ends a row without being kept."""
+        end = len(self.rows)
+        self._tokens[offset:end] = tokens
+        index = torch.arange(offset, end, device=tokens.device)
+        self._counts[index, tokens] += 1
+        stop = self.loaded.stop_ids
+        for i, token in zip(range(offset, end), tokens.tolist()):
+            row = self.rows[i]
+            if token in stop:
+                row.finish = "stop"
+                continue
+            row.tokens.append(token)
+            if len(row.tokens) >= row.limit:
+                row.finish = "length"
