@@ -225,9 +225,15 @@ def _check_tokens(ctx: Context, model: Any, batch: list[list[int]], got: dict[st
             continue
         gaps = argmax_gaps(model, prompts_, got[key] if key == "batch" else [got[key]])
         worst = max(g["max_relative_gap"] for g in gaps)
+        # The noise floor: how far transformers' own generate() tokens sit from the same teacher-forced
+        # reference (incremental bf16 decoding vs one full-sequence forward).
+        base = argmax_gaps(model, prompts_, got[f"base_{key}"] if key == "batch" else [got["base_alone"]])
+        floor = max(g["max_relative_gap"] for g in base)
         ctx.report.detail(SECTION, f"argmax_gaps_{key}", gaps)
+        ctx.report.detail(SECTION, f"argmax_gaps_generate_{key}", base)
         ctx.report.check(f"Qwen ours' tokens = reference argmax within bf16 ({len(prompts_)} stream(s))",
-                         worst <= BF16_TOLERANCE,
-                         f"worst gap {worst:.1e} of the logit scale; positions not argmax "
-                         f"{sum(g['positions_not_argmax'] for g in gaps)}/{len(prompts_) * new}")
+                         worst <= max(BF16_TOLERANCE, 1.5 * floor),
+                         f"worst gap {worst:.1e} of the logit scale (generate()'s own: {floor:.1e}); positions "
+                         f"not argmax {sum(g['positions_not_argmax'] for g in gaps)}/{len(prompts_) * new} "
+                         f"(generate()'s own: {sum(g['positions_not_argmax'] for g in base)})")
     sync(ctx.profile.device)

@@ -160,3 +160,14 @@ def test_the_setting_switches_the_worker_path(wan_settings, models):
 def test_vace_jobs_keep_the_diffusers_vace_pipeline(handler, models, media):
     handler.run(make_job(config={"first_frame": media.at("/frame.png")}), no_progress)
     assert models.last["pipeline"] == "WanVACEPipeline" and models.last["batched_cfg"] is False
+
+
+def test_batched_cfg_only_where_the_transformer_is_launch_bound():
+    from workers.wan.pipeline import BATCHED_CFG_MAX_TOKENS, GenerationSpec, latent_tokens
+
+    def spec(frames, width=832, height=480):
+        return GenerationSpec("p", "", width, height, frames, 25, 6.5, 0)
+
+    assert latent_tokens(spec(1)) == 1560 and latent_tokens(spec(81)) == 32760
+    assert latent_tokens(spec(1)) <= BATCHED_CFG_MAX_TOKENS < latent_tokens(spec(81))
+    assert latent_tokens(spec(17)) <= BATCHED_CFG_MAX_TOKENS  # short clips still batch

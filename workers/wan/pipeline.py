@@ -205,7 +205,8 @@ class WanModels:
         pipe = type(base)(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
                           scheduler=scheduler, transformer=base.transformer)
         pipe.set_progress_bar_config(disable=not self.progress_bar, desc="denoising")
-        if not vace and self.batched_cfg and BatchedCfgSampler.supports(pipe):
+        if not vace and self.batched_cfg and latent_tokens(spec) <= BATCHED_CFG_MAX_TOKENS \
+                and BatchedCfgSampler.supports(pipe):
             return BatchedCfgSampler(pipe)
         return pipe
 
@@ -233,6 +234,17 @@ class WanModels:
             log.error("%s model failed to load: %s", what, type(exc).__name__)
             log.debug("load failure detail", exc_info=True)
             raise FatalWorkerError(f"{what} model could not be loaded ({type(exc).__name__})") from None
+
+
+# Batched CFG pays where the transformer is launch-bound: one 832×480 frame (1,560 tokens) went from 2.60 s to
+# 1.17 s on an H100; at 81 frames (32,760 tokens) the step is compute-bound (1.30 s either way) and the
+# batch-2 kernels only add bf16 drift (2e-2 relative against two passes). bench/RESULTS.md, run 2.
+BATCHED_CFG_MAX_TOKENS = 8192
+
+
+def latent_tokens(spec: GenerationSpec) -> int:
+    """Transformer sequence length of a job: latent frames × (H/16) × (W/16) (VAE ×8/×4, patch 1×2×2)."""
+    return ((spec.num_frames - 1) // 4 + 1) * (spec.height // 16) * (spec.width // 16)
 
 
 def to_uint8(frames: Any) -> np.ndarray:
