@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from tests.refserver import ReferenceServer, png_bytes
+from tests.refserver import ReferenceServer
 from workers.core.references import ReferenceFailure, ReferenceFetcher, blocked_reason, check_url
 from workers.core.settings import Settings
 
