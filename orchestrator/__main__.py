@@ -89,7 +89,7 @@ def run(settings: Settings, fleet: FleetSettings, env: Mapping[str, str]) -> int
         specs, Backoff(fleet.backoff_base_seconds, fleet.backoff_max_seconds, fleet.max_quick_failures,
                        fleet.stable_seconds),
         stop_grace=fleet.stop_grace_seconds, kill_after=fleet.kill_after_seconds,
-        health_interval=fleet.health_interval_seconds,
+        health_interval=fleet.health_interval_seconds, unhealthy_restart_checks=fleet.unhealthy_restart_checks,
         on_running=lambda program: registrations.on_running(program.name), on_stop=registrations.stop)
 
     def on_signal(signum: int, frame: object) -> None:

@@ -43,6 +43,7 @@ class FleetSettings:
     max_quick_failures: int = 5
     stable_seconds: float = 60.0
     health_interval_seconds: float = 10.0
+    unhealthy_restart_checks: int = 6  # failed /health checks in a row before a RUNNING program is restarted
     commands: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     python: str = "python3"
     # Logs
@@ -83,6 +84,7 @@ class FleetSettings:
             max_quick_failures=int(r.number("FLEET_MAX_QUICK_FAILURES", 5, 1, 1000)),
             stable_seconds=r.number("FLEET_STABLE_SECONDS", 60.0, 0, 86400),
             health_interval_seconds=r.number("FLEET_HEALTH_INTERVAL_SECONDS", 10.0, 0.05, 3600),
+            unhealthy_restart_checks=int(r.number("FLEET_UNHEALTHY_RESTART_CHECKS", 6, 0, 100000)),
             commands={name: _command(r, name) for name in PROGRAM_ORDER if r.raw(_command_variable(name))},
             python=python,
             log_dir=r.path("LOG_DIR") or Path("var/log"),

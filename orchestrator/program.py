@@ -8,7 +8,13 @@ States (DESIGN style 9)::
                       BACKOFF <────────────────────┘   (a quick failure; too many in a row → FATAL)
                         │ delay over ──> STARTING
     STARTING, RUNNING ──shutdown──> STOPPING ──process gone──> EXITED
+    RUNNING ──N failed /health checks in a row──> STOPPING ──process gone──> BACKOFF (or FATAL)
     BACKOFF ──shutdown──> EXITED
+
+A health restart (RUNNING → STOPPING, reason "unhealthy: ...") stops the process like a shutdown does
+(SIGTERM, grace, cold stop, SIGKILL; see orchestrator.supervisor); its end counts like a crash: a quick
+failure unless the run lasted ``Backoff.stable_seconds``. Outside a shutdown, STOPPING is always a health
+restart; during a shutdown, a program already STOPPING just goes on stopping and ends EXITED.
 
 A command that cannot be executed at all goes from EXITED or BACKOFF straight to FATAL.
 FATAL is final: the program is not restarted again (the others keep running) until the orchestrator restarts.
@@ -51,7 +57,7 @@ _TRANSITIONS: dict[ProgramState, frozenset[ProgramState]] = {
     _S.STARTING: frozenset({_S.RUNNING, _S.BACKOFF, _S.FATAL, _S.STOPPING}),
     _S.RUNNING: frozenset({_S.BACKOFF, _S.FATAL, _S.STOPPING}),
     _S.BACKOFF: frozenset({_S.STARTING, _S.EXITED, _S.FATAL}),
-    _S.STOPPING: frozenset({_S.EXITED}),
+    _S.STOPPING: frozenset({_S.EXITED, _S.BACKOFF, _S.FATAL}),  # BACKOFF/FATAL: the end of a health restart
     _S.FATAL: frozenset(),
 }
 
@@ -110,6 +116,7 @@ class Program:
         self.last_exit: int | None = None        # exit status (negative = killed by that signal)
         self.health: str = "unknown"             # "ok", "unavailable (503)", "no answer", ...
         self.health_checked_at: float | None = None
+        self.failed_checks = 0                   # RUNNING: consecutive failed /health checks
         self.reason: str = ""                    # why the last transition happened
 
     @property
@@ -135,14 +142,26 @@ class Program:
         self.running_since = None
         self.retry_at = None
         self.health = "unknown"
+        self.failed_checks = 0
 
     def serving(self) -> None:
         assert self.started_at is not None
         self.become(ProgramState.RUNNING, f"/health 200 after {self._clock() - self.started_at:.1f} s")
         self.running_since = self._clock()
 
+    def checked(self, ok: bool, detail: str, now: float) -> None:
+        """Record a /health check; while RUNNING, count the failed ones in a row."""
+        self.health = detail
+        self.health_checked_at = now
+        if self.state is ProgramState.RUNNING:
+            self.failed_checks = 0 if ok else self.failed_checks + 1
+
+    def restarting(self, why: str) -> None:
+        """RUNNING → STOPPING for a health restart (the run time still counts when the process is gone)."""
+        self.become(ProgramState.STOPPING, f"unhealthy: {why}; restarting")
+
     def failed(self, why: str, policy: Backoff) -> None:
-        """The process died or never became healthy: BACKOFF with the next delay, or FATAL."""
+        """The process died, never became healthy, or ended its health restart: BACKOFF, or FATAL."""
         now = self._clock()
         if self.running_since is not None and now - self.running_since >= policy.stable_seconds:
             self.quick_failures = 0
@@ -174,6 +193,7 @@ class Program:
             "restarts": self.restarts,
             "quick_failures": self.quick_failures,
             "health": self.health,
+            "failed_checks": self.failed_checks,
             "last_exit": self.last_exit,
             "reason": self.reason,
             "state_seconds": round(now - self.state_since, 1),

@@ -68,7 +68,7 @@ def render(status: dict[str, Any]) -> str:
     lines.append(f"orchestrator up {_duration(status.get('uptime_seconds'))}"
                  + (", stopping" if status.get("stopping") else ""))
     for p in status.get("programs", []):
-        if p["state"] in ("FATAL", "BACKOFF") and p.get("reason"):
+        if p["state"] in ("FATAL", "BACKOFF", "STOPPING") and p.get("reason"):
             lines.append(f"{p['name']}: {p['reason']}")
     return "\n".join(lines)
 

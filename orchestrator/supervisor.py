@@ -15,6 +15,13 @@ most the grace). Then a cold stop for what is left: a second SIGTERM to the lead
 process group (gunicorn's master ignores signals while it stops, but its worker process takes SIGINT as
 "quit now": the model worker hands its job back); wait ``kill_after``; then SIGKILL of each remaining process
 group. Another stop request during the wait cuts the grace period short.
+
+Health restart: every ``health_interval`` a RUNNING program's ``/health`` is checked (a STARTING one is only
+checked against its start timeout, so a loading worker's 503 never counts). After ``unhealthy_restart_checks``
+failed checks in a row (no answer, or not 200; 0 = never), the program is stopped the same way, without
+blocking the loop (the others stay supervised): SIGTERM to the leader (a worker hands its job back), after
+``stop_grace`` the cold stop, after ``kill_after`` more SIGKILL of the group; once it is gone it takes the
+normal BACKOFF path (a quick failure only if its run was short, as for a crash).
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ def describe_exit(code: int) -> str:
 
 class Supervisor:
     def __init__(self, specs: Sequence[ProgramSpec], policy: Backoff, *, stop_grace: float,
-                 kill_after: float, health_interval: float,
+                 kill_after: float, health_interval: float, unhealthy_restart_checks: int = 6,
                  health_check: Callable[[str], Health] = check_health,
                  on_running: Callable[[Program], None] = lambda program: None,
                  on_stop: Callable[[], None] = lambda: None,
@@ -55,12 +62,14 @@ class Supervisor:
         self.stop_grace = stop_grace
         self.kill_after = kill_after
         self.health_interval = health_interval
+        self.unhealthy_restart_checks = unhealthy_restart_checks
         self._health_check = health_check
         self._on_running = on_running
         self._on_stop = on_stop
         self._clock = clock
         self._tick = tick
         self._children: dict[str, Child] = {}
+        self._cold_stopped: set[str] = set()  # health restarts that already got the cold stop
         self._launched = 0
         self._stop_requests = 0
         self._wake = threading.Event()
@@ -95,13 +104,16 @@ class Supervisor:
             if child is not None and program.state.has_process:
                 code = child.poll()
                 if code is not None:
+                    restarted = program.state is ProgramState.STOPPING  # outside shutdown: a health restart
                     self._reap(program, child, code)
-                    program.failed(describe_exit(code), self.policy)
+                    program.failed(("health restart: " if restarted else "") + describe_exit(code), self.policy)
                     continue
             if program.state is ProgramState.STARTING:
                 self._check_starting(program, now)
             elif program.state is ProgramState.RUNNING:
                 self._check_running(program, now)
+            elif program.state is ProgramState.STOPPING:
+                self._escalate_restart(program, now)
             elif program.state is ProgramState.BACKOFF and program.retry_at is not None and now >= program.retry_at:
                 self._spawn(program)
         self._launch_next()
@@ -148,17 +160,41 @@ class Supervisor:
         if health.detail != before:
             log.log(logging.INFO if health.ok else logging.WARNING, "%s: health %s (was %s)",
                     program.name, health.detail, before)
+        limit = self.unhealthy_restart_checks
+        if limit and program.failed_checks >= limit:
+            log.error("%s: /health failed %d checks in a row (every %g s, last: %s): restarting pid %s "
+                      "(SIGTERM, cold stop after %g s, SIGKILL %g s later)", program.name, program.failed_checks,
+                      self.health_interval, health.detail, program.pid, self.stop_grace, self.kill_after)
+            program.restarting(f"{program.failed_checks} failed /health checks in a row (last: {health.detail})")
+            self._children[program.name].signal(signal.SIGTERM)
+
+    def _escalate_restart(self, program: Program, now: float) -> None:
+        """A health restart whose process is still alive: cold stop after the grace, then SIGKILL."""
+        child = self._children[program.name]
+        stopping_for = now - program.state_since
+        if stopping_for >= self.stop_grace + self.kill_after:
+            log.error("%s: still running %g s after the cold stop: SIGKILL to its process group",
+                      program.name, self.kill_after)
+            child.kill_group()
+            code = child.poll()
+            self._reap(program, child, code)
+            program.failed("health restart: " + (describe_exit(code) if code is not None else "killed"), self.policy)
+        elif stopping_for >= self.stop_grace and program.name not in self._cold_stopped:
+            log.warning("%s: grace period over; cold stop (second SIGTERM, SIGINT to the group)", program.name)
+            self._cold_stopped.add(program.name)
+            child.signal(signal.SIGTERM)
+            child.signal_group(signal.SIGINT)
 
     def _probe(self, program: Program, now: float) -> Health:
         health = self._health_check(program.spec.health_url)
-        program.health = health.detail
-        program.health_checked_at = now
+        program.checked(health.ok, health.detail, now)
         return health
 
     def _reap(self, program: Program, child: Child, code: int | None) -> None:
         child.kill_group()  # whatever the leader left behind in its group
         program.last_exit = code
         self._children.pop(program.name, None)
+        self._cold_stopped.discard(program.name)
 
     # ---------------------------------------------------------------- shutdown
     def shutdown(self) -> ExitCode:
@@ -172,6 +208,8 @@ class Supervisor:
             for program in members:
                 if program.state is ProgramState.BACKOFF:
                     program.gone("stopped during backoff")
+                elif program.state is ProgramState.STOPPING:
+                    pass  # a health restart under way: its SIGTERM is sent, it now ends EXITED
                 elif program.state.has_process and program.name in self._children:
                     program.become(ProgramState.STOPPING, "SIGTERM (warm stop)")
                     self._children[program.name].signal(signal.SIGTERM)

@@ -57,6 +57,7 @@ def base_env(ports: dict[str, int], log_dir: Path, **extra: str) -> dict[str, st
         "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "LOG_DIR": str(log_dir), "MEMORY_PROBE": "capacity", "MEMORY_CAPACITY_GB": "80", "DEVICE": "cpu",
         "FLEET_BACKOFF_BASE_SECONDS": "0.2", "FLEET_BACKOFF_MAX_SECONDS": "2", "FLEET_HEALTH_INTERVAL_SECONDS": "1",
+        "FLEET_UNHEALTHY_RESTART_CHECKS": "60",  # a 2-core CI box can be slow to answer /health under load
         "FLEET_STOP_GRACE_SECONDS": "5", "FLEET_KILL_AFTER_SECONDS": "5", "FLEET_MAX_QUICK_FAILURES": "10",
         "WORKER_HEARTBEAT_TTL_SECONDS": "3", "QUEUE_POLL_MIN_SECONDS": "0.05", "QUEUE_POLL_MAX_SECONDS": "0.5",
         "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",

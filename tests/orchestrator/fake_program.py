@@ -2,12 +2,16 @@
 
     python fake_program.py --name sdxl --port 7859 [--ready-after 0.3] [--exit-at-once 3]
                            [--ignore-term] [--events FILE] [--child]
+                           [--unhealthy-when MARKER [--unhealthy-mode 503|hang]]
 
 Each event is appended to FILE as one JSON line: {"name", "event", "pid", "t"} with event in
 started / ready / sigterm / sigint / cold / exiting. SIGTERM = warm stop: exit after ``--term-delay`` (or
 ``--warm-seconds``, a long job); a second SIGTERM or SIGINT = cold stop: exit now. ``--ignore-term`` records
 SIGTERM and SIGINT but keeps running (so the orchestrator must SIGKILL it); ``--child`` also spawns a
 grandchild (sleep) in the same process group, to check that nothing is left behind.
+``--unhealthy-when MARKER``: once the file MARKER exists, the process deletes it (so its replacement starts
+healthy), records "unhealthy" and from then on answers /health with 503 (``--unhealthy-mode 503``) or never
+answers it (``hang``: the request hangs, as in a wedged server) while the process stays alive.
 Standard library only: it starts in ~50 ms.
 """
 import argparse
@@ -32,6 +36,8 @@ def main() -> int:
     parser.add_argument("--warm-seconds", type=float, default=0.0)
     parser.add_argument("--events", default=os.environ.get("FAKE_EVENTS"))
     parser.add_argument("--child", action="store_true")
+    parser.add_argument("--unhealthy-when", default=None)
+    parser.add_argument("--unhealthy-mode", choices=("503", "hang"), default="503")
     args = parser.parse_args()
 
     def record(event: str, **extra) -> None:
@@ -51,9 +57,29 @@ def main() -> int:
         record("grandchild", grandchild=grandchild.pid)
     ready_at = time.monotonic() + args.ready_after
     announced = threading.Event()
+    sick = threading.Event()
+    sick_lock = threading.Lock()
+
+    def unhealthy() -> bool:
+        with sick_lock:
+            if not sick.is_set() and args.unhealthy_when and os.path.exists(args.unhealthy_when):
+                os.unlink(args.unhealthy_when)
+                sick.set()
+                record("unhealthy", mode=args.unhealthy_mode)
+        return sick.is_set()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
+            if unhealthy():
+                if args.unhealthy_mode == "hang":
+                    threading.Event().wait()  # never answers (a daemon thread: exiting ends it)
+                body = json.dumps({"status": "unhealthy", "name": args.name}).encode()
+                self.send_response(503)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
             ready = time.monotonic() >= ready_at
             if ready and not announced.is_set():
                 announced.set()

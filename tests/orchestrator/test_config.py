@@ -19,6 +19,8 @@ def test_defaults() -> None:
     assert fleet.programs == ("memory_manager", "router", "sdxl", "chat", "wan")
     assert dict(fleet.ports) == {"memory_manager": 7870, "router": 7860, "sdxl": 7859, "chat": 7861, "wan": 7862}
     assert fleet.status_port == 7871 and fleet.gpu_count is None and fleet.start_timeouts["wan"] == 900
+    assert fleet.unhealthy_restart_checks == 6
+    assert FleetSettings.from_env({"FLEET_UNHEALTHY_RESTART_CHECKS": "0"}).unhealthy_restart_checks == 0
 
 
 def test_parsing() -> None:
@@ -40,6 +42,7 @@ def test_parsing() -> None:
     ({"ORCHESTRATOR_STATUS_PORT": "7860"}, "ORCHESTRATOR_STATUS_PORT"),
     ({"FLEET_COMMAND_CHAT": "'unclosed"}, "FLEET_COMMAND_CHAT"),
     ({"FLEET_BACKOFF_BASE_SECONDS": "100", "FLEET_BACKOFF_MAX_SECONDS": "10"}, "FLEET_BACKOFF"),
+    ({"FLEET_UNHEALTHY_RESTART_CHECKS": "-1"}, "FLEET_UNHEALTHY_RESTART_CHECKS"),
 ])
 def test_bad_values_name_the_variable(env: dict, named: str) -> None:
     with pytest.raises(ConfigError, match=named):

@@ -173,3 +173,71 @@ def test_second_stop_request_skips_the_grace_period(running, events: Path) -> No
     run.supervisor.request_stop()
     run.thread.join(10)
     assert run.code is ExitCode.KILLED_CHILDREN and time.monotonic() - began < 5
+
+
+def test_unhealthy_running_program_is_restarted_and_the_others_keep_running(running, events: Path,
+                                                                             tmp_path: Path) -> None:
+    marker = tmp_path / "sdxl-sick"
+    # 503 "loading" for 0.6 s while STARTING (probed every 0.25 s): never counts toward the restart
+    run = running([spec("sdxl", events, "--ready-after", "0.6", "--unhealthy-when", str(marker)),
+                   spec("chat", events)], health_interval=0.05, unhealthy_restart_checks=3)
+    wait_for(lambda: run.state("chat") is ProgramState.RUNNING, what="chat RUNNING")
+    sdxl, chat = run.program("sdxl"), run.program("chat")
+    time.sleep(0.3)  # a few healthy RUNNING checks
+    assert (sdxl.restarts, sdxl.failed_checks, sdxl.state) == (0, 0, ProgramState.RUNNING)
+    first_pid, chat_pid = sdxl.pid, chat.pid
+    marker.touch()
+    wait_for(lambda: sdxl.restarts == 1 and sdxl.state is ProgramState.RUNNING, what="sdxl restarted")
+    assert sdxl.pid != first_pid and not alive(first_pid)
+    assert sdxl.last_exit == 0 and sdxl.quick_failures == 1  # a warm stop; a short run counts as quick
+    assert requests.get(sdxl.spec.health_url, timeout=2).status_code == 200
+    log = [(e["name"], e["event"], e["pid"]) for e in read_events(events)]
+    assert ("sdxl", "unhealthy", first_pid) in log and ("sdxl", "sigterm", first_pid) in log
+    assert ("sdxl", "exiting", first_pid) in log and ("sdxl", "sigint", first_pid) not in log
+    assert (chat.pid, chat.restarts, chat.state) == (chat_pid, 0, ProgramState.RUNNING)
+    assert run.stop() is ExitCode.OK
+
+
+def test_hung_program_that_ignores_sigterm_is_cold_stopped_then_killed_and_restarted(running, events: Path,
+                                                                                      tmp_path: Path) -> None:
+    marker = tmp_path / "chat-hung"
+    run = running([spec("chat", events, "--ignore-term", "--unhealthy-when", str(marker),
+                        "--unhealthy-mode", "hang")],
+                  health_interval=0.05, unhealthy_restart_checks=1, stop_grace=0.3, kill_after=0.3)
+    chat = run.program("chat")
+    wait_for(lambda: chat.state is ProgramState.RUNNING, what="chat RUNNING")
+    first_pid = chat.pid
+    marker.touch()
+    wait_for(lambda: chat.state is ProgramState.STOPPING, timeout=5, what="chat STOPPING")
+    assert chat.health == "no answer" and "unhealthy: 1 failed /health checks" in chat.reason
+    wait_for(lambda: chat.restarts == 1 and chat.state is ProgramState.RUNNING, what="chat restarted")
+    assert chat.last_exit == -signal.SIGKILL and not alive(first_pid)
+    events_of_first = [e["event"] for e in read_events(events) if e["pid"] == first_pid]
+    assert events_of_first.count("sigterm") == 2 and "sigint" in events_of_first  # warm, then cold stop
+    run.stop()
+
+
+def test_shutdown_during_a_health_restart_ends_it_exited(running, events: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "wan-sick"
+    run = running([spec("wan", events, "--warm-seconds", "0.5", "--unhealthy-when", str(marker))],
+                  health_interval=0.05, unhealthy_restart_checks=2)
+    wan = run.program("wan")
+    wait_for(lambda: wan.state is ProgramState.RUNNING, what="wan RUNNING")
+    marker.touch()
+    wait_for(lambda: wan.state is ProgramState.STOPPING, what="wan STOPPING")
+    assert run.stop() is ExitCode.OK
+    assert wan.state is ProgramState.EXITED and wan.restarts == 0 and wan.last_exit == 0
+
+
+def test_unhealthy_restart_disabled_with_zero(running, events: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "sdxl-sick"
+    run = running([spec("sdxl", events, "--unhealthy-when", str(marker))],
+                  health_interval=0.05, unhealthy_restart_checks=0)
+    sdxl = run.program("sdxl")
+    wait_for(lambda: sdxl.state is ProgramState.RUNNING, what="sdxl RUNNING")
+    first_pid = sdxl.pid
+    marker.touch()
+    wait_for(lambda: sdxl.failed_checks >= 20, what="20 failed checks")
+    assert (sdxl.pid, sdxl.restarts, sdxl.state) == (first_pid, 0, ProgramState.RUNNING)
+    assert sdxl.health == "unavailable (503)" and run.supervisor.status()["programs"][0]["failed_checks"] >= 20
+    assert run.stop() is ExitCode.OK

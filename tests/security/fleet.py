@@ -115,7 +115,7 @@ class Fleet:
             "REFERENCE_TIMEOUT_SECONDS": "5", "CHAT_MAX_CONTEXT_TOKENS": "1024", "ROUTER_MAX_BODY_MB": "2",
             "CALLBACK_RETRY_SECONDS": "20", "FLEET_STOP_GRACE_SECONDS": "20", "WAN_ENHANCE_TIMEOUT_SECONDS": "20",
             "HF_HUB_OFFLINE": "1", "QUEUE_POLL_MIN_SECONDS": "0.05", "QUEUE_POLL_MAX_SECONDS": "0.3",
-            "FLEET_HEALTH_INTERVAL_SECONDS": "2", "TMPDIR": str(workdir / "tmp"),
+            "FLEET_HEALTH_INTERVAL_SECONDS": "2", "FLEET_UNHEALTHY_RESTART_CHECKS": "30", "TMPDIR": str(workdir / "tmp"),
         })
         (workdir / "tmp").mkdir(exist_ok=True)
         if upstash is not None:
