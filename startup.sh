@@ -6,7 +6,8 @@
 #   ./startup.sh --check    the same, without exec (exit 0 when everything needed is set)
 #
 # Variables: PYTHON (default python3), FLEET_BASE_DIR (default /workspace/fleet when /workspace is writable,
-# else ./var) holding hf/ (HF_HOME), tmp/ (TMPDIR) and logs/ (LOG_DIR) unless those are set already.
+# else ./var) holding hf/ (HF_HOME), tmp/ (TMPDIR), logs/ (LOG_DIR) and inductor/ (TORCHINDUCTOR_CACHE_DIR)
+# unless those are set already.
 # It never prints a secret's value, only variable names.
 set -euo pipefail
 
@@ -89,8 +90,10 @@ export FLEET_BASE_DIR
 export HF_HOME="${HF_HOME:-$FLEET_BASE_DIR/hf}"
 export TMPDIR="${TMPDIR:-$FLEET_BASE_DIR/tmp}"
 export LOG_DIR="${LOG_DIR:-$FLEET_BASE_DIR/logs}"
-mkdir -p "$HF_HOME" "$TMPDIR" "$LOG_DIR"
-say "directories: HF_HOME=$HF_HOME TMPDIR=$TMPDIR LOG_DIR=$LOG_DIR"
+# torch.compile's kernels survive restarts here (TORCH_COMPILE=true costs minutes per shape the first time).
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$FLEET_BASE_DIR/inductor}"
+mkdir -p "$HF_HOME" "$TMPDIR" "$LOG_DIR" "$TORCHINDUCTOR_CACHE_DIR"
+say "directories: HF_HOME=$HF_HOME TMPDIR=$TMPDIR LOG_DIR=$LOG_DIR TORCHINDUCTOR_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR"
 
 # --- machine report -------------------------------------------------------------------------------------
 if command -v nvidia-smi >/dev/null 2>&1; then
