@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from workers.chat.engine import Engine, GenerationRequest
-from workers.chat.models import LoadedModel, ModelName
+from workers.chat.models import LoadedModel, ModelName, SingleModel
 from workers.chat.sampling import SamplingParams
 
 from . import models
@@ -28,17 +28,6 @@ SECTION = "chat"
 DECODE_TARGET, AGGREGATE_TARGET, TTFT_TARGET = 140.0, 1000.0, 0.150
 
 
-@dataclass
-class OneModel:
-    """The part of ``ModelStore`` the engine reads, over an already built model."""
-
-    loaded: LoadedModel
-
-    def get(self, name: ModelName) -> LoadedModel | None:
-        return self.loaded if name is self.loaded.name else None
-
-    def unload(self, name: ModelName) -> bool:
-        return False
 
 
 @dataclass
@@ -136,7 +125,7 @@ def run(ctx: Context) -> None:
     ctx.report.detail(SECTION, "parameters_m", round(models.parameters(model) / 1e6, 1))
     ctx.report.detail(SECTION, "resident_gb", resident_gb(dev))
     loaded = LoadedModel(ModelName.INSTRUCT, model, tokenizer, dev, frozenset(), 8192)
-    engine = Engine(OneModel(loaded), max_batch=max(16, p.qwen_streams))
+    engine = Engine(SingleModel(loaded), max_batch=max(16, p.qwen_streams))
     engine.start()
     try:
         _measure(ctx, model, engine)

@@ -10,6 +10,7 @@ import redis
 from workers.local.redis_server import RedisServer
 from workers.local.supabase_standin import SupabaseStandin
 from workers.local.upstash_front import UpstashFront
+from workers.demo_models import build as build_demo_models
 
 UPSTASH_TEST_TOKEN = "test-upstash-token"
 SUPABASE_TEST_SERVICE_KEY = "test-service-key"
@@ -46,3 +47,9 @@ def supabase_standin() -> Iterator[SupabaseStandin]:
     standin = SupabaseStandin(SUPABASE_TEST_SERVICE_KEY, SUPABASE_TEST_CALLBACK_SECRET)
     yield standin
     standin.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory) -> dict:
+    """The tiny demo models (every family), built once per test session: ``workers.demo_models.build``."""
+    return build_demo_models(tmp_path_factory.mktemp("demo-models"))

@@ -21,7 +21,6 @@ from workers.core.http import create_base_app
 from workers.core.job import Job, decode
 from workers.core.metrics import Metrics
 from workers.core.settings import Secret, Settings
-from workers.demo_models import build
 from workers.local.net import BackgroundServer
 
 WAN_KEY = "test-wan-key"
@@ -82,13 +81,8 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def qwen_models(tmp_path_factory) -> dict[str, Path]:
-    return build(tmp_path_factory.mktemp("qwen-demo-models"), {"qwen"})
-
-
-@pytest.fixture(scope="session")
-def settings(qwen_models) -> Settings:
-    return chat_settings(qwen_models)
+def settings(demo_models) -> Settings:
+    return chat_settings(demo_models)
 
 
 @pytest.fixture(scope="session")
@@ -107,12 +101,12 @@ def served(handler, settings) -> Iterator[Served]:
 
 
 @pytest.fixture
-def fresh_handler(qwen_models) -> Iterator[Any]:
+def fresh_handler(demo_models) -> Iterator[Any]:
     """A separate handler (its own engine and models), for tests that unload or reconfigure."""
     made: list[ChatHandler] = []
 
     def make(**overrides: Any) -> ChatHandler:
-        handler = create_handler(chat_settings(qwen_models, **overrides))
+        handler = create_handler(chat_settings(demo_models, **overrides))
         handler.setup()
         made.append(handler)
         return handler

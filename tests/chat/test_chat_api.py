@@ -137,7 +137,7 @@ def test_other_routes_bad_input(served):
     assert served.post("/enhance", {"prompt": "  "}).json()["error"].startswith("prompt")
 
 
-def test_auth(served, qwen_models, handler):
+def test_auth(served, demo_models, handler):
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     for key in (WAN_KEY, CHAT_KEY):
         assert served.post("/chat", body, headers={"Authorization": f"Bearer {key}"}).status_code == 200
@@ -149,7 +149,7 @@ def test_auth(served, qwen_models, handler):
     refused = served.post("/chat", body, headers=None).json()
     assert refused == {"success": False, "error": "missing or invalid API key"}
 
-    anonymous = Served(handler, chat_settings(qwen_models, allow_anonymous=True))
+    anonymous = Served(handler, chat_settings(demo_models, allow_anonymous=True))
     try:
         assert anonymous.post("/chat", body, headers=None).status_code == 200
         assert anonymous.post("/chat", body, headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -157,13 +157,13 @@ def test_auth(served, qwen_models, handler):
         anonymous.stop()
 
 
-def test_worker_info_and_debug_model_show_no_paths_or_secrets(served, qwen_models):
+def test_worker_info_and_debug_model_show_no_paths_or_secrets(served, demo_models):
     for path in ("/worker/info", "/debug/model"):
         body = served.get(path).json()
         text = json.dumps(body)
         assert body["success"] is True and body["models"]["qwen_instruct"]["loaded"] is True
         assert "POST /chat" in body["endpoints"] and "continuous_batching" in body["capabilities"]
-        assert str(qwen_models["qwen_instruct"].parent) not in text and "/tmp" not in text
+        assert str(demo_models["qwen_instruct"].parent) not in text and "/tmp" not in text
         assert WAN_KEY not in text and CHAT_KEY not in text
     detail = served.get("/debug/model").json()["models"]["qwen_instruct"]
     assert detail["dtype"] == "float32" and detail["device"] == "cpu" and detail["parameters"] > 0
@@ -177,9 +177,9 @@ def test_base_model_loads_on_first_use(served, handler):
     assert handler.status()["models"]["qwen_base"]["loaded"] is True
 
 
-def test_no_model_is_503(fresh_handler, qwen_models):
+def test_no_model_is_503(fresh_handler, demo_models):
     handler = fresh_handler(qwen_base_path=None)
-    served = Served(handler, chat_settings(qwen_models))
+    served = Served(handler, chat_settings(demo_models))
     try:
         assert "qwen_instruct unloaded" in handler.unload("all")
         response = served.post("/chat", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})

@@ -13,7 +13,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from workers.chat.engine import Engine, GenerationRequest  # noqa: E402
-from workers.chat.models import LoadedModel, ModelName  # noqa: E402
+from workers.chat.models import LoadedModel, ModelName, SingleModel  # noqa: E402
 from workers.chat.sampling import SamplingParams  # noqa: E402
 
 QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -32,17 +31,6 @@ QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, n
 PROMPT, NEW, N = 512, 256, 16
 
 
-@dataclass
-class OneModel:
-    """The part of ModelStore the engine reads."""
-
-    loaded: LoadedModel
-
-    def get(self, name: ModelName) -> LoadedModel | None:
-        return self.loaded if name is self.loaded.name else None
-
-    def unload(self, name: ModelName) -> bool:
-        return False
 
 
 def build(config: dict, device: torch.device) -> LoadedModel:
@@ -86,7 +74,7 @@ def sync(device: torch.device) -> None:
 def report(config: dict = QWEN25_7B, prompt: int = PROMPT, new: int = NEW, n: int = N,
            device: torch.device = torch.device("cuda")) -> dict:
     loaded = build(config, device)
-    engine = Engine(OneModel(loaded), max_batch=n)
+    engine = Engine(SingleModel(loaded), max_batch=n)
     engine.start()
     ids = prompts(config["vocab_size"], n, prompt)
     greedy = SamplingParams(temperature=0.0, max_tokens=new)

@@ -82,7 +82,7 @@ def test_top_level_bad_field_is_named(handler):
         handler.run(make_job("chat_conversation", None, messages=MESSAGES, top_p=3), progress_log()[1])
 
 
-def test_memory_control_and_status(fresh_handler, qwen_models):
+def test_memory_control_and_status(fresh_handler, demo_models):
     handler = fresh_handler()
     with pytest.raises(ApiError) as caught:
         handler.load("everything")
@@ -103,7 +103,7 @@ def test_memory_control_and_status(fresh_handler, qwen_models):
     assert unavailable.value.error_type is ErrorType.WORKER_UNAVAILABLE and unavailable.value.retryable
     assert handler.load("all") == "qwen_instruct loaded; qwen_base loaded"
     status = json.dumps(handler.status(detail=True))
-    assert str(qwen_models["qwen_instruct"]) not in status and "/tmp" not in status
+    assert str(demo_models["qwen_instruct"]) not in status and "/tmp" not in status
     assert json.loads(status)["device"] == "cpu"
 
 

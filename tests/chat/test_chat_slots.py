@@ -4,7 +4,6 @@ different times (slots freed and refilled, rows moved), batch padding to buckets
 and sampled rows with seeds and penalties. On CUDA, the CUDA-graph replay against the eager static step."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 from workers.chat.batch import DecodeBatch
 from workers.chat.engine import Engine, GenerationRequest
-from workers.chat.models import LoadedModel, ModelName, load_model
+from workers.chat.models import LoadedModel, ModelName, SingleModel, load_model
 from workers.chat.sampling import SamplingParams
 from workers.chat.slot_batch import SlotBatch, bucket, buckets
 from workers.core.errors import InvalidJob
@@ -20,15 +19,6 @@ from workers.core.errors import InvalidJob
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
 
 
-@dataclass
-class OneModel:
-    loaded: LoadedModel
-
-    def get(self, name: ModelName) -> LoadedModel | None:
-        return self.loaded if name is self.loaded.name else None
-
-    def unload(self, name: ModelName) -> bool:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +118,7 @@ def test_engine_paths_agree_under_concurrency(loaded):
     vocab = loaded.model.config.vocab_size
     results = {}
     for static in (True, False):
-        engine = Engine(OneModel(loaded), max_batch=6, static_cache=static)
+        engine = Engine(SingleModel(loaded), max_batch=6, static_cache=static)
         engine.start()
         try:
             requests = [GenerationRequest(ModelName.INSTRUCT, ids(vocab, 10 + 7 * i, 20 + i),
@@ -150,10 +140,10 @@ def test_handler_uses_the_slot_cache(handler):
     assert decode[ModelName.INSTRUCT.value]["slots"] == handler.engine.max_batch
 
 
-def test_unsupported_attention_falls_back_to_dynamic_cache(qwen_models):
-    eager = load_model(ModelName.INSTRUCT, qwen_models["qwen_instruct"], torch.device("cpu"), 512)
+def test_unsupported_attention_falls_back_to_dynamic_cache(demo_models):
+    eager = load_model(ModelName.INSTRUCT, demo_models["qwen_instruct"], torch.device("cpu"), 512)
     eager.model.config._attn_implementation = "eager"   # the slot mask is an sdpa boolean mask
-    engine = Engine(OneModel(eager), max_batch=2)
+    engine = Engine(SingleModel(eager), max_batch=2)
     engine.start()
     try:
         assert engine.prepare(ModelName.INSTRUCT)["path"] == "dynamic_cache"
@@ -173,8 +163,8 @@ def test_overlong_prompt_fails_alone(loaded):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graph_replay_matches_eager_static(qwen_models):
-    cuda = load_model(ModelName.INSTRUCT, qwen_models["qwen_instruct"], torch.device("cuda"), 4096)
+def test_cuda_graph_replay_matches_eager_static(demo_models):
+    cuda = load_model(ModelName.INSTRUCT, demo_models["qwen_instruct"], torch.device("cuda"), 4096)
     vocab = cuda.model.config.vocab_size
     graphed = SlotBatch(cuda, slots=8, cuda_graphs=True)
     graphed.warm_up()

@@ -22,7 +22,6 @@ from typing import Callable, Iterator
 import pytest
 from redis import Redis
 
-from workers.demo_models import build
 from workers.local.redis_server import RedisServer
 from workers.local.supabase_standin import SupabaseStandin
 
@@ -112,11 +111,6 @@ def lone_fake_fleet(tmp_path_factory) -> Iterator[Rig]:
 
 
 @pytest.fixture(scope="session")
-def fleet_models(tmp_path_factory) -> dict[str, Path]:
-    return build(tmp_path_factory.mktemp("fleet-models"))
-
-
-@pytest.fixture(scope="session")
 def tiny_tmp(tmp_path_factory) -> Iterator[TinyTmp]:
     tmp = TinyTmp(tmp_path_factory.mktemp("tiny-tmp"))
     yield tmp
@@ -124,11 +118,11 @@ def tiny_tmp(tmp_path_factory) -> Iterator[TinyTmp]:
 
 
 @pytest.fixture(scope="session")
-def model_fleet(tmp_path_factory, fleet_models, tiny_tmp) -> Iterator[Rig]:
+def model_fleet(tmp_path_factory, demo_models, tiny_tmp) -> Iterator[Rig]:
     """Real handlers on tiny models. WAN fails a job whose reference cannot be fetched
     (REFERENCE_FAILURE_POLICY=fail) and writes its temporary files into ``tiny_tmp``; SDXL keeps the default
     policy (fallback, reported)."""
-    m = fleet_models
+    m = demo_models
     extra = {
         "SDXL_MODEL_PATH": str(m["sdxl_single_file"]), "SDXL_CONFIG_PATH": str(m["sdxl"]),
         "WAN_MODEL_PATH": str(m["wan"]), "WAN_VACE_MODEL_PATH": str(m["wan_vace"]),

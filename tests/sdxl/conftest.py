@@ -3,7 +3,6 @@ server of reference images."""
 from __future__ import annotations
 
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,9 +14,9 @@ import pytest
 from flask import Flask, Response, request
 from PIL import Image
 
-from workers.core.job import Job, decode
+from tests.jobs import producer_job
+from workers.core.job import Job
 from workers.core.settings import Settings
-from workers.demo_models import build
 from workers.local.net import BackgroundServer
 from workers.sdxl import SdxlHandler
 from workers.sdxl.pipeline import SdxlPipelines
@@ -29,14 +28,7 @@ def make_job(prompt: str = "a cat sitting on a red chair", *, type: str = "sdxl_
              small: bool = True, **fields: Any) -> Job:
     """An sdxl_queue job as the app sends it (the current producer's ``["{json}"]`` form); ``config`` and
     ``metadata`` given here are merged over the small test defaults."""
-    body: dict[str, Any] = {"id": "job-1", "type": type, "user_id": "user-1", "prompt": prompt,
-                            "config": dict(SMALL) if small else {}, "metadata": {}}
-    for key, value in fields.items():
-        if key in ("config", "metadata"):
-            body[key].update(value)
-        else:
-            body[key] = value
-    return decode(json.dumps([json.dumps(body)]))
+    return producer_job(type, prompt, SMALL, small=small, **fields)
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -53,14 +45,9 @@ def settings_for(model: Path, config: Path | None, **overrides: Any) -> Settings
 
 
 @pytest.fixture(scope="session")
-def sdxl_models(tmp_path_factory) -> dict[str, Path]:
-    return build(tmp_path_factory.mktemp("sdxl-demo-models"), {"sdxl"})
-
-
-@pytest.fixture(scope="session")
-def sdxl_settings(sdxl_models) -> Settings:
+def sdxl_settings(demo_models) -> Settings:
     """The production shape: a single-file checkpoint plus SDXL_CONFIG_PATH for offline loading."""
-    return settings_for(sdxl_models["sdxl_single_file"], sdxl_models["sdxl"])
+    return settings_for(demo_models["sdxl_single_file"], demo_models["sdxl"])
 
 
 @pytest.fixture(scope="session")

@@ -90,21 +90,21 @@ def test_failed_reference_falls_back_and_says_so(sdxl_handler, references, path,
     assert len(result.outputs) == 1 and "denoise_strength" not in result.outputs[0].metadata
 
 
-def test_blocked_addresses_are_never_fetched(sdxl_handler, shared_pipes, sdxl_models, references):
+def test_blocked_addresses_are_never_fetched(sdxl_handler, shared_pipes, demo_models, references):
     port = references.port
     # 127.0.0.2 is loopback and not in REFERENCE_ALLOW_HOSTS (only 127.0.0.1 is)
     result = run(sdxl_handler, **with_reference(f"http://127.0.0.2:{port}/ref.png"))
     assert result.metadata["reference_mode_applied"] is False
     assert "blocked" in result.metadata["reference_error"]
-    strict = handler_with(shared_pipes, settings_for(sdxl_models["sdxl_single_file"], sdxl_models["sdxl"],
+    strict = handler_with(shared_pipes, settings_for(demo_models["sdxl_single_file"], demo_models["sdxl"],
                                                      reference_allow_hosts=frozenset()))
     for url in (f"http://localhost:{port}/ref.png", f"http://127.0.0.1:{port}/ref.png", "file:///etc/passwd"):
         meta = run(strict, **with_reference(url)).metadata
         assert meta["reference_mode_applied"] is False and meta["reference_error"].startswith("REFERENCE_FRAME_ERROR")
 
 
-def test_policy_fail_raises_reference_frame_error(shared_pipes, sdxl_models, references):
-    failing = handler_with(shared_pipes, settings_for(sdxl_models["sdxl_single_file"], sdxl_models["sdxl"],
+def test_policy_fail_raises_reference_frame_error(shared_pipes, demo_models, references):
+    failing = handler_with(shared_pipes, settings_for(demo_models["sdxl_single_file"], demo_models["sdxl"],
                                                       reference_failure_policy="fail"))
     with pytest.raises(ReferenceFailure) as caught:
         run(failing, **with_reference(references.at("/missing.png")))

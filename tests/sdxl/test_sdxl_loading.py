@@ -21,20 +21,20 @@ def test_create_handler_implements_the_handler_protocol(sdxl_settings):
     assert handler.status()["loaded"] is False and handler.status()["model"] == "sdxl"
 
 
-def test_single_file_status_and_shared_weights(sdxl_handler, shared_pipes, sdxl_models):
+def test_single_file_status_and_shared_weights(sdxl_handler, shared_pipes, demo_models):
     status = sdxl_handler.status()
     assert status["loaded"] is True and status["model"] == "sdxl"   # the file stem, never a path
     assert (status["device"], status["dtype"], status["attention"]) == ("cpu", "float32", "sdpa")
     assert status["batch_sizes"] == [1, 3, 6] and status["torch_compile"] is False
-    assert "/" not in str(status) and str(sdxl_models["sdxl"].parent) not in str(status)
+    assert "/" not in str(status) and str(demo_models["sdxl"].parent) not in str(status)
     t2i, i2i = shared_pipes.t2i, shared_pipes.i2i
     assert i2i.unet is t2i.unet and i2i.vae is t2i.vae and i2i.text_encoder_2 is t2i.text_encoder_2
     assert status["shared_weights"] is True
     assert t2i.unet.dtype == torch.float32 and t2i.device.type == "cpu"
 
 
-def test_folder_loads_and_matches_the_single_file(sdxl_handler, sdxl_models):
-    folder = SdxlHandler(settings_for(sdxl_models["sdxl"], None))
+def test_folder_loads_and_matches_the_single_file(sdxl_handler, demo_models):
+    folder = SdxlHandler(settings_for(demo_models["sdxl"], None))
     folder.setup()
     assert folder.status()["model"] == "sdxl"
     job = make_job(config={"seed": 4})
@@ -52,8 +52,8 @@ def test_folder_loads_and_matches_the_single_file(sdxl_handler, sdxl_models):
         folder.load("wan")
 
 
-def test_xformers_only_when_installed(sdxl_models):
-    handler = SdxlHandler(settings_for(sdxl_models["sdxl"], None, sdxl_attention="xformers"))
+def test_xformers_only_when_installed(demo_models):
+    handler = SdxlHandler(settings_for(demo_models["sdxl"], None, sdxl_attention="xformers"))
     handler.setup()
     status = handler.status()
     assert status["attention"] == "sdpa" and any("xformers" in note for note in status["notes"])
@@ -64,19 +64,19 @@ def test_xformers_only_when_installed(sdxl_models):
     ({"sdxl_config_path": None}, "SDXL_CONFIG_PATH"),
     ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "tpu"}, "DEVICE"),
 ])
-def test_settings_that_cannot_work_are_fatal_and_name_the_variable(sdxl_models, overrides, words):
-    settings = settings_for(sdxl_models["sdxl_single_file"], sdxl_models["sdxl"], **overrides)
+def test_settings_that_cannot_work_are_fatal_and_name_the_variable(demo_models, overrides, words):
+    settings = settings_for(demo_models["sdxl_single_file"], demo_models["sdxl"], **overrides)
     with pytest.raises(FatalWorkerError) as caught:
         SdxlHandler(settings).setup()
-    assert words in str(caught.value) and str(sdxl_models["sdxl"].parent) not in str(caught.value)
+    assert words in str(caught.value) and str(demo_models["sdxl"].parent) not in str(caught.value)
 
 
-def test_missing_or_broken_model_is_fatal_without_paths(sdxl_models, tmp_path):
+def test_missing_or_broken_model_is_fatal_without_paths(demo_models, tmp_path):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a checkpoint")
     for path in (tmp_path / "nothing-here", broken):
         with pytest.raises(FatalWorkerError) as caught:
-            SdxlHandler(settings_for(path, sdxl_models["sdxl"])).setup()
+            SdxlHandler(settings_for(path, demo_models["sdxl"])).setup()
         assert str(tmp_path) not in str(caught.value)
 
 
@@ -85,14 +85,14 @@ def test_resolve_device():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def test_img2img_twin_keeps_the_weights_dtype(sdxl_models):
+def test_img2img_twin_keeps_the_weights_dtype(demo_models):
     """diffusers' ``from_pipe`` casts shared modules to float32 unless told otherwise: the fp16 UNet of a GPU
     worker would silently become fp32 (found on an H100: 3-6x slower). bf16 on CPU stands in for fp16."""
     from diffusers import StableDiffusionXLPipeline
 
     from workers.sdxl.pipeline import SdxlPipelines
 
-    t2i = StableDiffusionXLPipeline.from_pretrained(str(sdxl_models["sdxl"]), local_files_only=True,
+    t2i = StableDiffusionXLPipeline.from_pretrained(str(demo_models["sdxl"]), local_files_only=True,
                                                     dtype=torch.bfloat16)
     pipes = SdxlPipelines.from_t2i(t2i, torch.device("cpu"), "sdxl")
     assert pipes.i2i.unet is t2i.unet and pipes.dtype == torch.bfloat16
@@ -101,6 +101,6 @@ def test_img2img_twin_keeps_the_weights_dtype(sdxl_models):
     # an out-of-memory error inside diffusers' fp32 VAE decode leaves the VAE upcast; the next job must
     # still run (it failed on mixed dtypes before ``SdxlPipelines.restore``)
     t2i.vae.to(dtype=torch.float32)
-    handler = SdxlHandler(settings_for(sdxl_models["sdxl"], None), loader=lambda _settings: pipes)
+    handler = SdxlHandler(settings_for(demo_models["sdxl"], None), loader=lambda _settings: pipes)
     result = handler.run(make_job(config={"seed": 1}), lambda f, m: None)
     assert len(result.outputs) == 1 and t2i.vae.dtype == torch.bfloat16

@@ -19,17 +19,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import redis
 
-from workers.demo_models import build
 from workers.local.redis_server import RedisServer
 from workers.local.supabase_standin import SupabaseStandin
 from workers.local.upstash_front import UpstashFront
 
 from .fleet import SECRETS, Fleet, JobQueue, ReferenceHosts
-
-
-@pytest.fixture(scope="session")
-def demo_models(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("security-models"))
 
 
 @pytest.fixture(scope="session")

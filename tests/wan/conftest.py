@@ -4,11 +4,9 @@ images that counts its requests, and a fake chat worker (``POST /enhance``) whos
 from __future__ import annotations
 
 import io
-import json
 import os
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every load below must work without the hub
@@ -19,9 +17,9 @@ import pytest
 from flask import Flask, Response, jsonify, request
 from PIL import Image
 
-from workers.core.job import Job, decode
+from tests.jobs import producer_job
+from workers.core.job import Job
 from workers.core.settings import Secret, Settings
-from workers.demo_models import build
 from workers.local.net import BackgroundServer
 from workers.wan.handler import WanHandler
 from workers.wan.pipeline import WanModels
@@ -35,14 +33,7 @@ def make_job(type: str = "video_fast", prompt: str = "a cat sitting on a red cha
              job_id: str = "job-1", **fields: Any) -> Job:
     """A wan_queue job in the current producer's ``["{json}"]`` form; ``config``/``metadata`` given here are
     merged over the small test defaults."""
-    body: dict[str, Any] = {"id": job_id, "type": type, "user_id": "user-1", "prompt": prompt,
-                            "config": dict(SMALL) if small else {}, "metadata": {}}
-    for key, value in fields.items():
-        if key in ("config", "metadata"):
-            body[key].update(value)
-        else:
-            body[key] = value
-    return decode(json.dumps([json.dumps(body)]))
+    return producer_job(type, prompt, SMALL, job_id=job_id, small=small, **fields)
 
 
 def video_frames(data: bytes) -> list[np.ndarray]:
@@ -150,9 +141,6 @@ class FakeChatWorker(BackgroundServer):
 
 
 # ----------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def wan_paths(tmp_path_factory) -> dict[str, Path]:
-    return build(tmp_path_factory.mktemp("wan-demo-models"), {"wan"})
 
 
 @pytest.fixture(scope="session")
@@ -176,8 +164,8 @@ def chat(chat_server) -> FakeChatWorker:
 
 
 @pytest.fixture(scope="session")
-def wan_settings(wan_paths, chat_server) -> Settings:
-    return Settings(wan_model_path=wan_paths["wan"], wan_vace_model_path=wan_paths["wan_vace"], device="cpu",
+def wan_settings(demo_models, chat_server) -> Settings:
+    return Settings(wan_model_path=demo_models["wan"], wan_vace_model_path=demo_models["wan_vace"], device="cpu",
                     reference_allow_hosts=frozenset({"127.0.0.1"}), reference_timeout_seconds=5.0,
                     chat_worker_url=chat_server.url, chat_worker_api_key=Secret(CHAT_KEY),
                     wan_worker_api_key=Secret(WAN_KEY), wan_enhance_timeout_seconds=1.0)

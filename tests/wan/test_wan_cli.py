@@ -22,9 +22,9 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
 
 
-def test_our_flags_write_a_video(wan_paths, tmp_path, capsys):
+def test_our_flags_write_a_video(demo_models, tmp_path, capsys):
     out = tmp_path / "cat.mp4"
-    code = wan_generate.main(["--prompt", "a cat on a beach", "--model-path", str(wan_paths["wan"]), *SMALL,
+    code = wan_generate.main(["--prompt", "a cat on a beach", "--model-path", str(demo_models["wan"]), *SMALL,
                               "--frames", "5", "--seed", "0", "--solver", "dpm++", "--shift", "3",
                               "--negative-prompt", "blurry", "--guidance", "5", "--out", str(out)])
     captured = capsys.readouterr()
@@ -34,9 +34,9 @@ def test_our_flags_write_a_video(wan_paths, tmp_path, capsys):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-def test_upstream_spellings_write_a_video_in_a_real_process(wan_paths, tmp_path):
+def test_upstream_spellings_write_a_video_in_a_real_process(demo_models, tmp_path):
     out = tmp_path / "dog.mp4"
-    done = cli("--task", "t2v-1.3B", "--ckpt_dir", str(wan_paths["wan"]), "--prompt", "a dog running",
+    done = cli("--task", "t2v-1.3B", "--ckpt_dir", str(demo_models["wan"]), "--prompt", "a dog running",
                "--size", "64*48", "--frame_num", "5", "--sample_steps", "2", "--sample_guide_scale", "6",
                "--sample_solver", "unipc", "--sample_shift", "5", "--base_seed", "7", "--offload_model", "True",
                "--save_file", str(out))
@@ -46,12 +46,12 @@ def test_upstream_spellings_write_a_video_in_a_real_process(wan_paths, tmp_path)
     assert "seed 7" in done.stdout and "denoising" in done.stderr   # the progress bar
 
 
-def test_png_output_with_a_local_reference_frame(wan_paths, tmp_path, capsys):
+def test_png_output_with_a_local_reference_frame(demo_models, tmp_path, capsys):
     first = tmp_path / "first.png"
     Image.new("RGB", (50, 30), (200, 10, 10)).save(first)
     out = tmp_path / "still.png"
-    code = wan_generate.main(["--prompt", "a red sunset", "--model-path", str(wan_paths["wan"]),
-                              "--vace-model-path", str(wan_paths["wan_vace"]), "--size", "48*32", "--steps", "1",
+    code = wan_generate.main(["--prompt", "a red sunset", "--model-path", str(demo_models["wan"]),
+                              "--vace-model-path", str(demo_models["wan_vace"]), "--size", "48*32", "--steps", "1",
                               "--first_frame", str(first), "--quiet", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -90,10 +90,10 @@ def test_missing_model_exits_3(tmp_path, capsys, monkeypatch):
     assert "could not be loaded" in capsys.readouterr().err and not out.exists()
 
 
-def test_unreadable_reference_exits_4(wan_paths, tmp_path, capsys):
+def test_unreadable_reference_exits_4(demo_models, tmp_path, capsys):
     out = tmp_path / "o.mp4"
-    code = wan_generate.main(["--prompt", "x", *SMALL, "--frames", "5", "--model-path", str(wan_paths["wan"]),
-                              "--vace-model-path", str(wan_paths["wan_vace"]), "--last-frame",
+    code = wan_generate.main(["--prompt", "x", *SMALL, "--frames", "5", "--model-path", str(demo_models["wan"]),
+                              "--vace-model-path", str(demo_models["wan_vace"]), "--last-frame",
                               str(tmp_path / "absent.png"), "--out", str(out)])
     assert code == 4 and "reference error: no such file: absent.png" in capsys.readouterr().err
     assert not out.exists()

@@ -201,23 +201,23 @@ def test_blocked_address_is_a_reference_error(models, wan_settings, media):
 
 
 # ----------------------------------------------------------------------------------------- loading
-def test_cuda_dtype_policy_bf16_with_fp32_norms_and_vae(wan_paths):
+def test_cuda_dtype_policy_bf16_with_fp32_norms_and_vae(demo_models):
     """The load used on CUDA, run here on CPU: bf16 weights, fp32 norm/time-embedding/VAE, shared parts."""
-    pipe = load_t2v(wan_paths["wan"], torch.device("cpu"), torch.bfloat16)
+    pipe = load_t2v(demo_models["wan"], torch.device("cpu"), torch.bfloat16)
     block = pipe.transformer.blocks[0]
     assert block.attn1.to_q.weight.dtype == torch.bfloat16 and block.ffn.net[0].proj.weight.dtype == torch.bfloat16
     assert block.norm2.weight.dtype == torch.float32 and block.scale_shift_table.dtype == torch.float32
     assert pipe.transformer.scale_shift_table.dtype == torch.float32
     assert next(pipe.transformer.condition_embedder.time_embedder.parameters()).dtype == torch.float32
     assert pipe.vae.dtype == torch.float32 and pipe.text_encoder.dtype == torch.bfloat16
-    vace = load_vace(wan_paths["wan_vace"], pipe, torch.device("cpu"), torch.bfloat16)
+    vace = load_vace(demo_models["wan_vace"], pipe, torch.device("cpu"), torch.bfloat16)
     assert vace.text_encoder is pipe.text_encoder and vace.vae is pipe.vae
     assert vace.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
 
 
-def test_unload_and_reload(wan_settings, wan_paths):
+def test_unload_and_reload(wan_settings, demo_models):
     from workers.wan.pipeline import WanModels
-    handler = WanHandler(wan_settings, models=WanModels(wan_paths["wan"], wan_paths["wan_vace"], "cpu"))
+    handler = WanHandler(wan_settings, models=WanModels(demo_models["wan"], demo_models["wan_vace"], "cpu"))
     handler.setup()
     assert handler.status()["loaded"] == {"t2v": True, "vace": True}
     assert handler.unload("vace") == "unloaded vace"

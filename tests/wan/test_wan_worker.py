@@ -14,10 +14,10 @@ from .conftest import CHAT_KEY, WAN_KEY, png_size, video_frames
 
 
 @pytest.fixture
-def worker(redis_server, redis_client, supabase_standin, wan_paths, chat_server, tmp_path):
+def worker(redis_server, redis_client, supabase_standin, demo_models, chat_server, tmp_path):
     chat_server.reset()
     env = runtime_env(redis_server.url, supabase_standin, tmp_path / "storage",
-                      WAN_MODEL_PATH=str(wan_paths["wan"]), WAN_VACE_MODEL_PATH=str(wan_paths["wan_vace"]),
+                      WAN_MODEL_PATH=str(demo_models["wan"]), WAN_VACE_MODEL_PATH=str(demo_models["wan_vace"]),
                       DEVICE="cpu", REFERENCE_ALLOW_HOSTS="127.0.0.1", CHAT_WORKER_URL=chat_server.url,
                       CHAT_WORKER_API_KEY=CHAT_KEY, WAN_WORKER_API_KEY=WAN_KEY, HF_HUB_OFFLINE="1")
     proc = WorkerProcess(env, kind="wan", handler=None, log_path=tmp_path / "wan.log")

@@ -114,6 +114,20 @@ def _ids(value: Any) -> list[int]:
     return [value] if isinstance(value, int) else [int(v) for v in value]
 
 
+@dataclass(frozen=True)
+class SingleModel:
+    """A store of one already-loaded model (what ``Engine`` reads of ``ModelStore``): benchmarks and tests
+    drive the engine over a model they built themselves."""
+
+    loaded: LoadedModel
+
+    def get(self, name: ModelName) -> LoadedModel | None:
+        return self.loaded if name is self.loaded.name else None
+
+    def unload(self, name: ModelName) -> bool:
+        return False
+
+
 class ModelStore:
     """Which models are configured and loaded. Loading is explicit (``load``); nothing loads by accident."""
 
