@@ -125,6 +125,10 @@ class ReliableQueue:
         self._script(_FINISH, [self.processing, keys.attempts(self.queue), keys.done(job_id), keys.OUTBOX],
                      [delivery.raw, job_id, keys.DONE_TTL_SECONDS, body])
 
+    def record_callback(self, job_id: str, body: bytes) -> None:
+        """Keep an undelivered terminal callback of a job that already left the processing list."""
+        self.transport.command("HSET", keys.OUTBOX, job_id, body)
+
     def hand_back(self, delivery: Delivery, job_id: str | None = None, count_attempt: bool = False) -> None:
         """Return the job to the head of its queue (the attempt is not counted unless asked)."""
         self._script(_HAND_BACK, [self.processing, self.queue, keys.attempts(self.queue)],

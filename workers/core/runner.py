@@ -16,7 +16,6 @@ from pathlib import PurePosixPath
 from typing import Any, Callable
 
 from . import callbacks as cb
-from . import keys
 from .callbacks import CallbackClient, Outcome
 from .errors import ErrorType, InvalidJob, RetryableError, WorkerError
 from .handler import Handler, Result
@@ -148,7 +147,7 @@ class Runner:
         self._until_acknowledged(lambda: self.queue.dead_letter(delivery, reason, job.id))
         body = self._failed_body(job.id, job, error)
         if self.callbacks.deliver(body) is Outcome.FAILED:
-            self._until_acknowledged(lambda: self.queue.transport.command("HSET", keys.OUTBOX, job.id, body))
+            self._until_acknowledged(lambda: self.queue.record_callback(job.id, body))
         self.metrics.jobs.labels(job.type.value, "dead").inc()
 
     def _finish(self, delivery: Delivery, job_id: str, job: Job | None, body: bytes, outcome: str,
