@@ -1,4 +1,4 @@
-"""python -m bench {all,ceilings,sdxl,wan,chat,load,compile} [--tiny] [--json PATH] [--deadline S]
+"""python -m bench {all,ceilings,sdxl,wan,chat,load,compile}... [--tiny] [--json PATH] [--deadline S]
 
 Full size (default) needs CUDA: the production architectures from bench/configs with random weights, our
 worker code paths next to plain eager diffusers/transformers, same process. ``--tiny`` runs the same code on
@@ -26,7 +26,8 @@ TINY_ALL = SECTIONS[:-1]   # compiling takes minutes even at tiny size: `python 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("section", choices=("all",) + SECTIONS)
+    parser.add_argument("section", nargs="+", choices=("all",) + SECTIONS,
+                        help="one or more sections, run in the order given (all: every section but compile)")
     parser.add_argument("--tiny", action="store_true", help="demo-model configs on the CPU (harness check)")
     parser.add_argument("--device", default="cpu", help="device of a --tiny run")
     parser.add_argument("--json", type=Path, help="where the JSON report goes (default $OUT/bench.json)")
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                "load": lambda c: load.run(c, args.load_dir), "compile": sdxl.compiled}
     print(f"[bench] {report.meta}", flush=True)
     every = TINY_ALL if args.tiny else SECTIONS
-    for name in (every if args.section == "all" else (args.section,)):
+    for name in (every if "all" in args.section else args.section):
         section_started = time.monotonic()
         try:
             runners[name](ctx)

@@ -1,9 +1,11 @@
 """SDXL: the handler's ``run()`` (job in, PNGs out) next to a plain ``StableDiffusionXLPipeline`` call on
 the same modules, same prompt, seeds and guidance.
 
-The baseline runs first (before ``SdxlPipelines.from_t2i`` turns on VAE slicing); then the handler gets the
-same pipeline through its ``loader`` injection point. The latents entering the VAE decoder are captured on
-the last timed run of each (a copy on the device, no synchronisation) and compared, and so are the images.
+The baseline runs first (before ``SdxlPipelines.from_t2i`` turns on VAE slicing and installs the UNet's CUDA
+graphs); then the handler gets the same pipeline through its ``loader`` injection point, with the worker's
+default settings (its ``setup()`` time, which captures the warm-up shapes' graphs, is recorded). The latents
+entering the VAE decoder are captured on the last timed run of each (a copy on the device, no
+synchronisation) and compared, and so are the images.
 ``compiled`` is the ``TORCH_COMPILE=1`` variant (not on by default), measured only when time is left.
 """
 from __future__ import annotations
@@ -95,13 +97,16 @@ def run(ctx: Context) -> None:
         ctx.step(SECTION, f"baseline {steps}x{n}", SECONDS.get((steps, n), 5.0) * p.repeats + 5, measure_baseline)
 
     def make_handler():
-        pipes = SdxlPipelines.from_t2i(pipe, dev, "sdxl-random")   # the worker's defaults: no compile
-        handler = SdxlHandler(Settings(device=dev.type), loader=lambda _settings: pipes)
-        handler.setup()
+        settings = Settings(device=dev.type)   # the worker's defaults: CUDA graphs on CUDA, no compile
+        pipes = SdxlPipelines.from_t2i(pipe, dev, "sdxl-random", compile_unet=settings.torch_compile,
+                                       cuda_graphs=settings.cuda_graphs)
+        handler = SdxlHandler(settings, loader=lambda _settings: pipes)
+        setup_s, _ = timed(handler.setup, dev)   # includes capturing the warm-up shapes' graphs
+        ctx.report.detail(SECTION, "handler_setup_s", round(setup_s, 2))
         ctx.report.detail(SECTION, "handler_status", handler.status())
         return handler
 
-    handler = ctx.step(SECTION, "handler setup", 10, make_handler)
+    handler = ctx.step(SECTION, "handler setup", 25, make_handler)
     if handler is None:
         return
     ctx.step(SECTION, "ours warm-up", 10,
@@ -110,6 +115,7 @@ def run(ctx: Context) -> None:
         ctx.step(SECTION, f"ours {steps}x{n}", SECONDS.get((steps, n), 5.0) * p.repeats + 8,
                  lambda steps=steps, n=n: _measure_ours(ctx, handler, pipe, base.get((steps, n)), steps, n))
     ctx.shared["sdxl_latents_15x1"] = base.get(p.sdxl_cases[0], {}).get("latents")
+    ctx.report.detail(SECTION, "handler_status_after", handler.status())
     del handler, pipe
     free(dev)
 

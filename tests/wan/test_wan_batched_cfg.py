@@ -171,3 +171,18 @@ def test_batched_cfg_only_where_the_transformer_is_launch_bound():
     assert latent_tokens(spec(1)) == 1560 and latent_tokens(spec(81)) == 32760
     assert latent_tokens(spec(1)) <= BATCHED_CFG_MAX_TOKENS < latent_tokens(spec(81))
     assert latent_tokens(spec(17)) <= BATCHED_CFG_MAX_TOKENS  # short clips still batch
+
+
+def test_wan_attention_setting_prefers_a_kernel_and_still_runs_anywhere(wan_settings):
+    from workers.core.errors import ConfigError
+    from workers.wan.pipeline import attention_kernels
+
+    assert Settings.from_env({}).wan_attention == "auto"
+    assert WanModels.from_settings(replace(wan_settings, wan_attention="cudnn")).attention == "cudnn"
+    with pytest.raises(ConfigError, match="WAN_ATTENTION"):
+        Settings.from_env({"WAN_ATTENTION": "fast"})
+    q = torch.randn(1, 2, 5, 8)
+    want = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    for kernel in ("auto", "cudnn", "flash", "efficient"):   # on the CPU every one falls through to math
+        with attention_kernels(kernel):
+            assert torch.allclose(torch.nn.functional.scaled_dot_product_attention(q, q, q), want, atol=1e-6)

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from .errors import ConfigError
 
 T = TypeVar("T")
+ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient")   # WAN_ATTENTION: preferred SDPA kernel
 
 
 class Secret:
@@ -81,6 +82,7 @@ class Settings:
     wan_enhance_template: Path | None = None
     wan_enhance_timeout_seconds: float = 20.0
     wan_batched_cfg: bool = True  # WAN_BATCHED_CFG: cond + uncond in one batch-2 transformer pass
+    wan_attention: str = "auto"   # WAN_ATTENTION: the SDPA kernel preferred (auto = PyTorch's own choice)
     qwen_instruct_path: Path | None = None
     qwen_base_path: Path | None = None
     chat_worker_url: str = "http://127.0.0.1:7861"
@@ -89,6 +91,7 @@ class Settings:
     device: str = "auto"
     torch_compile: bool = False
     sdxl_attention: str = "sdpa"
+    cuda_graphs: bool = True      # CUDA_GRAPHS: replay the SDXL UNet as a CUDA graph per shape
     max_prompt_chars: int = 2000
     # Chat worker (workers/chat)
     qwen_base_preload: bool = False
@@ -139,6 +142,7 @@ class Settings:
             wan_enhance_template=r.path("WAN_ENHANCE_TEMPLATE"),
             wan_enhance_timeout_seconds=r.number("WAN_ENHANCE_TIMEOUT_SECONDS", 20.0, 0.5, 300),
             wan_batched_cfg=r.boolean("WAN_BATCHED_CFG", True),
+            wan_attention=r.choice("WAN_ATTENTION", ATTENTION_KERNELS, "auto"),
             qwen_instruct_path=r.path("QWEN_INSTRUCT_PATH"),
             qwen_base_path=r.path("QWEN_BASE_PATH"),
             chat_worker_url=r.url("CHAT_WORKER_URL") or "http://127.0.0.1:7861",
@@ -147,6 +151,7 @@ class Settings:
             device=r.text("DEVICE", "auto"),
             torch_compile=r.boolean("TORCH_COMPILE", False),
             sdxl_attention=r.choice("SDXL_ATTENTION", ("sdpa", "xformers"), "sdpa"),
+            cuda_graphs=r.boolean("CUDA_GRAPHS", True),
             max_prompt_chars=int(r.number("MAX_PROMPT_CHARS", 2000, 1, 100_000)),
             qwen_base_preload=r.boolean("QWEN_BASE_PRELOAD", False),
             chat_max_batch=int(r.number("CHAT_MAX_BATCH", 16, 1, 256)),

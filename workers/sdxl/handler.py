@@ -58,10 +58,11 @@ class SdxlHandler:
             return f"SDXL model {pipes.name} loaded on {pipes.device.type}"
 
     def _warm(self, pipes: SdxlPipelines) -> SdxlPipelines:
-        if pipes.compiled:
+        if pipes.needs_warm_up:
             started = self._clock()
             pipes.warm_up()
-            log.info("torch.compile warm-up done in %.1f s", self._clock() - started)
+            log.info("%s warm-up done in %.1f s", "torch.compile" if pipes.compiled else "CUDA graph",
+                     self._clock() - started)
         return pipes
 
     def unload(self, which: str = "all") -> str:
@@ -81,6 +82,7 @@ class SdxlHandler:
             return base | {"model": _configured_name(self.settings), "device": None, "dtype": None}
         return base | {"model": pipes.name, "device": pipes.device.type, "dtype": str(pipes.dtype).split(".")[-1],
                        "attention": pipes.attention, "torch_compile": pipes.compiled,
+                       "cuda_graphs": pipes.graphs.describe() if pipes.graphs is not None else None,
                        "shared_weights": pipes.i2i.unet is pipes.t2i.unet, "notes": list(pipes.notes)}
 
     def register_routes(self, app: Any, service: Any) -> None:

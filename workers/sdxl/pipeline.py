@@ -5,8 +5,10 @@ image-to-image.
 ``from_single_file(config=SDXL_CONFIG_PATH)`` so no hub is needed) or a diffusers folder. fp16 on CUDA,
 fp32 on CPU. Attention is PyTorch SDPA (diffusers' default); xformers only when ``SDXL_ATTENTION=xformers``
 and the package is importable. On CUDA: VAE slicing (a batch of 6 decodes one image at a time), optional
-``torch.compile`` of the UNet in place (so both pipelines keep the same object), warmed up by
-:meth:`SdxlPipelines.warm_up` before the worker reports ready. Channels-last was measured on an H100 and
+``torch.compile`` of the UNet in place (so both pipelines keep the same object), or else (``CUDA_GRAPHS``,
+the default) the UNet replayed as one CUDA graph per input shape (workers/core/graphed.py: the same kernels
+without ~2,000 Python-side launches per step), either warmed up by :meth:`SdxlPipelines.warm_up` for the
+default shapes before the worker reports ready. Channels-last was measured on an H100 and
 left out: no gain at batch 2, 11 % slower at batch 12 (SDPA dominates at 1024²).
 """
 from __future__ import annotations
@@ -65,12 +67,16 @@ class SdxlPipelines:
     attention: str = "sdpa"
     compiled: bool = False
     notes: list[str] = field(default_factory=list)
+    graphs: Any = None                   # workers.core.graphed.ForwardGraphs of the UNet, None when eager
 
     @classmethod
     def from_t2i(cls, t2i: Any, device: Any, name: str, attention: str = "sdpa",
-                 compile_unet: bool = False) -> "SdxlPipelines":
-        """Finish a loaded text-to-image pipeline: device, attention, VAE slicing, compile, the img2img twin."""
+                 compile_unet: bool = False, cuda_graphs: bool = False) -> "SdxlPipelines":
+        """Finish a loaded text-to-image pipeline: device, attention, VAE slicing, compile or CUDA graphs,
+        the img2img twin."""
         from diffusers import StableDiffusionXLImg2ImgPipeline
+
+        from workers.core import graphed
 
         t2i.to(device)
         t2i.set_progress_bar_config(disable=True)
@@ -78,26 +84,34 @@ class SdxlPipelines:
         attention = _attention(t2i, attention, device, notes)
         if device.type == "cuda":
             t2i.vae.enable_slicing()
-        compiled = False
+        compiled, graphs = False, None
         if compile_unet:
             t2i.unet.compile(fullgraph=False, dynamic=False)
             compiled = True
+        elif cuda_graphs:
+            graphs = graphed.install(t2i.unet, "SDXL UNet")
         dtype = t2i.unet.dtype
         # from_pipe casts every shared module to its ``dtype`` argument, float32 when none is given: without
         # it the fp16 UNet silently becomes fp32 (3-6x slower on an H100, twice the memory)
         i2i = StableDiffusionXLImg2ImgPipeline.from_pipe(t2i, dtype=dtype)
         i2i.set_progress_bar_config(disable=True)
         return cls(t2i=t2i, i2i=i2i, device=device, dtype=dtype, name=name,
-                   attention=attention, compiled=compiled, notes=notes)
+                   attention=attention, compiled=compiled, notes=notes, graphs=graphs)
+
+    @property
+    def needs_warm_up(self) -> bool:
+        return self.compiled or self.graphs is not None
 
     def warm_up(self, shapes: tuple[tuple[int, int, int], ...] = WARM_UP_SHAPES) -> None:
-        """Run each (width, height, batch) once, 2 steps, so ``torch.compile`` is done before the first job."""
+        """Run each (width, height, batch) once, 2 steps, so ``torch.compile`` or the CUDA graph captures
+        are done before the first job (in inference mode, as jobs run)."""
         import torch
 
         for width, height, batch in shapes:
             generators = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
-            self.t2i(prompt="warm-up", width=width, height=height, num_inference_steps=2,
-                     num_images_per_prompt=batch, generator=generators, output_type="latent")
+            with torch.inference_mode():
+                self.t2i(prompt="warm-up", width=width, height=height, num_inference_steps=2,
+                         num_images_per_prompt=batch, generator=generators, output_type="latent")
 
     def restore(self) -> None:
         """Undo what an interrupted call can leave behind: diffusers upcasts the fp16 VAE to fp32 for the
@@ -114,7 +128,11 @@ class SdxlPipelines:
         """Drop the pipelines and give the memory back (GPU cache included)."""
         import torch
 
-        self.t2i = self.i2i = None
+        from workers.core import graphed
+
+        if self.t2i is not None:
+            graphed.uninstall(self.t2i.unet)
+        self.t2i = self.i2i = self.graphs = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -143,7 +161,7 @@ def load(settings: Settings) -> SdxlPipelines:
     else:
         raise ConfigError("SDXL_MODEL_PATH must be a .safetensors/.ckpt file or a diffusers folder that exists")
     return SdxlPipelines.from_t2i(t2i, device, model_name(path), attention=settings.sdxl_attention,
-                                  compile_unet=settings.torch_compile)
+                                  compile_unet=settings.torch_compile, cuda_graphs=settings.cuda_graphs)
 
 
 def _has_fp16_variant(folder: Path) -> bool:

@@ -12,6 +12,7 @@ always run diffusers' ``WanVACEPipeline``.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
@@ -96,8 +97,10 @@ class WanModels:
     """Owns the loaded pipelines; ``generate()`` is the one entry point for a denoising run."""
 
     def __init__(self, model_path: Path | None, vace_path: Path | None = None, device: str = "auto",
-                 compile_transformer: bool = False, progress_bar: bool = False, batched_cfg: bool = True):
+                 compile_transformer: bool = False, progress_bar: bool = False, batched_cfg: bool = True,
+                 attention: str = "auto"):
         self.model_path = model_path
+        self.attention = attention  # WAN_ATTENTION: the SDPA kernel tried first (auto: PyTorch's order)
         self.batched_cfg = batched_cfg  # T2V: cond + uncond as one batch-2 transformer pass
         self.progress_bar = progress_bar  # a tqdm bar over denoising steps (the CLI; workers report progress)
         self.vace_path = vace_path
@@ -112,7 +115,7 @@ class WanModels:
     @classmethod
     def from_settings(cls, settings: Settings) -> "WanModels":
         return cls(settings.wan_model_path, settings.wan_vace_model_path, settings.device,
-                   settings.torch_compile, batched_cfg=settings.wan_batched_cfg)
+                   settings.torch_compile, batched_cfg=settings.wan_batched_cfg, attention=settings.wan_attention)
 
     @property
     def loaded(self) -> bool:
@@ -164,7 +167,7 @@ class WanModels:
                 "vace_configured": self.vace_path is not None,
                 "device": str(self.device) if self.device else None,
                 "dtype": str(self.dtype).removeprefix("torch.") if self.dtype else None,
-                "solvers": [s.value for s in Solver], "batched_cfg": self.batched_cfg}
+                "solvers": [s.value for s in Solver], "batched_cfg": self.batched_cfg, "attention": self.attention}
 
     def generate(self, spec: GenerationSpec, conditioning: VaceConditioning | None = None,
                  on_step: StepCallback | None = None) -> np.ndarray:
@@ -185,7 +188,7 @@ class WanModels:
                 kwargs.update(conditioning.kwargs())
                 kwargs.update(self._embeddings(spec))
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), attention_kernels(self.attention):
                     frames = pipe(**kwargs).frames[0]
             except torch.cuda.OutOfMemoryError:
                 gc.collect()
@@ -245,6 +248,20 @@ BATCHED_CFG_MAX_TOKENS = 8192
 def latent_tokens(spec: GenerationSpec) -> int:
     """Transformer sequence length of a job: latent frames × (H/16) × (W/16) (VAE ×8/×4, patch 1×2×2)."""
     return ((spec.num_frames - 1) // 4 + 1) * (spec.height // 16) * (spec.width // 16)
+
+
+def attention_kernels(preferred: str) -> contextlib.AbstractContextManager:
+    """``preferred`` SDPA kernel first, then PyTorch's usual order (so shapes, dtypes or devices it cannot
+    take still run: the CPU falls through to the math kernel). ``auto`` changes nothing."""
+    if preferred == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}[preferred]
+    order = [first] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                   SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH) if b is not first]
+    return sdpa_kernel(order, set_priority=True)
 
 
 def to_uint8(frames: Any) -> np.ndarray:

@@ -1,0 +1,193 @@
+"""CUDA graphs of a module's forward: one graph per input signature, captured on first use, replayed after.
+
+Eager diffusion models are host-bound on the benchmark machine: an SDXL UNet forward launches ~2,000 kernels
+and costs ~100 ms of host time against ~35 ms of GPU work (bench/RESULTS.md). A graph replays the whole
+forward with one launch and the same kernels, so the result is the eager result (checked at capture).
+
+:func:`install` replaces ``module.forward`` on the instance (pipelines call ``module(...)`` as usual). A call
+is replayed when it runs without autograd, every tensor argument is on the module's CUDA device and every
+other argument is hashable; the signature (the argument tree, each tensor's shape, stride and dtype, each
+other value) picks the graph. Anything else, and every call after a failed capture, runs eagerly.
+
+Capture follows the usual pattern (as in workers/chat/graphs.py): one eager warm-up call on a side stream,
+then the capture, all graphs of the module sharing one memory pool. Sharing is safe because replays never
+overlap and each replay's outputs are copied out before anything else runs: a later graph may reuse an
+earlier one's scratch memory, never memory that is read after its own replay.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+log = logging.getLogger(__name__)
+
+WARM_UP_CALLS = 1
+MAX_RELATIVE_ERROR = 1e-2   # replay vs eager, relative L2; the same kernels agree far closer (usually exactly)
+DEFAULT_LIMIT = 16          # graphs kept per module (least recently used dropped first)
+
+
+@dataclass
+class _Entry:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor]      # static input buffers, in the order of the tensor leaves
+    outputs: Any                    # the output tree of the captured call (overwritten by every replay)
+
+
+class ForwardGraphs:
+    """The graphs of one module's forward (what :func:`install` puts in place of ``module.forward``)."""
+
+    def __init__(self, name: str, eager: Callable[..., Any], device: torch.device, limit: int = DEFAULT_LIMIT):
+        self.name = name
+        self.eager = eager
+        self.device = device
+        self.limit = limit
+        self._graphs: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._eager_only: set[tuple] = set()    # signatures whose capture ran out of memory
+        self._pool: Any = None
+        self.failure: str | None = None
+        self.replays = 0
+        self.eager_calls = 0
+        self.capture_seconds = 0.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        key = self._key(leaves, spec)
+        if key is None or key in self._eager_only:
+            self.eager_calls += 1
+            return self.eager(*args, **kwargs)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(key, leaves, spec)
+            if entry is None:
+                self.eager_calls += 1
+                return self.eager(*args, **kwargs)
+        else:
+            self._graphs.move_to_end(key)
+            for static, leaf in zip(entry.inputs, _tensors(leaves)):
+                static.copy_(leaf)
+            entry.graph.replay()
+        self.replays += 1
+        return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, entry.outputs)
+
+    def _key(self, leaves: list[Any], spec: Any) -> tuple | None:
+        """The call's signature, or None when it must run eagerly."""
+        if self.failure is not None or torch.is_grad_enabled():
+            return None
+        parts: list[Any] = [torch.is_inference_mode_enabled()]
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                if leaf.device != self.device or leaf.requires_grad:
+                    return None
+                parts.append((tuple(leaf.shape), leaf.stride(), leaf.dtype))
+            else:
+                try:
+                    hash(leaf)
+                except TypeError:
+                    return None
+                parts.append((type(leaf), leaf))
+        return (str(spec), tuple(parts))
+
+    def _capture(self, key: tuple, leaves: list[Any], spec: Any) -> _Entry | None:
+        started = time.perf_counter()
+        inputs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+                  for t in _tensors(leaves)]
+        feed = iter(inputs)
+        args, kwargs = pytree.tree_unflatten([next(feed) if isinstance(x, torch.Tensor) else x for x in leaves],
+                                             spec)
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(WARM_UP_CALLS):
+                    expected = self.eager(*args, **kwargs)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+                outputs = self.eager(*args, **kwargs)
+            self._pool = graph.pool()
+            graph.replay()
+            error = _relative_error(outputs, expected)
+            if not error <= MAX_RELATIVE_ERROR:   # also catches NaN
+                raise RuntimeError(f"graph replay differs from the eager call (relative error {error:.2e})")
+        except torch.cuda.OutOfMemoryError:
+            log.warning("%s: not enough GPU memory to capture a graph for this shape; it runs eagerly", self.name)
+            self._eager_only.add(key)
+            _settle(self.device)
+            return None
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly, never fail the job
+            self.disable(f"{type(exc).__name__}: {exc}"[:300])
+            return None
+        self._graphs[key] = _Entry(graph, inputs, outputs)
+        while len(self._graphs) > self.limit:
+            self._graphs.popitem(last=False)
+        elapsed = time.perf_counter() - started
+        self.capture_seconds += elapsed
+        log.info("%s: captured a CUDA graph in %.2f s (%d kept)", self.name, elapsed, len(self._graphs))
+        return self._graphs[key]
+
+    def release(self) -> None:
+        """Drop every graph and its memory pool (after an out-of-memory error); shapes are captured again
+        on their next call."""
+        self._graphs.clear()
+        self._pool = None
+
+    def disable(self, reason: str) -> None:
+        log.warning("CUDA graphs disabled for %s (running eagerly): %s", self.name, reason)
+        self.failure = reason
+        self.release()
+        _settle(self.device)
+
+    def describe(self) -> dict[str, Any]:
+        return {"graphs": len(self._graphs), "replays": self.replays, "eager_calls": self.eager_calls,
+                "capture_seconds": round(self.capture_seconds, 2), "failure": self.failure}
+
+
+def install(module: torch.nn.Module, name: str, limit: int = DEFAULT_LIMIT) -> ForwardGraphs | None:
+    """Replace ``module.forward`` with its graphed twin; None (nothing changed) off CUDA."""
+    parameter = next(module.parameters(), None)
+    if parameter is None or parameter.device.type != "cuda":
+        return None
+    graphs = ForwardGraphs(name, module.forward, parameter.device, limit)
+    module.forward = functools.update_wrapper(  # type: ignore[method-assign]
+        lambda *args, **kwargs: graphs(*args, **kwargs), module.forward)
+    module.forward.graphs = graphs  # type: ignore[attr-defined]
+    return graphs
+
+
+def uninstall(module: torch.nn.Module) -> None:
+    """Back to the class's own forward (drops the graphs and their memory)."""
+    if "forward" in vars(module) and hasattr(module.forward, "graphs"):
+        del module.forward
+
+
+def graphs_of(module: torch.nn.Module) -> ForwardGraphs | None:
+    return getattr(vars(module).get("forward"), "graphs", None)
+
+
+def _tensors(leaves: list[Any]) -> list[torch.Tensor]:
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+def _relative_error(outputs: Any, expected: Any) -> float:
+    got = [t.float() for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+    want = [t.float() for t in pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
+    if len(got) != len(want) or not want:
+        return float("inf")
+    diff = sum(float((g - w).norm()) ** 2 for g, w in zip(got, want)) ** 0.5
+    scale = sum(float(w.norm()) ** 2 for w in want) ** 0.5
+    return diff / max(scale, 1e-6)
+
+
+def _settle(device: torch.device) -> None:
+    try:
+        torch.cuda.synchronize(device)
+    except RuntimeError:  # a broken capture may leave an error behind; the eager path will report it
+        log.warning("synchronising after a failed capture raised", exc_info=True)
