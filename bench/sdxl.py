@@ -26,7 +26,8 @@ from workers.sdxl.request import TIER_DEFAULTS
 
 from . import models
 from .context import Context
-from .measure import BF16_TOLERANCE, describe, free, peak_gb, rel_err, repeat, reset_peak, resident_gb, timed
+from .measure import (BF16_TOLERANCE, describe, free, peak_gb, rel_err, repeat, reset_peak, resident_gb, sync,
+                      timed)
 from .report import Row
 
 SECTION = "sdxl"
@@ -139,6 +140,8 @@ def _measure_ours(ctx: Context, handler: SdxlHandler, pipe, base: dict | None, s
         ctx.report.add(Row(f"sdxl_peak_{n}", f"SDXL peak VRAM, {n} images", "GB",
                            baseline=base and base["peak"], ours=peak),
                        ("<=", PEAK_TARGET_GB) if p.full and n == 6 else None)
+    if n == 1:
+        ctx.report.detail(SECTION, f"ours_phases_{steps}x{n}", _phases(handler, job(p.sdxl_side, steps, n), dev))
     if base is None:
         return
     latent_err = rel_err(latents, base["latents"])
@@ -151,6 +154,25 @@ def _measure_ours(ctx: Context, handler: SdxlHandler, pipe, base: dict | None, s
     max_diff = int(np.abs(ours_images.astype(int) - base_images.astype(int)).max())
     ctx.report.check(f"SDXL {steps}x{n} images", image_err <= BF16_TOLERANCE,
                      f"rel err {image_err:.2e}, max |Δpixel| {max_diff}/255, pixel std {base_images.std():.1f}")
+
+
+def _phases(handler: SdxlHandler, the_job, dev: torch.device) -> dict[str, float]:
+    """Where one job's time goes: start to the end of step 1 (text encoding + one step), the median step,
+    and the last step to the end (VAE decode, PIL, PNG + thumbnail encode). Each mark after a sync."""
+    marks: list[float] = []
+    sync(dev)
+    started = time.perf_counter()
+
+    def progress(_fraction: float, _message: str) -> None:
+        sync(dev)
+        marks.append(time.perf_counter() - started)
+    handler.run(the_job, progress)
+    sync(dev)
+    total = time.perf_counter() - started
+    gaps = sorted(b - a for a, b in zip(marks, marks[1:]))
+    return {"total_s": round(total, 4), "to_first_step_s": round(marks[0], 4) if marks else None,
+            "median_step_s": round(gaps[len(gaps) // 2], 4) if gaps else None,
+            "after_last_step_s": round(total - marks[-1], 4) if marks else None}
 
 
 def compiled(ctx: Context) -> None:

@@ -33,6 +33,13 @@ MAX_RELATIVE_ERROR = 1e-2   # replay vs eager, relative L2; the same kernels agr
 DEFAULT_LIMIT = 16          # graphs kept per module (least recently used dropped first)
 
 
+class SharedPool:
+    """One CUDA graph memory pool for several modules' graphs (their replays never overlap either)."""
+
+    def __init__(self) -> None:
+        self.handle: Any = None
+
+
 @dataclass
 class _Entry:
     graph: torch.cuda.CUDAGraph
@@ -43,20 +50,26 @@ class _Entry:
 class ForwardGraphs:
     """The graphs of one module's forward (what :func:`install` puts in place of ``module.forward``)."""
 
-    def __init__(self, name: str, eager: Callable[..., Any], device: torch.device, limit: int = DEFAULT_LIMIT):
+    def __init__(self, name: str, eager: Callable[..., Any], device: torch.device, limit: int = DEFAULT_LIMIT,
+                 weights: Callable[[], Any] = lambda: None, pool: "SharedPool | None" = None):
         self.name = name
         self.eager = eager
         self.device = device
         self.limit = limit
+        self._weights = weights             # where the weights live now; a graph reads them by address
+        self._captured_weights: Any = None
+        self._shared = pool or SharedPool()
         self._graphs: OrderedDict[tuple, _Entry] = OrderedDict()
         self._eager_only: set[tuple] = set()    # signatures whose capture ran out of memory
-        self._pool: Any = None
         self.failure: str | None = None
         self.replays = 0
         self.eager_calls = 0
         self.capture_seconds = 0.0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._graphs and self._weights() != self._captured_weights:
+            log.info("%s: the weights moved (cast or reloaded); capturing again", self.name)
+            self.release()
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key = self._key(leaves, spec)
         if key is None or key in self._eager_only:
@@ -110,9 +123,13 @@ class ForwardGraphs:
             torch.cuda.current_stream(self.device).wait_stream(stream)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self._shared.handle, stream=stream, capture_error_mode="thread_local"):
                 outputs = self.eager(*args, **kwargs)
-            self._pool = graph.pool()
+            self._shared.handle = graph.pool()
+            odd = [type(x).__name__ for x in pytree.tree_leaves(outputs)
+                   if not isinstance(x, (torch.Tensor, int, float, bool, str, type(None)))]
+            if odd:   # a replay would hand out objects whose tensors the next replay overwrites
+                raise RuntimeError(f"outputs hold objects the graph cannot copy out: {', '.join(odd)}")
             graph.replay()
             error = _relative_error(outputs, expected)
             if not error <= MAX_RELATIVE_ERROR:   # also catches NaN
@@ -126,6 +143,7 @@ class ForwardGraphs:
             self.disable(f"{type(exc).__name__}: {exc}"[:300])
             return None
         self._graphs[key] = _Entry(graph, inputs, outputs)
+        self._captured_weights = self._weights()
         while len(self._graphs) > self.limit:
             self._graphs.popitem(last=False)
         elapsed = time.perf_counter() - started
@@ -137,7 +155,7 @@ class ForwardGraphs:
         """Drop every graph and its memory pool (after an out-of-memory error); shapes are captured again
         on their next call."""
         self._graphs.clear()
-        self._pool = None
+        self._shared.handle = None
 
     def disable(self, reason: str) -> None:
         log.warning("CUDA graphs disabled for %s (running eagerly): %s", self.name, reason)
@@ -150,12 +168,19 @@ class ForwardGraphs:
                 "capture_seconds": round(self.capture_seconds, 2), "failure": self.failure}
 
 
-def install(module: torch.nn.Module, name: str, limit: int = DEFAULT_LIMIT) -> ForwardGraphs | None:
-    """Replace ``module.forward`` with its graphed twin; None (nothing changed) off CUDA."""
+def install(module: torch.nn.Module, name: str, limit: int = DEFAULT_LIMIT,
+            pool: SharedPool | None = None) -> ForwardGraphs | None:
+    """Replace ``module.forward`` with its graphed twin; None (nothing changed) off CUDA. ``pool`` shares one
+    memory pool with other modules' graphs."""
     parameter = next(module.parameters(), None)
     if parameter is None or parameter.device.type != "cuda":
         return None
-    graphs = ForwardGraphs(name, module.forward, parameter.device, limit)
+    params = list(module.parameters())
+
+    def weights() -> tuple[int, ...]:
+        return (params[0].data_ptr(), params[-1].data_ptr(), params[0].dtype.itemsize)
+
+    graphs = ForwardGraphs(name, module.forward, parameter.device, limit, weights, pool)
     module.forward = functools.update_wrapper(  # type: ignore[method-assign]
         lambda *args, **kwargs: graphs(*args, **kwargs), module.forward)
     module.forward.graphs = graphs  # type: ignore[attr-defined]

@@ -91,7 +91,7 @@ class Settings:
     device: str = "auto"
     torch_compile: bool = False
     sdxl_attention: str = "sdpa"
-    cuda_graphs: bool = True      # CUDA_GRAPHS: replay the SDXL UNet as a CUDA graph per shape
+    cuda_graphs: bool = True      # CUDA_GRAPHS: replay the SDXL UNet and text encoders as CUDA graphs per shape
     max_prompt_chars: int = 2000
     # Chat worker (workers/chat)
     qwen_base_preload: bool = False

@@ -116,8 +116,7 @@ def _free(pipes: SdxlPipelines) -> None:
     import torch
 
     pipes.restore()
-    if pipes.graphs is not None:
-        pipes.graphs.release()   # the graphs' memory pool holds a whole forward's activations
+    pipes.release_graphs()   # the graphs' memory pool holds a whole forward's activations
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

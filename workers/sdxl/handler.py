@@ -82,7 +82,7 @@ class SdxlHandler:
             return base | {"model": _configured_name(self.settings), "device": None, "dtype": None}
         return base | {"model": pipes.name, "device": pipes.device.type, "dtype": str(pipes.dtype).split(".")[-1],
                        "attention": pipes.attention, "torch_compile": pipes.compiled,
-                       "cuda_graphs": pipes.graphs.describe() if pipes.graphs is not None else None,
+                       "cuda_graphs": pipes.describe_graphs(),
                        "shared_weights": pipes.i2i.unet is pipes.t2i.unet, "notes": list(pipes.notes)}
 
     def register_routes(self, app: Any, service: Any) -> None:

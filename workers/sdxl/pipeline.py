@@ -6,8 +6,8 @@ image-to-image.
 fp32 on CPU. Attention is PyTorch SDPA (diffusers' default); xformers only when ``SDXL_ATTENTION=xformers``
 and the package is importable. On CUDA: VAE slicing (a batch of 6 decodes one image at a time), optional
 ``torch.compile`` of the UNet in place (so both pipelines keep the same object), or else (``CUDA_GRAPHS``,
-the default) the UNet replayed as one CUDA graph per input shape (workers/core/graphed.py: the same kernels
-without ~2,000 Python-side launches per step), either warmed up by :meth:`SdxlPipelines.warm_up` for the
+the default) the UNet and text encoders replayed as one CUDA graph per input shape (workers/core/graphed.py:
+the same kernels without ~2,000 Python-side launches per UNet step), either warmed up by :meth:`SdxlPipelines.warm_up` for the
 default shapes before the worker reports ready. Channels-last was measured on an H100 and
 left out: no gain at batch 2, 11 % slower at batch 12 (SDPA dominates at 1024²).
 """
@@ -32,6 +32,10 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # Warm-up of these three shapes: about 290 s. Any other size compiles on its first job (about 90 s) until
 # dynamo's recompile limit, after which that size runs eagerly.
 WARM_UP_SHAPES = ((1024, 1024, 1), (1024, 1024, 3), (1024, 1024, 6))
+# Replayed as CUDA graphs (CUDA_GRAPHS): the UNet (~2,000 launches per step) and both text encoders (four
+# host-bound forwards per job). The VAE is left eager: diffusers casts it to fp32 and back around every
+# decode, which moves its weights, and its decode is GPU-bound anyway.
+GRAPHED_MODULES = ("unet", "text_encoder", "text_encoder_2")
 
 
 def resolve_device(setting: str) -> Any:
@@ -67,7 +71,7 @@ class SdxlPipelines:
     attention: str = "sdpa"
     compiled: bool = False
     notes: list[str] = field(default_factory=list)
-    graphs: Any = None                   # workers.core.graphed.ForwardGraphs of the UNet, None when eager
+    graphs: dict[str, Any] = field(default_factory=dict)   # module -> workers.core.graphed.ForwardGraphs
 
     @classmethod
     def from_t2i(cls, t2i: Any, device: Any, name: str, attention: str = "sdpa",
@@ -84,12 +88,16 @@ class SdxlPipelines:
         attention = _attention(t2i, attention, device, notes)
         if device.type == "cuda":
             t2i.vae.enable_slicing()
-        compiled, graphs = False, None
+        compiled, graphs = False, {}
         if compile_unet:
             t2i.unet.compile(fullgraph=False, dynamic=False)
             compiled = True
         elif cuda_graphs:
-            graphs = graphed.install(t2i.unet, "SDXL UNet")
+            pool = graphed.SharedPool()
+            for part in GRAPHED_MODULES:
+                installed = graphed.install(getattr(t2i, part), f"SDXL {part}", pool=pool)
+                if installed is not None:
+                    graphs[part] = installed
         dtype = t2i.unet.dtype
         # from_pipe casts every shared module to its ``dtype`` argument, float32 when none is given: without
         # it the fp16 UNet silently becomes fp32 (3-6x slower on an H100, twice the memory)
@@ -100,7 +108,15 @@ class SdxlPipelines:
 
     @property
     def needs_warm_up(self) -> bool:
-        return self.compiled or self.graphs is not None
+        return self.compiled or bool(self.graphs)
+
+    def describe_graphs(self) -> dict[str, Any] | None:
+        return {part: graphs.describe() for part, graphs in self.graphs.items()} or None
+
+    def release_graphs(self) -> None:
+        """Drop every captured graph and its memory (after an out-of-memory error); re-captured on use."""
+        for graphs in self.graphs.values():
+            graphs.release()
 
     def warm_up(self, shapes: tuple[tuple[int, int, int], ...] = WARM_UP_SHAPES) -> None:
         """Run each (width, height, batch) once, 2 steps, so ``torch.compile`` or the CUDA graph captures
@@ -131,8 +147,10 @@ class SdxlPipelines:
         from workers.core import graphed
 
         if self.t2i is not None:
-            graphed.uninstall(self.t2i.unet)
-        self.t2i = self.i2i = self.graphs = None
+            for part in self.graphs:
+                graphed.uninstall(getattr(self.t2i, part))
+        self.graphs = {}
+        self.t2i = self.i2i = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
