@@ -36,19 +36,20 @@ PROMPT = "a man walking through a forest in the rain, slow motion video, fog"
 SEED = 7
 GUIDANCE = TIER_DEFAULTS["fast"][1]
 VIDEO_TARGET_S, IMAGE_TARGET_S = 24.0, 1.5
-ATTENTION_VARIANTS = ("cudnn",)    # WAN_ATTENTION values measured beside the default on CUDA
 
 
 class AdoptedModels(WanModels):
     """``WanModels`` whose ``load()`` takes an already built pipeline (random weights) instead of a folder."""
 
-    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype):
-        super().__init__(None, None, device=str(device))
+    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype, settings: Settings):
+        super().__init__(None, None, device=str(device), batched_cfg=settings.wan_batched_cfg,
+                         cuda_graphs=settings.cuda_graphs)
         self._built, self._built_dtype = pipe, dtype
 
     def load(self, which: str = "all") -> str:
         with self._lock:
-            self.device, self.dtype, self._t2v = self._built.transformer.device, self._built_dtype, self._built
+            self.device, self.dtype = self._built.transformer.device, self._built_dtype
+            self._adopt_t2v(self._built)
             return "adopted the built pipeline"
 
 
@@ -128,7 +129,8 @@ def run(ctx: Context) -> None:
     ctx.step(SECTION, "baseline video", 20, baseline_video)
 
     def make_handler():
-        handler = WanHandler(Settings(device=dev.type), models=AdoptedModels(pipe, dev, p.bf16))
+        settings = Settings(device=dev.type)   # the worker's defaults
+        handler = WanHandler(settings, models=AdoptedModels(pipe, dev, p.bf16, settings))
         handler.setup()
         ctx.report.detail(SECTION, "ours_batched_cfg", handler.status()["batched_cfg"])  # WAN_BATCHED_CFG
         return handler
@@ -140,58 +142,9 @@ def run(ctx: Context) -> None:
     ctx.step(SECTION, "ours image", 10, lambda: _ours_image(ctx, handler, pipe, base.get("image")))
     ctx.step(SECTION, "ours video", 25, lambda: _ours_video(ctx, handler, pipe, base.get("video")))
     ctx.step(SECTION, "to_uint8", 5, lambda: _to_uint8(ctx))
-    del handler
+    ctx.report.detail(SECTION, "handler_status_after", handler.status())
+    del handler, pipe
     free(dev)
-    if p.cuda:
-        ctx.step(SECTION, "attention kernels", 30, lambda: _attention_kernels(ctx, pipe))
-        for kernel in ATTENTION_VARIANTS:
-            variant = WanHandler(Settings(device=dev.type, wan_attention=kernel),
-                                 models=AdoptedModels(pipe, dev, p.bf16))
-            variant.setup()
-            ctx.step(SECTION, f"ours video, WAN_ATTENTION={kernel}", 25,
-                     lambda: _ours_video(ctx, variant, pipe, base.get("video"), kernel))
-            del variant
-    del pipe
-    free(dev)
-
-
-def _attention_kernels(ctx: Context, pipe: Any) -> None:
-    """One transformer pass at the 81-frame shape, and the bare attention of that shape, per SDPA kernel:
-    which kernel PyTorch picks matters most where attention is ~70 % of the FLOPs (32,760 tokens)."""
-    from workers.wan.pipeline import attention_kernels
-
-    p, dev = ctx.profile, ctx.profile.device
-    model = pipe.transformer
-    generator = torch.Generator(dev).manual_seed(0)
-    latent_frames = (p.wan_frames - 1) // 4 + 1
-    x = torch.randn(1, model.config.in_channels, latent_frames, p.wan_height // 8, p.wan_width // 8,
-                    generator=generator, device=dev, dtype=p.bf16)
-    text = torch.randn(1, 512, model.config.text_dim, generator=generator, device=dev, dtype=p.bf16)
-    timestep = torch.tensor([500], device=dev)
-    heads = model.config.num_attention_heads
-    tokens = latent_frames * (p.wan_height // 16) * (p.wan_width // 16)
-    q = torch.randn(1, heads, tokens, model.config.attention_head_dim, generator=generator, device=dev,
-                    dtype=p.bf16)
-    attention_flop = 4 * tokens * tokens * model.config.attention_head_dim * heads
-    results: dict[str, Any] = {"tokens": tokens}
-    reference = None
-    for kernel in ("auto", "flash", "cudnn", "efficient"):
-        try:
-            with torch.inference_mode(), attention_kernels(kernel):
-                forward = lambda: model(hidden_states=x, timestep=timestep, encoder_hidden_states=text,  # noqa: E731
-                                        return_dict=False)[0]
-                out = forward()
-                passes = [timed(forward, dev)[0] for _ in range(2)]
-                bare = lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)  # noqa: E731
-                bare()
-                attn = [timed(bare, dev)[0] for _ in range(3)]
-            reference = out if reference is None else reference
-            results[kernel] = {"pass_s": round(min(passes), 4), "attention_s": round(min(attn), 5),
-                               "attention_tflops": round(attention_flop / min(attn) / 1e12, 1),
-                               "rel_err_vs_auto": rel_err(out, reference)}
-        except Exception as exc:  # noqa: BLE001 - a kernel this build lacks is a result, not a failure
-            results[kernel] = f"{type(exc).__name__}: {exc}"[:200]
-    ctx.report.detail(SECTION, "attention_kernels", results)
 
 
 def _to_uint8(ctx: Context) -> None:
@@ -240,7 +193,7 @@ def _ours_image(ctx: Context, handler: WanHandler, pipe: Any, base: dict | None)
                      f"rel err {err:.2e}, max |Δpixel| {int(np.abs(ours.astype(int) - base['frames'][0]).max())}")
 
 
-def _ours_video(ctx: Context, handler: WanHandler, pipe: Any, base: dict | None, kernel: str = "") -> None:
+def _ours_video(ctx: Context, handler: WanHandler, pipe: Any, base: dict | None) -> None:
     p, dev = ctx.profile, ctx.profile.device
     reset_peak(dev)
     clock = StepClock(dev)
@@ -249,22 +202,19 @@ def _ours_video(ctx: Context, handler: WanHandler, pipe: Any, base: dict | None,
                                        tap=pipe.vae.post_quant_conv)
     ours = _video_numbers(p, all_s[0], clock)
     encode = all_s[0] - ours["marks_s"].get("encoding", all_s[0]) if "marks_s" in ours else None
-    suffix = f"_{kernel}" if kernel else ""
-    named = f", WAN_ATTENTION={kernel}" if kernel else ""
-    ctx.report.detail(SECTION, "ours_video" + suffix, ours | {"peak_gb": peak_gb(dev), "mp4_encode_s": encode,
+    ctx.report.detail(SECTION, "ours_video", ours | {"peak_gb": peak_gb(dev), "mp4_encode_s": encode,
                                                       "frames": result.metadata.get("frame_num"),
                                                       "generation_time": result.metadata["generation_time"]})
     extrapolated = f"extrapolated from {p.wan_video_steps} measured steps"
-    ctx.report.add(Row("wan_video" + suffix, f"WAN {p.wan_width}×{p.wan_height} {p.wan_frames} frames, "
-                       f"{p.wan_full_steps} steps, CFG{named}", "s", baseline=base and base.get("extrapolated_s"),
+    ctx.report.add(Row("wan_video", f"WAN {p.wan_width}×{p.wan_height} {p.wan_frames} frames, {p.wan_full_steps} "
+                       "steps, CFG", "s", baseline=base and base.get("extrapolated_s"),
                        ours=ours.get("extrapolated_s"), peak_gb=peak_gb(dev),
                        note=f"{extrapolated}; ours incl. MP4 encode"),
                    ("<=", VIDEO_TARGET_S) if p.full else None)
-    ctx.report.add(Row("wan_video_step" + suffix, f"WAN {p.wan_frames} frames, one CFG step (2 transformer "
-                       f"passes){named}", "s",
+    ctx.report.add(Row("wan_video_step", f"WAN {p.wan_frames} frames, one CFG step (2 transformer passes)", "s",
                        baseline=base and base.get("per_step_s"), ours=ours.get("per_step_s")))
     if base is None:
         return
     err = rel_err(latents, base["latents"])
-    ctx.report.check(f"WAN {p.wan_frames} frames latents{named}", err <= BF16_TOLERANCE,
+    ctx.report.check(f"WAN {p.wan_frames} frames latents", err <= BF16_TOLERANCE,
                      f"rel err {err:.2e} ({describe(latents)})")

@@ -173,16 +173,13 @@ def test_batched_cfg_only_where_the_transformer_is_launch_bound():
     assert latent_tokens(spec(17)) <= BATCHED_CFG_MAX_TOKENS  # short clips still batch
 
 
-def test_wan_attention_setting_prefers_a_kernel_and_still_runs_anywhere(wan_settings):
-    from workers.core.errors import ConfigError
-    from workers.wan.pipeline import attention_kernels
+def test_only_launch_bound_shapes_are_graphed():
+    from workers.wan.pipeline import BATCHED_CFG_MAX_TOKENS, small_latents
 
-    assert Settings.from_env({}).wan_attention == "auto"
-    assert WanModels.from_settings(replace(wan_settings, wan_attention="cudnn")).attention == "cudnn"
-    with pytest.raises(ConfigError, match="WAN_ATTENTION"):
-        Settings.from_env({"WAN_ATTENTION": "fast"})
-    q = torch.randn(1, 2, 5, 8)
-    want = torch.nn.functional.scaled_dot_product_attention(q, q, q)
-    for kernel in ("auto", "cudnn", "flash", "efficient"):   # on the CPU every one falls through to math
-        with attention_kernels(kernel):
-            assert torch.allclose(torch.nn.functional.scaled_dot_product_attention(q, q, q), want, atol=1e-6)
+    frame = torch.zeros(2, 16, 1, 60, 104)                # one 832x480 frame: 1,560 tokens
+    video = torch.zeros(1, 16, 21, 60, 104)               # 81 frames: 32,760 tokens
+    text = torch.zeros(2, 512, 64)
+    assert small_latents([frame, torch.zeros(2), text]) and not small_latents([video, text])
+    assert not small_latents([text])                      # no latent video among the arguments
+    edge = BATCHED_CFG_MAX_TOKENS // (60 * 104 // 4)
+    assert small_latents([torch.zeros(1, 16, edge, 60, 104)]) != small_latents([torch.zeros(1, 16, edge + 1, 60, 104)])

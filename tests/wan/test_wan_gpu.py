@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from workers.wan.handler import WanHandler
+from workers.wan.pipeline import WanModels
 
 from .conftest import RecordingModels, make_job, no_progress, png_size, video_frames
 
@@ -47,3 +48,21 @@ def test_cuda_vace_reference_modes(cuda_models, wan_settings, media):
         result = handler.run(make_job(config=config), no_progress)
         assert result.metadata["reference_mode_applied"] is True and cuda_models.last["pipeline"] == "WanVACEPipeline"
         assert len(video_frames(result.outputs[0].data)) == 5
+
+
+def test_cuda_graphs_replay_and_change_nothing(wan_settings):
+    graphed_models = WanModels(wan_settings.wan_model_path, None, "cuda", cuda_graphs=True)
+    eager_models = WanModels(wan_settings.wan_model_path, None, "cuda", cuda_graphs=False)
+    outputs = {}
+    for name, models in (("graphs", graphed_models), ("eager", eager_models)):
+        models.load("all")
+        handler = WanHandler(wan_settings, models=models)
+        job = make_job("image_fast", config={"size": "96*64", "seed": 3})
+        outputs[name] = [handler.run(job, no_progress).outputs[0].data for _ in range(2)]
+        handler.run(make_job(config={"frame_num": 9, "size": "96*64"}), no_progress)
+    graphs = graphed_models.status()["cuda_graphs"]
+    assert graphs["failure"] is None and graphs["graphs"] == 2 and graphs["replays"] > 0   # image and video shapes
+    assert eager_models.status()["cuda_graphs"] is None
+    assert outputs["graphs"][0] == outputs["graphs"][1] == outputs["eager"][0]
+    graphed_models.unload("all")
+    eager_models.unload("all")

@@ -51,7 +51,8 @@ class ForwardGraphs:
     """The graphs of one module's forward (what :func:`install` puts in place of ``module.forward``)."""
 
     def __init__(self, name: str, eager: Callable[..., Any], device: torch.device, limit: int = DEFAULT_LIMIT,
-                 weights: Callable[[], Any] = lambda: None, pool: "SharedPool | None" = None):
+                 weights: Callable[[], Any] = lambda: None, pool: "SharedPool | None" = None,
+                 accept: Callable[[list[Any]], bool] | None = None):
         self.name = name
         self.eager = eager
         self.device = device
@@ -59,6 +60,7 @@ class ForwardGraphs:
         self._weights = weights             # where the weights live now; a graph reads them by address
         self._captured_weights: Any = None
         self._shared = pool or SharedPool()
+        self._accept = accept               # which calls may be graphed (by their flattened arguments)
         self._graphs: OrderedDict[tuple, _Entry] = OrderedDict()
         self._eager_only: set[tuple] = set()    # signatures whose capture ran out of memory
         self.failure: str | None = None
@@ -92,6 +94,8 @@ class ForwardGraphs:
     def _key(self, leaves: list[Any], spec: Any) -> tuple | None:
         """The call's signature, or None when it must run eagerly."""
         if self.failure is not None or torch.is_grad_enabled():
+            return None
+        if self._accept is not None and not self._accept(leaves):
             return None
         parts: list[Any] = [torch.is_inference_mode_enabled()]
         for leaf in leaves:
@@ -168,10 +172,11 @@ class ForwardGraphs:
                 "capture_seconds": round(self.capture_seconds, 2), "failure": self.failure}
 
 
-def install(module: torch.nn.Module, name: str, limit: int = DEFAULT_LIMIT,
-            pool: SharedPool | None = None) -> ForwardGraphs | None:
+def install(module: torch.nn.Module, name: str, limit: int = DEFAULT_LIMIT, pool: SharedPool | None = None,
+            accept: Callable[[list[Any]], bool] | None = None) -> ForwardGraphs | None:
     """Replace ``module.forward`` with its graphed twin; None (nothing changed) off CUDA. ``pool`` shares one
-    memory pool with other modules' graphs."""
+    memory pool with other modules' graphs; ``accept(leaves)`` limits graphs to some calls (others run
+    eagerly), e.g. to shapes whose activations are worth keeping in the pool."""
     parameter = next(module.parameters(), None)
     if parameter is None or parameter.device.type != "cuda":
         return None
@@ -180,7 +185,7 @@ def install(module: torch.nn.Module, name: str, limit: int = DEFAULT_LIMIT,
     def weights() -> tuple[int, ...]:
         return (params[0].data_ptr(), params[-1].data_ptr(), params[0].dtype.itemsize)
 
-    graphs = ForwardGraphs(name, module.forward, parameter.device, limit, weights, pool)
+    graphs = ForwardGraphs(name, module.forward, parameter.device, limit, weights, pool, accept)
     module.forward = functools.update_wrapper(  # type: ignore[method-assign]
         lambda *args, **kwargs: graphs(*args, **kwargs), module.forward)
     module.forward.graphs = graphs  # type: ignore[attr-defined]

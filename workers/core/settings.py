@@ -14,7 +14,6 @@ from urllib.parse import urlsplit
 from .errors import ConfigError
 
 T = TypeVar("T")
-ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient")   # WAN_ATTENTION: preferred SDPA kernel
 
 
 class Secret:
@@ -82,7 +81,6 @@ class Settings:
     wan_enhance_template: Path | None = None
     wan_enhance_timeout_seconds: float = 20.0
     wan_batched_cfg: bool = True  # WAN_BATCHED_CFG: cond + uncond in one batch-2 transformer pass
-    wan_attention: str = "auto"   # WAN_ATTENTION: the SDPA kernel preferred (auto = PyTorch's own choice)
     qwen_instruct_path: Path | None = None
     qwen_base_path: Path | None = None
     chat_worker_url: str = "http://127.0.0.1:7861"
@@ -91,7 +89,7 @@ class Settings:
     device: str = "auto"
     torch_compile: bool = False
     sdxl_attention: str = "sdpa"
-    cuda_graphs: bool = True      # CUDA_GRAPHS: replay the SDXL UNet and text encoders as CUDA graphs per shape
+    cuda_graphs: bool = True      # CUDA_GRAPHS: SDXL UNet/text encoders, WAN transformer as CUDA graphs
     max_prompt_chars: int = 2000
     # Chat worker (workers/chat)
     qwen_base_preload: bool = False
@@ -102,6 +100,7 @@ class Settings:
     chat_enhance_template_path: Path | None = None
     chat_static_cache: bool = True   # CHAT_STATIC_CACHE: slot KV cache for decoding (off: the DynamicCache path)
     chat_cuda_graphs: bool = True    # CHAT_CUDA_GRAPHS: CUDA-graph the decode step (only on CUDA, static cache)
+    chat_compile_decode: bool = False   # CHAT_COMPILE_DECODE: torch.compile the lean decode step (slow start)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
@@ -142,7 +141,6 @@ class Settings:
             wan_enhance_template=r.path("WAN_ENHANCE_TEMPLATE"),
             wan_enhance_timeout_seconds=r.number("WAN_ENHANCE_TIMEOUT_SECONDS", 20.0, 0.5, 300),
             wan_batched_cfg=r.boolean("WAN_BATCHED_CFG", True),
-            wan_attention=r.choice("WAN_ATTENTION", ATTENTION_KERNELS, "auto"),
             qwen_instruct_path=r.path("QWEN_INSTRUCT_PATH"),
             qwen_base_path=r.path("QWEN_BASE_PATH"),
             chat_worker_url=r.url("CHAT_WORKER_URL") or "http://127.0.0.1:7861",
@@ -161,6 +159,7 @@ class Settings:
             chat_enhance_template_path=r.path("CHAT_ENHANCE_TEMPLATE_PATH"),
             chat_static_cache=r.boolean("CHAT_STATIC_CACHE", True),
             chat_cuda_graphs=r.boolean("CHAT_CUDA_GRAPHS", True),
+            chat_compile_decode=r.boolean("CHAT_COMPILE_DECODE", False),
         )
         if settings.poll_min_seconds > settings.poll_max_seconds:
             raise ConfigError("QUEUE_POLL_MIN_SECONDS must not exceed QUEUE_POLL_MAX_SECONDS")

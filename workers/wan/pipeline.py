@@ -12,7 +12,6 @@ always run diffusers' ``WanVACEPipeline``.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import threading
@@ -25,6 +24,7 @@ import torch
 from diffusers import (DPMSolverMultistepScheduler, UniPCMultistepScheduler, WanPipeline,
                        WanVACEPipeline, WanVACETransformer3DModel)
 
+from workers.core import graphed
 from workers.core.errors import ErrorType, FatalWorkerError, RetryableError, WorkerError
 from workers.core.settings import Settings
 
@@ -98,9 +98,10 @@ class WanModels:
 
     def __init__(self, model_path: Path | None, vace_path: Path | None = None, device: str = "auto",
                  compile_transformer: bool = False, progress_bar: bool = False, batched_cfg: bool = True,
-                 attention: str = "auto"):
+                 cuda_graphs: bool = False):
         self.model_path = model_path
-        self.attention = attention  # WAN_ATTENTION: the SDPA kernel tried first (auto: PyTorch's order)
+        self.cuda_graphs = cuda_graphs  # CUDA_GRAPHS: the T2V transformer replayed per shape (small shapes)
+        self._graphs: graphed.ForwardGraphs | None = None
         self.batched_cfg = batched_cfg  # T2V: cond + uncond as one batch-2 transformer pass
         self.progress_bar = progress_bar  # a tqdm bar over denoising steps (the CLI; workers report progress)
         self.vace_path = vace_path
@@ -115,7 +116,7 @@ class WanModels:
     @classmethod
     def from_settings(cls, settings: Settings) -> "WanModels":
         return cls(settings.wan_model_path, settings.wan_vace_model_path, settings.device,
-                   settings.torch_compile, batched_cfg=settings.wan_batched_cfg, attention=settings.wan_attention)
+                   settings.torch_compile, batched_cfg=settings.wan_batched_cfg, cuda_graphs=settings.cuda_graphs)
 
     @property
     def loaded(self) -> bool:
@@ -135,9 +136,7 @@ class WanModels:
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             loaded = []
             if self._t2v is None:
-                self._t2v = self._guarded(load_t2v, "WAN", self.model_path, self.device, self.dtype)
-                self._t2v.set_progress_bar_config(disable=True)
-                self._maybe_compile(self._t2v.transformer)
+                self._adopt_t2v(self._guarded(load_t2v, "WAN", self.model_path, self.device, self.dtype))
                 loaded.append("t2v")
             if which in ("all", "vace") and self.vace_path is not None and self._vace is None:
                 if not Path(self.vace_path).is_dir():
@@ -155,7 +154,8 @@ class WanModels:
                 self._vace = None
                 freed.append("vace")
             if which != "vace" and self._t2v is not None:
-                self._t2v = None
+                graphed.uninstall(self._t2v.transformer)
+                self._t2v = self._graphs = None
                 freed.append("t2v")
             gc.collect()
             if torch.cuda.is_available():
@@ -167,7 +167,8 @@ class WanModels:
                 "vace_configured": self.vace_path is not None,
                 "device": str(self.device) if self.device else None,
                 "dtype": str(self.dtype).removeprefix("torch.") if self.dtype else None,
-                "solvers": [s.value for s in Solver], "batched_cfg": self.batched_cfg, "attention": self.attention}
+                "solvers": [s.value for s in Solver], "batched_cfg": self.batched_cfg,
+                "cuda_graphs": self._graphs.describe() if self._graphs is not None else None}
 
     def generate(self, spec: GenerationSpec, conditioning: VaceConditioning | None = None,
                  on_step: StepCallback | None = None) -> np.ndarray:
@@ -188,7 +189,7 @@ class WanModels:
                 kwargs.update(conditioning.kwargs())
                 kwargs.update(self._embeddings(spec))
             try:
-                with torch.inference_mode(), attention_kernels(self.attention):
+                with torch.inference_mode():
                     frames = pipe(**kwargs).frames[0]
             except torch.cuda.OutOfMemoryError:
                 gc.collect()
@@ -225,6 +226,14 @@ class WanModels:
         return {"prompt": None, "negative_prompt": None, "prompt_embeds": positive,
                 "negative_prompt_embeds": negative}
 
+    def _adopt_t2v(self, pipe: WanPipeline) -> None:
+        """Make a loaded T2V pipeline the resident one: quiet, compiled or graphed as the settings say."""
+        self._t2v = pipe
+        pipe.set_progress_bar_config(disable=True)
+        self._maybe_compile(pipe.transformer)
+        if self.cuda_graphs and not self.compile_transformer:
+            self._graphs = graphed.install(pipe.transformer, "WAN transformer", accept=small_latents)
+
     def _maybe_compile(self, module: torch.nn.Module) -> None:
         if self.compile_transformer and self.device is not None and self.device.type == "cuda":
             module.compile()
@@ -245,23 +254,17 @@ class WanModels:
 BATCHED_CFG_MAX_TOKENS = 8192
 
 
+def small_latents(leaves: list[Any]) -> bool:
+    """Graph a transformer call only at launch-bound sizes (what batched CFG covers, e.g. single frames): a
+    long video is compute-bound, and its graph would keep gigabytes of activations in the pool."""
+    videos = [x for x in leaves if isinstance(x, torch.Tensor) and x.ndim == 5]
+    return bool(videos) and all(v.shape[2] * (v.shape[3] // 2) * (v.shape[4] // 2) <= BATCHED_CFG_MAX_TOKENS
+                                for v in videos)
+
+
 def latent_tokens(spec: GenerationSpec) -> int:
     """Transformer sequence length of a job: latent frames × (H/16) × (W/16) (VAE ×8/×4, patch 1×2×2)."""
     return ((spec.num_frames - 1) // 4 + 1) * (spec.height // 16) * (spec.width // 16)
-
-
-def attention_kernels(preferred: str) -> contextlib.AbstractContextManager:
-    """``preferred`` SDPA kernel first, then PyTorch's usual order (so shapes, dtypes or devices it cannot
-    take still run: the CPU falls through to the math kernel). ``auto`` changes nothing."""
-    if preferred == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION}[preferred]
-    order = [first] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                                   SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH) if b is not first]
-    return sdpa_kernel(order, set_priority=True)
 
 
 def to_uint8(frames: Any) -> np.ndarray:
