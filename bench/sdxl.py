@@ -115,6 +115,7 @@ def run(ctx: Context) -> None:
     for steps, n in p.sdxl_cases:
         ctx.step(SECTION, f"ours {steps}x{n}", SECONDS.get((steps, n), 5.0) * p.repeats + 8,
                  lambda steps=steps, n=n: _measure_ours(ctx, handler, pipe, base.get((steps, n)), steps, n))
+    ctx.step(SECTION, "after the last step", 10, lambda: _after_last_step(ctx, pipe))
     ctx.shared["sdxl_latents_15x1"] = base.get(p.sdxl_cases[0], {}).get("latents")
     ctx.report.detail(SECTION, "handler_status_after", handler.status())
     del handler, pipe
@@ -173,6 +174,42 @@ def _phases(handler: SdxlHandler, the_job, dev: torch.device) -> dict[str, float
     return {"total_s": round(total, 4), "to_first_step_s": round(marks[0], 4) if marks else None,
             "median_step_s": round(gaps[len(gaps) // 2], 4) if gaps else None,
             "after_last_step_s": round(total - marks[-1], 4) if marks else None}
+
+
+def _after_last_step(ctx: Context, pipe) -> None:
+    """What one image costs after its last denoising step, piece by piece, as the pipeline and handler do it:
+    the VAE's cast to fp32 and back (``force_upcast``), the fp32 decode, PIL conversion, PNG and thumbnail;
+    and the decode with a channels-last VAE (same math, other kernels) for comparison."""
+    from workers.core.storage import thumbnail
+    from workers.sdxl.images import png_bytes
+
+    dev, vae, dtype = ctx.profile.device, pipe.vae, pipe.vae.dtype
+    side = ctx.profile.sdxl_side // 8
+    latents = torch.randn(1, 4, side, side, generator=torch.Generator(dev).manual_seed(0), device=dev,
+                          dtype=dtype) * 0.5
+    results: dict[str, object] = {}
+
+    def best(fn) -> float:
+        fn()
+        return round(min(timed(fn, dev)[0] for _ in range(3)), 4)
+
+    with torch.inference_mode():
+        results["cast_fp32_and_back_s"] = best(lambda: (vae.to(torch.float32), vae.to(dtype)))
+        vae.to(torch.float32)
+        try:
+            decode = lambda: vae.decode(latents.float(), return_dict=False)[0]  # noqa: E731
+            results["decode_fp32_s"] = best(decode)
+            image = decode()
+            results["to_pil_s"] = best(lambda: pipe.image_processor.postprocess(image, output_type="pil"))
+            vae.to(memory_format=torch.channels_last)
+            results["decode_fp32_channels_last_s"] = best(decode)
+            results["channels_last_rel_err"] = rel_err(decode(), image)
+        finally:
+            vae.to(dtype=dtype, memory_format=torch.contiguous_format)
+    pil = pipe.image_processor.postprocess(image, output_type="pil")[0]
+    results["png_s"] = best(lambda: png_bytes(pil))
+    results["thumbnail_s"] = best(lambda: thumbnail(pil))
+    ctx.report.detail(SECTION, "after_last_step", results)
 
 
 def compiled(ctx: Context) -> None:
