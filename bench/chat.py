@@ -5,6 +5,10 @@ Stop tokens are off (the engine's model gets no stop ids, ``generate`` no eos) s
 ``qwen_new`` tokens. Ours: time to first token is submit → the first ``on_tokens`` call (the loop has copied
 the token to the host by then); decode rate is tokens after the first over the time after the first.
 Baseline: TTFT is ``generate(max_new_tokens=1)``; decode rate ``(new − 1) / (T(new) − T(1))``.
+
+Our engine decodes with its default step (the lean decode step, decode.py, on CUDA graphs). After the main
+rows, one stream is decoded again by a one-slot engine with transformers' forward as the step (a detail: what
+the lean step gained) and by one with ``CHAT_COMPILE_DECODE`` on (a row, with its compile time).
 """
 from __future__ import annotations
 
@@ -109,9 +113,13 @@ def argmax_gaps(model: Any, prompts_: list[list[int]], tokens: list[list[int]]) 
 
 
 def decode_path(engine: Engine) -> str:
-    """How the engine decoded: "cuda_graphs", "static_eager" (slot cache, no graphs) or "dynamic_cache"."""
+    """How the engine decoded: "cuda_graphs", "static_eager" (slot cache, no graphs) or "dynamic_cache", and
+    which step ("lean", "lean_compiled", "transformers (why)")."""
     info = engine.stats().get("decode", {}).get(ModelName.INSTRUCT.value, {})
-    return str(info.get("path", "?")) + (f" (graph failure: {info['failure']})" if info.get("failure") else "")
+    text = str(info.get("path", "?")) + (f", {info['forward']} step" if info.get("forward") else "")
+    if info.get("compile_failure"):
+        text += f" (compile failure: {info['compile_failure']})"
+    return text + (f" (graph failure: {info['failure']})" if info.get("failure") else "")
 
 
 def run(ctx: Context) -> None:
@@ -127,22 +135,30 @@ def run(ctx: Context) -> None:
     loaded = LoadedModel(ModelName.INSTRUCT, model, tokenizer, dev, frozenset(), 8192)
     engine = Engine(SingleModel(loaded), max_batch=max(16, p.qwen_streams))
     engine.start()
+    got: dict[str, Any] = {}
     try:
-        _measure(ctx, model, engine)
+        _measure(ctx, model, engine, got)
     finally:
         engine.stop()
         ctx.report.detail(SECTION, "engine_stats", engine.stats())
-    del engine, loaded, model
+    del engine
+    free(dev)
+    _variants(ctx, loaded, got)
+    del loaded, model
     free(dev)
 
 
-def _measure(ctx: Context, model: Any, engine: Engine) -> None:
+def _name(p: Any) -> str:
+    return "Qwen2.5-7B" if p.full else "Qwen (tiny)"
+
+
+def _measure(ctx: Context, model: Any, engine: Engine, got: dict[str, Any]) -> None:
     p, dev = ctx.profile, ctx.profile.device
     vocab = model.config.vocab_size
     long_prompts = prompts(vocab, 4, p.qwen_ttft_prompt, seed=1)
     batch = prompts(vocab, p.qwen_streams, p.qwen_prompt, seed=2)
-    got: dict[str, Any] = {}
-    name = "Qwen2.5-7B" if p.full else "Qwen (tiny)"
+    got["batch_prompts"] = batch
+    name = _name(p)
 
     def warm_up():
         ours(engine, batch[:2], 4)
@@ -166,7 +182,7 @@ def _measure(ctx: Context, model: Any, engine: Engine) -> None:
         first, _ = timed(lambda: generate(model, batch[:1], 1), dev)
         full, (base_tokens,) = timed(lambda: generate(model, batch[:1], p.qwen_new), dev)
         base_rate = (p.qwen_new - 1) / (full - first)
-        got["alone"], got["base_alone"] = tokens, base_tokens
+        got["alone"], got["base_alone"], got["base_rate"] = tokens, base_tokens, base_rate
         ctx.report.detail(SECTION, "one_stream", {"ours_wall_s": round(wall, 3), "ours_ttft_s": round(stream.ttft, 4),
                                                   "baseline_wall_s": round(full, 3), "baseline_ttft_s": round(first, 4),
                                                   "prompt": p.qwen_prompt, "new": p.qwen_new})
@@ -226,3 +242,53 @@ def _check_tokens(ctx: Context, model: Any, batch: list[list[int]], got: dict[st
                          f"not argmax {sum(g['positions_not_argmax'] for g in gaps)}/{len(prompts_) * new} "
                          f"(generate()'s own: {sum(g['positions_not_argmax'] for g in base)})")
     sync(ctx.profile.device)
+
+
+def one_stream(loaded: LoadedModel, prompt: list[int], new: int, **options: Any) -> dict[str, Any]:
+    """One stream on a fresh one-slot engine with ``options`` (Engine keywords): set-up seconds (slot cache,
+    compile, graph capture), decode rate, tokens, and how it decoded."""
+    engine = Engine(SingleModel(loaded), max_batch=1, **options)
+    engine.start()
+    try:
+        started = time.perf_counter()
+        engine.prepare(ModelName.INSTRUCT)
+        prepare_s = time.perf_counter() - started
+        ours(engine, [prompt], 4)
+        _, (stream,), (tokens,) = ours(engine, [prompt], new)
+        return {"rate": stream.decode_rate, "prepare_s": round(prepare_s, 1), "tokens": tokens,
+                "decode": decode_path(engine), "info": engine.stats()["decode"].get(ModelName.INSTRUCT.value, {})}
+    finally:
+        engine.stop()
+
+
+def _variants(ctx: Context, loaded: LoadedModel, got: dict[str, Any]) -> None:
+    """1 stream with transformers' forward as the step (detail) and with CHAT_COMPILE_DECODE (row)."""
+    p, dev = ctx.profile, ctx.profile.device
+    if "batch_prompts" not in got:
+        return
+    prompt = got["batch_prompts"][0]
+
+    def transformers_step():
+        out = one_stream(loaded, prompt, p.qwen_new, lean_decode=False)
+        ctx.report.detail(SECTION, "one_stream_transformers_step", {
+            "tok_s": round(out["rate"], 1), "decode": out["decode"], "prepare_s": out["prepare_s"],
+            "equal_prefix_vs_lean": equal_prefix(out["tokens"], got["alone"]) if "alone" in got else None})
+        free(dev)
+    ctx.step(SECTION, "one stream, transformers step", 20, transformers_step)
+
+    def compiled():
+        reset_peak(dev)
+        out = one_stream(loaded, prompt, p.qwen_new, compile_decode=True)
+        compile_s = out["info"].get("compile_seconds", {})
+        ctx.report.detail(SECTION, "one_stream_compiled", {
+            "tok_s": round(out["rate"], 1), "decode": out["decode"], "prepare_s": out["prepare_s"],
+            "compile_seconds": compile_s,
+            "equal_prefix_vs_lean": equal_prefix(out["tokens"], got["alone"]) if "alone" in got else None})
+        work = f"{_name(p)} decode, 1 stream, CHAT_COMPILE_DECODE=1 (not default)"
+        baseline = round(got["base_rate"], 1) if "base_rate" in got else None
+        ctx.report.add(Row("qwen_decode_1_compiled", work, "tok/s", baseline=baseline,
+                           ours=round(out["rate"], 1), peak_gb=peak_gb(dev),
+                           note=f"set-up {out['prepare_s']} s (compile {compile_s}); decode: {out['decode']}"),
+                       (">=", DECODE_TARGET) if p.full else None)
+        free(dev)
+    ctx.step(SECTION, "one stream, compiled step", 150, compiled)

@@ -4,6 +4,8 @@
     engine.py    the generation loop thread (submit -> Future), admission between decode steps
     slot_batch.py one model's running rows as slots of a static KV cache (slots.py); decode step replayed as
                  a CUDA graph per batch bucket (graphs.py) on CUDA
+    decode.py    the lean decode step (Qwen2/Llama): fused q/k/v and gate/up (fused.py: no extra memory), about
+                 half the kernels of transformers' forward; optionally torch.compile'd (CHAT_COMPILE_DECODE)
     batch.py     the fallback: left-padded DynamicCache, prefill/merge/step/remove
     sampling.py  per-request temperature, top_p, presence/frequency penalties, seeds
     prompt.py    chat template, context cut from the oldest turns

@@ -63,12 +63,15 @@ class Generation:
 
 class Engine:
     def __init__(self, store: ModelStore, max_batch: int = 16, max_prefill_tokens: int = 16384,
-                 static_cache: bool = True, cuda_graphs: bool = True):
+                 static_cache: bool = True, cuda_graphs: bool = True, lean_decode: bool = True,
+                 compile_decode: bool = False):
         self.store = store
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
         self.static_cache = static_cache
         self.cuda_graphs = cuda_graphs     # only used on CUDA, with the static cache
+        self.lean_decode = lean_decode     # the lean decode step (decode.py) where the model allows it
+        self.compile_decode = compile_decode   # torch.compile that step (slow start: a compile per bucket)
         self._waiting: deque[GenerationRequest] = deque()
         self._commands: deque[tuple[Callable[[], Any], Future]] = deque()
         self._batches: dict[ModelName, DecodeBatch | SlotBatch] = {}
@@ -226,9 +229,10 @@ class Engine:
                 reason = f"its {need / 1e9:.1f} GB KV cache does not fit the {free / 1e9:.1f} GB free"
         if reason is None:
             try:
-                batch = SlotBatch(loaded, self.max_batch, cuda_graphs=self.cuda_graphs)
+                batch = SlotBatch(loaded, self.max_batch, cuda_graphs=self.cuda_graphs, lean_decode=self.lean_decode,
+                                  compile_decode=self.compile_decode)
                 batch.warm_up()
-                log.info("%s decodes on the slot cache (%s)", loaded.name.value, batch.path)
+                log.info("%s decodes on the slot cache (%s, %s step)", loaded.name.value, batch.path, batch.forward)
                 return batch
             except Exception as exc:  # noqa: BLE001 - the fast path must never take the worker down
                 reason = f"{type(exc).__name__} while setting it up"

@@ -34,7 +34,7 @@ class ChatHandler:
         self.settings = settings
         self.store = ModelStore(settings)
         self.engine = Engine(self.store, max_batch=settings.chat_max_batch, static_cache=settings.chat_static_cache,
-                             cuda_graphs=settings.chat_cuda_graphs)
+                             cuda_graphs=settings.chat_cuda_graphs, compile_decode=settings.chat_compile_decode)
         self.chat = ChatService(settings, self.store, self.engine)
 
     # ---------------------------------------------------------------- lifecycle

@@ -10,19 +10,24 @@ decoding eagerly) above every
 row's position. Each row's rotary position is its own length, so a row decodes the same tokens alone or in a
 batch, as on the DynamicCache path (up to floating-point reduction order).
 
+The step itself is the lean decode step (decode.py: fused q/k/v and gate/up projections, about half the
+kernels of transformers' forward; optionally ``torch.compile``d) for the decoders it supports, transformers'
+forward over the slot cache (``SlotCache.update``) for the others.
+
 Sampling, penalties and seeds are per row and unchanged (sampling.py): the graph ends at the logits.
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from transformers import DynamicCache
 
 from workers.core.errors import InvalidJob
 
+from . import decode
 from .batch import Row
 from .graphs import DecodeGraphs
 from .models import LoadedModel
@@ -53,7 +58,8 @@ def bucket(value: int, sizes: list[int]) -> int:
 
 
 class SlotBatch:
-    def __init__(self, loaded: LoadedModel, slots: int, cuda_graphs: bool = True):
+    def __init__(self, loaded: LoadedModel, slots: int, cuda_graphs: bool = True, lean_decode: bool = True,
+                 compile_decode: bool = False, compile_backend: str | Callable[..., Any] = "inductor"):
         self.loaded = loaded
         self.rows: list[Row] = []
         model, device = loaded.model, loaded.device
@@ -70,6 +76,15 @@ class SlotBatch:
         self.graphs = DecodeGraphs(device) if cuda_graphs and device.type == "cuda" else None
         first_span = FIRST_SPAN if self.graphs is not None else EAGER_FIRST_SPAN
         self.span_buckets = buckets(self.max_len, min(first_span, self.max_len), 4)
+        self.decode_reason = decode.unsupported_reason(model) if lean_decode else "off"
+        self.decoder = decode.LeanDecoder(model, self.cache, self.max_len) if self.decode_reason is None else None
+        self._compiled: decode.DecodeStep | None = None
+        self.compile_seconds: dict[tuple[int, int], float] = {}
+        self.compile_failure: str | None = None
+        if compile_decode and self.decoder is not None:
+            self._compiled = self.decoder.compiled(compile_backend)
+        elif compile_decode:
+            self.compile_failure = f"no lean decode step to compile: {self.decode_reason}"
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -78,9 +93,19 @@ class SlotBatch:
     def path(self) -> str:
         return "cuda_graphs" if self.graphs is not None and self.graphs.usable else "static_eager"
 
+    @property
+    def forward(self) -> str:
+        """Which decode step runs: "lean", "lean_compiled", or "transformers (<why not lean>)"."""
+        if self.decoder is None:
+            return f"transformers ({self.decode_reason})"
+        return "lean_compiled" if self._compiled is not None else "lean"
+
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"path": self.path, "slots": self.slots, "max_len": self.max_len,
-                                "kv_cache_gb": round(self.cache.nbytes / 1e9, 3)}
+        info: dict[str, Any] = {"path": self.path, "forward": self.forward, "slots": self.slots,
+                                "max_len": self.max_len, "kv_cache_gb": round(self.cache.nbytes / 1e9, 3)}
+        if self.compile_seconds or self.compile_failure:
+            info["compile_seconds"] = {f"{rows}x{span}": s for (rows, span), s in sorted(self.compile_seconds.items())}
+            info["compile_failure"] = self.compile_failure
         if self.graphs is not None:
             info.update(self.graphs.describe())
         return info
@@ -158,10 +183,46 @@ class SlotBatch:
     def _forward(self, rows: int, span: int) -> torch.Tensor:
         """The model on one token per slot ``[0, rows)``: [rows, vocab] logits. Tensor ops on fixed buffers only
         (this is what the CUDA graph records)."""
+        if self.decoder is None:
+            return self._transformers_forward(rows, span)
+        positions = self._positions[:rows]
+        mask = (self._columns[None, :span] <= positions[:, None])[:, None, None, :]   # [rows, 1, 1, span]
+        if self._compiled is not None:
+            return self._compiled_step(rows, span, positions, mask)
+        return self.decoder.step(self._tokens[:rows], positions, mask)
+
+    def _compiled_step(self, rows: int, span: int, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The compiled lean step; its first call per (rows, span) compiles (logged, timed). A compile that
+        fails leaves the uncompiled lean step in charge for good."""
+        assert self._compiled is not None and self.decoder is not None
+        if (rows, span) in self.compile_seconds:
+            return self._compiled(self._tokens[:rows], positions, mask)
+        started = time.perf_counter()
+        limit = len(self.batch_buckets) * len(self.span_buckets) + 2   # one compile per bucket pair
+        import torch._dynamo   # noqa: PLC0415 - only when compiling (a slow import)
+
+        try:
+            with torch._dynamo.config.patch(recompile_limit=max(limit, torch._dynamo.config.recompile_limit)):
+                out = self._compiled(self._tokens[:rows], positions, mask)
+        except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop decoding
+            self.compile_failure = f"{type(exc).__name__}: {exc}"[:300]
+            log.warning("compiling the chat decode step failed (decoding uncompiled): %s", self.compile_failure)
+            self._compiled = None
+            return self.decoder.step(self._tokens[:rows], positions, mask)
+        self.compile_seconds[(rows, span)] = round(time.perf_counter() - started, 1)
+        log.info("compiled the chat decode step for batch %d, span %d in %.1f s", rows, span,
+                 self.compile_seconds[(rows, span)])
+        return out
+
+    def _transformers_forward(self, rows: int, span: int) -> torch.Tensor:
+        """transformers' forward over the slot cache (``SlotCache.update``): the step for the models the lean
+        step does not cover."""
         positions = self._positions[:rows]
         mask = (self._columns[None, :span] <= positions[:, None])[:, None, None, :]   # [rows, 1, 1, span]
         self.cache.begin(rows, span, positions)
-        out = self.loaded.model(input_ids=self._tokens[:rows, None], attention_mask={"full_attention": mask},
+        # a 4D mask is used as is by every decoder's mask preparation (a {"full_attention": mask} dict only by
+        # the models whose forward takes per-layer-type masks, e.g. Qwen2 but not Llama)
+        out = self.loaded.model(input_ids=self._tokens[:rows, None], attention_mask=mask,
                                 position_ids=positions[:, None], past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1, :]
 

@@ -1,0 +1,61 @@
+"""Fused projection weights that cost no memory: [q; k; v] and [gate; up] as one tensor each, the modules'
+own parameters becoming views into it.
+
+The lean decode step (decode.py) runs one matrix multiplication where transformers runs three (q, k, v) or
+two (gate, up). ``fuse`` allocates the joined tensor once, copies the parts in, and re-points each part's
+parameter at its rows of the joined tensor (``param.data = view``). The parameter objects stay the same, so
+transformers' own forward (the prefill) reads the same values from the same modules, and each part's old
+storage is freed: the model's memory is unchanged (one layer's parts exist twice while that layer is being
+fused). Fusing again finds the parts already adjacent in one storage and returns the joined view, no copy.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def fuse(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One tensor whose rows are ``parts`` in order ([n_i, ...], same trailing shape, dtype and device),
+    sharing storage with them: afterwards every part is a view into the returned tensor."""
+    if not parts:
+        raise ValueError("nothing to fuse")
+    first = parts[0]
+    if any(p.shape[1:] != first.shape[1:] or p.dtype != first.dtype or p.device != first.device for p in parts):
+        raise ValueError("fused parts must share trailing shape, dtype and device")
+    joined = adjacent(parts)
+    if joined is not None:
+        return joined
+    rows = sum(p.shape[0] for p in parts)
+    with torch.inference_mode(False), torch.no_grad():
+        fused = torch.empty((rows, *first.shape[1:]), dtype=first.dtype, device=first.device)
+        start = 0
+        for part in parts:
+            end = start + part.shape[0]
+            fused[start:end].copy_(part)
+            part.data = fused[start:end]      # same Parameter object, new (shared) storage
+            start = end
+    return fused
+
+
+def adjacent(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The joined view when ``parts`` already lie back to back, contiguous, in one storage (else None)."""
+    first = parts[0]
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for part in parts:
+        if (not part.is_contiguous() or part.untyped_storage().data_ptr() != storage
+                or part.storage_offset() != offset):
+            return None
+        offset += part.numel()
+    rows = sum(p.shape[0] for p in parts)
+    with torch.inference_mode(False), torch.no_grad():
+        return first.detach().as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
+
+
+def storage_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (what they really occupy)."""
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
