@@ -60,6 +60,17 @@ def test_signature_covers_shapes_dtypes_and_plain_values():
     assert key(x) is None                                                  # autograd on: eager
 
 
+def test_static_buffers_take_every_argument_layout():
+    dense = torch.arange(6.0).reshape(2, 3).t()                 # transposed: dense, not contiguous
+    expanded = torch.tensor(7.0).expand(4)                      # stride 0 (WAN's ``t.expand(batch)``)
+    for tensor in (dense, expanded, torch.arange(4.0)):
+        buffer = graphed.static_like(tensor)
+        assert torch.equal(buffer, tensor) and buffer.is_non_overlapping_and_dense()
+        buffer.copy_(tensor + 1)                                # later calls copy into it
+        assert torch.equal(buffer, tensor + 1)
+    assert graphed.static_like(dense).stride() == dense.stride()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_replay_equals_eager_one_graph_per_signature():
@@ -71,8 +82,8 @@ def test_replay_equals_eager_one_graph_per_signature():
         for rows, scale in ((2, 1.0), (2, 1.0), (3, 1.0), (2, 0.5), (2, 1.0)):
             x = torch.randn(rows, 8, device="cuda")
             bias = torch.randn(8, device="cuda")
-            got = module(x, scale=scale, extra={"bias": bias})
-            want = eager(x, scale=scale, extra={"bias": bias})
+            got = module(x, scale=scale, extra={"bias": bias.expand(rows, 8)})   # an expanded argument too
+            want = eager(x, scale=scale, extra={"bias": bias.expand(rows, 8)})
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
             got[0].zero_()   # the caller owns what it got: the graph's own output is untouched
     d = graphs.describe()

@@ -113,8 +113,7 @@ class ForwardGraphs:
 
     def _capture(self, key: tuple, leaves: list[Any], spec: Any) -> _Entry | None:
         started = time.perf_counter()
-        inputs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
-                  for t in _tensors(leaves)]
+        inputs = [static_like(t) for t in _tensors(leaves)]
         feed = iter(inputs)
         args, kwargs = pytree.tree_unflatten([next(feed) if isinstance(x, torch.Tensor) else x for x in leaves],
                                              spec)
@@ -200,6 +199,17 @@ def uninstall(module: torch.nn.Module) -> None:
 
 def graphs_of(module: torch.nn.Module) -> ForwardGraphs | None:
     return getattr(vars(module).get("forward"), "graphs", None)
+
+
+def static_like(tensor: torch.Tensor) -> torch.Tensor:
+    """A buffer holding ``tensor``'s values that every later call's argument can be copied into: its layout
+    when that is dense, else contiguous (an expanded argument, e.g. ``t.expand(batch)``, has stride 0 and
+    cannot be written element by element)."""
+    if tensor.is_non_overlapping_and_dense():
+        buffer = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
+    else:
+        buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    return buffer.copy_(tensor)
 
 
 def _tensors(leaves: list[Any]) -> list[torch.Tensor]:
