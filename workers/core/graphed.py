@@ -203,13 +203,9 @@ def graphs_of(module: torch.nn.Module) -> ForwardGraphs | None:
 
 def static_like(tensor: torch.Tensor) -> torch.Tensor:
     """A buffer holding ``tensor``'s values that every later call's argument can be copied into: its layout
-    when that is dense, else contiguous (an expanded argument, e.g. ``t.expand(batch)``, has stride 0 and
-    cannot be written element by element)."""
-    if tensor.is_non_overlapping_and_dense():
-        buffer = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
-    else:
-        buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
-    return buffer.copy_(tensor)
+    when that is dense, else a dense one (``preserve_format``): an expanded argument, e.g. WAN's
+    ``t.expand(batch)``, has stride 0 and cannot be written element by element."""
+    return torch.empty_like(tensor, memory_format=torch.preserve_format).copy_(tensor)
 
 
 def _tensors(leaves: list[Any]) -> list[torch.Tensor]:
