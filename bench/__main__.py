@@ -4,6 +4,7 @@ Full size (default) needs CUDA: the production architectures from bench/configs 
 worker code paths next to plain eager diffusers/transformers, same process. ``--tiny`` runs the same code on
 the CPU with the demo models' configs (a check of the harness, seconds). The JSON goes to ``--json``, else
 ``$OUT/bench.json`` when ``OUT`` is set; it is rewritten after every step. The table is printed last.
+``python -m bench fleet [--tiny] ...`` (not part of ``all``): the whole fleet on two GPUs, see bench/fleet.py.
 """
 from __future__ import annotations
 
@@ -60,6 +61,11 @@ def meta(args: argparse.Namespace, profile) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fleet"]:  # its own flags and report
+        from .fleet import main as fleet
+
+        return fleet(argv[1:])
     args = parse(argv)
     started = time.monotonic()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

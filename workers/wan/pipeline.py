@@ -243,8 +243,8 @@ class WanModels:
         try:
             return loader(*args)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-            log.error("%s model failed to load: %s", what, type(exc).__name__)
-            log.debug("load failure detail", exc_info=True)
+            log.error("%s model failed to load: %s: %s", what, type(exc).__name__, str(exc)[:500],
+                      exc_info=True)   # the operator's log: the cause, not only its type
             raise FatalWorkerError(f"{what} model could not be loaded ({type(exc).__name__})") from None
 
 
