@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import psutil
 import requests
 
+from workers.local import proctree
 from workers.local.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,26 +173,12 @@ class Orchestrated:
         raise RuntimeError(f"not every program RUNNING within {timeout:.0f} s ({states}):\n{self.log_tail()}")
 
     def tree(self) -> list[psutil.Process]:
-        if self.proc is None:
-            return []
-        try:
-            root = psutil.Process(self.proc.pid)
-            found = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-        for process in found:
-            self.seen.setdefault(process.pid, process)
-        return found
+        """The orchestrator and all its descendants now (each remembered in ``seen``)."""
+        return proctree.tree(self.proc.pid if self.proc is not None else None, self.seen)
 
     def survivors(self) -> list[psutil.Process]:
-        alive = []
-        for process in self.seen.values():
-            try:
-                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(process)
-            except psutil.NoSuchProcess:
-                continue
-        return alive
+        """Processes of this fleet (ever seen) that still run; a zombie counts as gone."""
+        return proctree.survivors(self.seen)
 
     def stop(self, timeout: float) -> dict[str, Any]:
         """SIGTERM (warm stop), wait, then SIGKILL what is left of the tree. Returns what happened."""

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import psutil
 import requests
 
+from workers.local import proctree
 from workers.local.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,27 +117,11 @@ class Fleet:
 
     def tree(self) -> list[psutil.Process]:
         """The orchestrator and all its descendants now (each remembered in ``seen``)."""
-        if self.proc is None:
-            return []
-        try:
-            root = psutil.Process(self.proc.pid)
-            found = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-        for process in found:
-            self.seen.setdefault(process.pid, process)
-        return found
+        return proctree.tree(self.proc.pid if self.proc is not None else None, self.seen)
 
     def survivors(self) -> list[psutil.Process]:
         """Processes of this fleet (ever seen) that still run; a zombie counts as gone."""
-        alive = []
-        for process in self.seen.values():
-            try:
-                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(process)
-            except psutil.NoSuchProcess:
-                continue
-        return alive
+        return proctree.survivors(self.seen)
 
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM to the orchestrator (warm stop of the whole fleet); returns its exit status."""
