@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from workers.core import png
 from workers.core.job import decode
 from workers.core.settings import Settings
 from workers.sdxl import SdxlHandler
@@ -179,9 +180,10 @@ def _phases(handler: SdxlHandler, the_job, dev: torch.device) -> dict[str, float
 def _after_last_step(ctx: Context, pipe) -> None:
     """What one image costs after its last denoising step, piece by piece, as the pipeline and handler do it:
     the VAE's cast to fp32 and back (``force_upcast``), the fp32 decode, PIL conversion, PNG and thumbnail;
-    and the decode with a channels-last VAE (same math, other kernels) for comparison."""
+    and for comparison the decode with a channels-last VAE (same math, other kernels), Pillow's one-core PNG
+    writer (what the handler used before workers/core/png.py), and the handler's encoding of 6 images."""
     from workers.core.storage import thumbnail
-    from workers.sdxl.images import png_bytes
+    from workers.sdxl.images import encode_outputs
 
     dev, vae, dtype = ctx.profile.device, pipe.vae, pipe.vae.dtype
     side = ctx.profile.sdxl_side // 8
@@ -207,9 +209,19 @@ def _after_last_step(ctx: Context, pipe) -> None:
         finally:
             vae.to(dtype=dtype, memory_format=torch.contiguous_format)
     pil = pipe.image_processor.postprocess(image, output_type="pil")[0]
-    results["png_s"] = best(lambda: png_bytes(pil))
+    results["png_s"] = best(lambda: png.encode(np.asarray(pil)))
+    results["png_pillow_s"] = best(lambda: _pillow_png(pil))
+    results["png_bytes"], results["png_pillow_bytes"] = len(png.encode(np.asarray(pil))), len(_pillow_png(pil))
+    results["encode_6_images_with_thumbnails_s"] = best(lambda: encode_outputs([pil] * 6))
+    results["encode_threads"] = png.threads()
     results["thumbnail_s"] = best(lambda: thumbnail(pil))
     ctx.report.detail(SECTION, "after_last_step", results)
+
+
+def _pillow_png(image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=png.LEVEL)
+    return out.getvalue()
 
 
 def compiled(ctx: Context) -> None:

@@ -12,11 +12,10 @@ from workers.core.handler import Output, Progress, Result
 from workers.core.job import Job, Queue
 from workers.core.references import ReferenceFetcher, reference_or_fallback
 from workers.core.settings import Settings
-from workers.core.storage import thumbnail
 
 from . import pipeline
 from .generation import Plan, generate
-from .images import encode_all, letterbox, png_bytes
+from .images import encode_outputs, letterbox
 from .pipeline import SdxlPipelines
 from .request import BATCH_SIZES, SdxlRequest, img2img_schedule
 
@@ -144,8 +143,7 @@ def _plan(request: SdxlRequest, reference: Any) -> Plan:
 
 def _outputs(plan: Plan, images: list[Any]) -> list[Output]:
     request = plan.request
-    pngs = encode_all(images, png_bytes)
-    thumbs = encode_all(images, thumbnail)
+    pngs, thumbs = encode_outputs(images)
     outputs = []
     for i, (image, data, thumb) in enumerate(zip(images, pngs, thumbs)):
         metadata = {"seed": request.seed + i, "width": image.width, "height": image.height,

@@ -6,7 +6,6 @@ middle frame. ``duration_seconds`` is computed from the frames actually written.
 """
 from __future__ import annotations
 
-import io
 import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
@@ -16,6 +15,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from workers.core import png
 from workers.core.handler import Output
 from workers.core.storage import thumbnail
 
@@ -32,12 +32,6 @@ class Encoded:
     @property
     def duration_seconds(self) -> float:
         return round(self.frames / FPS, 4)
-
-
-def png_bytes(frame: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(frame).save(out, format="PNG")
-    return out.getvalue()
 
 
 def mp4_bytes(frames: np.ndarray, fps: int = FPS, crf: int = 18) -> Encoded:
@@ -73,9 +67,11 @@ def outputs(frames: np.ndarray, is_video: bool, asset_meta: dict) -> list[Output
     height, width = int(frames.shape[1]), int(frames.shape[2])
     meta = {**asset_meta, "width": width, "height": height, "asset_index": 0}
     if not is_video:
-        data = png_bytes(frames[0])
+        pending = png.start(frames[0])    # on the encoding threads while the thumbnail is made here
+        thumb = thumbnail(middle)
+        data = pending.result()
         meta.update(format="png", file_size_bytes=len(data))
-        return [Output("0.png", data, "image/png", "image", thumbnail(middle), meta)]
+        return [Output("0.png", data, "image/png", "image", thumb, meta)]
     video = mp4_bytes(frames)
     meta.update(format="mp4", frame_num=video.frames, fps=FPS, duration_seconds=video.duration_seconds,
                 file_size_bytes=len(video.data))
