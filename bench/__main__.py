@@ -1,4 +1,4 @@
-"""python -m bench {all,ceilings,sdxl,wan,chat,load,compile}... [--tiny] [--json PATH] [--deadline S]
+"""python -m bench {all,ceilings,sdxl,wan,chat,load,compile,levers}... [--tiny] [--json PATH] [--deadline S]
 
 Full size (default) needs CUDA: the production architectures from bench/configs with random weights, our
 worker code paths next to plain eager diffusers/transformers, same process. ``--tiny`` runs the same code on
@@ -21,14 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("ceilings", "sdxl", "wan", "chat", "load", "compile")
-TINY_ALL = SECTIONS[:-1]   # compiling takes minutes even at tiny size: `python -m bench compile --tiny`
+SECTIONS = ("ceilings", "sdxl", "wan", "chat", "load", "compile", "levers")
+FULL_ALL = SECTIONS[:-1]   # levers (bench/levers.py) only on request
+TINY_ALL = SECTIONS[:-2]   # compiling takes minutes even at tiny size: `python -m bench compile --tiny`
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("section", nargs="+", choices=("all",) + SECTIONS,
-                        help="one or more sections, run in the order given (all: every section but compile)")
+                        help="one or more sections, run in the order given (all: every section but levers, "
+                             "and but compile with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="demo-model configs on the CPU (harness check)")
     parser.add_argument("--device", default="cpu", help="device of a --tiny run")
     parser.add_argument("--json", type=Path, help="where the JSON report goes (default $OUT/bench.json)")
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from . import chat, load, profile as profiles, sdxl, wan
+    from . import chat, levers, load, profile as profiles, sdxl, wan
     from .ceilings import run as ceilings
     from .context import Context
     from .measure import Deadline
@@ -97,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     deadline = Deadline(args.deadline - (time.monotonic() - started))
     ctx = Context(profile, report, deadline)
     runners = {"ceilings": ceilings, "sdxl": sdxl.run, "wan": wan.run, "chat": chat.run,
-               "load": lambda c: load.run(c, args.load_dir), "compile": sdxl.compiled}
+               "load": lambda c: load.run(c, args.load_dir), "compile": sdxl.compiled,
+               "levers": levers.run}
     print(f"[bench] {report.meta}", flush=True)
-    every = TINY_ALL if args.tiny else SECTIONS
+    every = TINY_ALL if args.tiny else FULL_ALL
     for name in (every if "all" in args.section else args.section):
         section_started = time.monotonic()
         try:

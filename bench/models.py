@@ -91,12 +91,12 @@ def sdxl(profile: Profile, seed: int = 0):
 
 
 def wan(profile: Profile, seed: int = 0):
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
     from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
     dtype = profile.bf16
+    transformer = wan_transformer(profile, seed)
     with building(profile.device, seed):
-        transformer = cast_like_loader(WanTransformer3DModel.from_config(config(profile, "wan-transformer")), dtype)
         vae = AutoencoderKLWan.from_config(config(profile, "wan-vae")).to(torch.float32)
     with building(profile.device, seed + 1, dtype):   # 5.7 B parameters: no fp32 copy first
         text_encoder = UMT5EncoderModel(UMT5Config(**config(profile, "wan-text-encoder")))
@@ -107,6 +107,16 @@ def wan(profile: Profile, seed: int = 0):
                        scheduler=UniPCMultistepScheduler.from_config(config(profile, "wan-scheduler")))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def wan_transformer(profile: Profile, seed: int = 0):
+    """The WAN transformer alone, dtypes as the production loader leaves them; ``eval()``, no gradients."""
+    from diffusers import WanTransformer3DModel
+
+    with building(profile.device, seed):
+        model = cast_like_loader(WanTransformer3DModel.from_config(config(profile, "wan-transformer")),
+                                 profile.bf16)
+    return model.eval().requires_grad_(False)
 
 
 def qwen(profile: Profile, seed: int = 0):
