@@ -8,7 +8,9 @@
   dynamic shapes; then the ResNet blocks compiled as well.
 - SDXL VAE fp32 decode with and without cuDNN autotuning.
 - WAN transformer, one pass at the video size (81 frames), eager (videos are not graphed) against its
-  ``WanTransformerBlock``s compiled.
+  ``WanTransformerBlock``s compiled (dynamic shapes, as the workers do).
+- The plain and the compiled UNet/WAN outputs against the same forward in fp32: whether a variant's
+  difference from the plain module is rounding (both equally far from fp32) or error.
 
 Each variant reports its time per forward (median of the replays), the first call's time (capture, and the
 compile where there is one) and its output's relative error against the plain module's.
@@ -60,6 +62,7 @@ class Variants:
     def __init__(self, ctx: Context, key: str, device: torch.device):
         self.ctx, self.key, self.device = ctx, key, device
         self.reference: dict[int, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
         self.results: dict[str, Any] = {}
 
     def measure(self, name: str, module: torch.nn.Module, call: Callable[[int], torch.Tensor], batch: int,
@@ -76,6 +79,7 @@ class Variants:
             if graphs is not None:
                 described = graphs.describe()
                 entry["graphs"], entry["eager_calls"] = described["graphs"], described["eager_calls"]
+            self.outputs[f"{name}_batch{batch}"] = out
             if batch in self.reference:
                 entry["rel_err"] = float(f"{rel_err(out, self.reference[batch]):.3e}")
             else:
@@ -85,6 +89,24 @@ class Variants:
         self.results[f"{name}_batch{batch}"] = entry
         print(f"[levers] {self.key} {name} batch {batch}: {entry}", flush=True)
         self.ctx.report.detail(SECTION, self.key, self.results)
+
+
+    def against_fp32(self, model: torch.nn.Module, call: Callable[[], torch.Tensor], batch: int) -> None:
+        """Each output at ``batch`` against the same forward in fp32 (``model`` is cast for good): which
+        variant is nearer the exact result, not only how far the variants are from each other."""
+        model.float()
+        with torch.inference_mode():
+            exact = call().float()
+        errors = {name: float(f"{rel_err(out.float(), exact):.3e}")
+                  for name, out in self.outputs.items() if name.endswith(f"_batch{batch}")}
+        self.results[f"rel_err_to_fp32_batch{batch}"] = errors
+        print(f"[levers] {self.key} against fp32 at batch {batch}: {errors}", flush=True)
+        self.ctx.report.detail(SECTION, self.key, self.results)
+
+
+def _fp32(tree: Any) -> Any:
+    return torch.utils._pytree.tree_map(
+        lambda x: x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree)
 
 
 def _compile_blocks(model: torch.nn.Module, class_names: tuple[str, ...], dynamic: bool, full: bool) -> int:
@@ -149,6 +171,8 @@ def _sdxl(ctx: Context) -> None:
         v.measure("graphed_compiled_blocks_and_resnets_static", unet, call, 2, graph=True)
         _uncompile(unet)
     _vae(ctx, pipe, v)
+    _uncompile(unet)
+    v.against_fp32(unet, lambda: unet(**_fp32(cases[2]), return_dict=False)[0], 2)
     del pipe, unet, cases
     free(dev)
 
@@ -191,9 +215,10 @@ def _wan(ctx: Context) -> None:
     _recompile_limit(64)
     v = Variants(ctx, "wan_transformer_video", dev)
     v.measure("eager", transformer, call, 1, graph=False)
-    v.results["compiled_blocks"] = _compile_blocks(transformer, ("WanTransformerBlock",), dynamic=False,
+    v.results["compiled_blocks"] = _compile_blocks(transformer, ("WanTransformerBlock",), dynamic=True,
                                                   full=p.full)
-    v.measure("compiled_blocks_static", transformer, call, 1, graph=False)
+    v.measure("compiled_blocks_dynamic", transformer, call, 1, graph=False)
     _uncompile(transformer)
+    v.against_fp32(transformer, lambda: transformer(**_fp32(inputs), return_dict=False)[0], 1)
     del transformer, inputs
     free(dev)

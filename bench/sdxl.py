@@ -99,9 +99,9 @@ def run(ctx: Context) -> None:
         ctx.step(SECTION, f"baseline {steps}x{n}", SECONDS.get((steps, n), 5.0) * p.repeats + 5, measure_baseline)
 
     def make_handler():
-        settings = Settings(device=dev.type)   # the worker's defaults: CUDA graphs on CUDA, no compile
+        settings = Settings(device=dev.type)   # the worker's defaults: compiled blocks and CUDA graphs on CUDA
         pipes = SdxlPipelines.from_t2i(pipe, dev, "sdxl-random", compile_unet=settings.torch_compile,
-                                       cuda_graphs=settings.cuda_graphs)
+                                       cuda_graphs=settings.cuda_graphs, compile_blocks=settings.compile_blocks)
         handler = SdxlHandler(settings, loader=lambda _settings: pipes)
         setup_s, _ = timed(handler.setup, dev)   # includes capturing the warm-up shapes' graphs
         ctx.report.detail(SECTION, "handler_setup_s", round(setup_s, 2))

@@ -43,7 +43,7 @@ class AdoptedModels(WanModels):
 
     def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype, settings: Settings):
         super().__init__(None, None, device=str(device), batched_cfg=settings.wan_batched_cfg,
-                         cuda_graphs=settings.cuda_graphs)
+                         cuda_graphs=settings.cuda_graphs, compile_blocks=settings.compile_blocks)
         self._built, self._built_dtype = pipe, dtype
 
     def load(self, which: str = "all") -> str:
@@ -131,10 +131,11 @@ def run(ctx: Context) -> None:
     def make_handler():
         settings = Settings(device=dev.type)   # the worker's defaults
         handler = WanHandler(settings, models=AdoptedModels(pipe, dev, p.bf16, settings))
-        handler.setup()
+        setup_s, _ = timed(handler.setup, dev)   # includes compiling the transformer blocks (COMPILE_BLOCKS)
+        ctx.report.detail(SECTION, "handler_setup_s", round(setup_s, 2))
         ctx.report.detail(SECTION, "ours_batched_cfg", handler.status()["batched_cfg"])  # WAN_BATCHED_CFG
         return handler
-    handler = ctx.step(SECTION, "handler setup", 5, make_handler)
+    handler = ctx.step(SECTION, "handler setup", 20, make_handler)
     if handler is None:
         return
     ctx.step(SECTION, "ours warm-up", 10,

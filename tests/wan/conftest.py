@@ -195,3 +195,8 @@ def handler_with(models: WanModels, settings: Settings, **overrides: Any) -> Wan
     """Another handler with other settings over already loaded models (no second load)."""
     return WanHandler(replace(settings, **overrides), models=models)
 
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))

@@ -2,13 +2,14 @@
 and VAE; T2V and VACE runs produce the asked-for frames; the VACE pipeline shares the T2V modules."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from workers.wan.handler import WanHandler
 from workers.wan.pipeline import WanModels
 
-from .conftest import RecordingModels, make_job, no_progress, png_size, video_frames
+from .conftest import RecordingModels, make_job, no_progress, png_pixels, png_size, video_frames
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -66,3 +67,29 @@ def test_cuda_graphs_replay_and_change_nothing(wan_settings):
     assert outputs["graphs"][0] == outputs["graphs"][1] == outputs["eager"][0]
     graphed_models.unload("all")
     eager_models.unload("all")
+
+
+
+def test_compiled_blocks_are_warmed_up_at_load_and_match_the_plain_blocks(wan_settings):
+    """COMPILE_BLOCKS: every transformer block compiled at load, both variants a job needs (batch 1 and 2)
+    compiled by the warm-up, so neither an image nor a video job compiles again; pixels as the plain blocks'
+    within bf16 rounding."""
+    from torch._dynamo.utils import counters
+
+    compiled = WanModels(wan_settings.wan_model_path, None, "cuda", cuda_graphs=True, compile_blocks=True)
+    plain = WanModels(wan_settings.wan_model_path, None, "cuda", cuda_graphs=True, compile_blocks=False)
+    pixels, blocks = {}, {}
+    for name, models in (("plain", plain), ("compiled", compiled)):
+        models.load("all")
+        blocks[name] = len(models._t2v.transformer.blocks)
+        handler = WanHandler(wan_settings, models=models)
+        graphs_before = counters["stats"]["unique_graphs"]
+        pixels[name] = png_pixels(handler.run(make_job("image_fast", config={"size": "96*64", "seed": 3}),
+                                              no_progress).outputs[0].data)
+        handler.run(make_job(config={"frame_num": 9, "size": "96*64"}), no_progress)
+        assert counters["stats"]["unique_graphs"] == graphs_before, name   # nothing compiled during jobs
+        models.unload("all")
+    assert compiled.status()["compiled_blocks"] == blocks["compiled"] > 0
+    assert plain.status()["compiled_blocks"] == 0
+    difference = np.abs(pixels["compiled"].astype(int) - pixels["plain"].astype(int))
+    assert difference.mean() <= 3.0, difference.mean()

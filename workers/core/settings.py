@@ -90,6 +90,7 @@ class Settings:
     torch_compile: bool = False
     sdxl_attention: str = "sdpa"
     cuda_graphs: bool = True      # CUDA_GRAPHS: SDXL UNet/text encoders, WAN transformer as CUDA graphs
+    compile_blocks: bool = True   # COMPILE_BLOCKS: torch.compile the SDXL/WAN transformer blocks (CUDA only)
     max_prompt_chars: int = 2000
     # Chat worker (workers/chat)
     qwen_base_preload: bool = False
@@ -150,6 +151,7 @@ class Settings:
             torch_compile=r.boolean("TORCH_COMPILE", False),
             sdxl_attention=r.choice("SDXL_ATTENTION", ("sdpa", "xformers"), "sdpa"),
             cuda_graphs=r.boolean("CUDA_GRAPHS", True),
+            compile_blocks=r.boolean("COMPILE_BLOCKS", True),
             max_prompt_chars=int(r.number("MAX_PROMPT_CHARS", 2000, 1, 100_000)),
             qwen_base_preload=r.boolean("QWEN_BASE_PRELOAD", False),
             chat_max_batch=int(r.number("CHAT_MAX_BATCH", 16, 1, 256)),

@@ -60,8 +60,7 @@ class SdxlHandler:
         if pipes.needs_warm_up:
             started = self._clock()
             pipes.warm_up()
-            log.info("%s warm-up done in %.1f s", "torch.compile" if pipes.compiled else "CUDA graph",
-                     self._clock() - started)
+            log.info("warm-up (%s) done in %.1f s", _warm_up_work(pipes), self._clock() - started)
         return pipes
 
     def unload(self, which: str = "all") -> str:
@@ -81,6 +80,7 @@ class SdxlHandler:
             return base | {"model": _configured_name(self.settings), "device": None, "dtype": None}
         return base | {"model": pipes.name, "device": pipes.device.type, "dtype": str(pipes.dtype).split(".")[-1],
                        "attention": pipes.attention, "torch_compile": pipes.compiled,
+                       "compiled_blocks": pipes.compiled_blocks,
                        "cuda_graphs": pipes.describe_graphs(),
                        "shared_weights": pipes.i2i.unet is pipes.t2i.unet, "notes": list(pipes.notes)}
 
@@ -195,6 +195,15 @@ def _job_metadata(plan: Plan, outcome: Any, reference_error: str | None, letterb
     if outcome.oom_retries:
         metadata["oom_retries"] = outcome.oom_retries
     return metadata
+
+
+def _warm_up_work(pipes: SdxlPipelines) -> str:
+    work = ["torch.compile of the UNet"] if pipes.compiled else []
+    if pipes.compiled_blocks:
+        work.append(f"torch.compile of {pipes.compiled_blocks} transformer blocks")
+    if pipes.graphs:
+        work.append("CUDA graph captures")
+    return ", ".join(work)
 
 
 def _check_which(which: str) -> None:

@@ -5,10 +5,11 @@ image-to-image.
 ``from_single_file(config=SDXL_CONFIG_PATH)`` so no hub is needed) or a diffusers folder. fp16 on CUDA,
 fp32 on CPU. Attention is PyTorch SDPA (diffusers' default); xformers only when ``SDXL_ATTENTION=xformers``
 and the package is importable. On CUDA: VAE slicing (a batch of 6 decodes one image at a time), optional
-``torch.compile`` of the UNet in place (so both pipelines keep the same object), or else (``CUDA_GRAPHS``,
-the default) the UNet and text encoders replayed as one CUDA graph per input shape (workers/core/graphed.py:
-the same kernels without ~2,000 Python-side launches per UNet step), either warmed up by :meth:`SdxlPipelines.warm_up` for the
-default shapes before the worker reports ready. Channels-last was measured on an H100 and
+``torch.compile`` of the whole UNet in place (``TORCH_COMPILE``; so both pipelines keep the same object), or
+else (the defaults) the UNet's transformer blocks compiled (``COMPILE_BLOCKS``, workers/core/regional.py) and
+the UNet and text encoders replayed as one CUDA graph per input shape (``CUDA_GRAPHS``, workers/core/graphed.py:
+the same kernels without ~2,000 Python-side launches per UNet step), all warmed up by
+:meth:`SdxlPipelines.warm_up` for the default shapes before the worker reports ready. Channels-last was measured on an H100 and
 left out: no gain at batch 2, 11 % slower at batch 12 (SDPA dominates at 1024²).
 """
 from __future__ import annotations
@@ -36,6 +37,9 @@ WARM_UP_SHAPES = ((1024, 1024, 1), (1024, 1024, 3), (1024, 1024, 6))
 # host-bound forwards per job). The VAE is left eager: diffusers casts it to fp32 and back around every
 # decode, which moves its weights, and its decode is GPU-bound anyway.
 GRAPHED_MODULES = ("unet", "text_encoder", "text_encoder_2")
+# Compiled in place when COMPILE_BLOCKS is on (workers/core/regional.py): the UNet's 70 transformer blocks share
+# one compiled graph; ~10 s of compile in the warm-up, each step 10 % faster (bench/levers.py, run 7).
+COMPILED_BLOCKS = ("BasicTransformerBlock",)
 
 
 def resolve_device(setting: str) -> Any:
@@ -70,17 +74,19 @@ class SdxlPipelines:
     name: str
     attention: str = "sdpa"
     compiled: bool = False
+    compiled_blocks: int = 0
     notes: list[str] = field(default_factory=list)
     graphs: dict[str, Any] = field(default_factory=dict)   # module -> workers.core.graphed.ForwardGraphs
 
     @classmethod
     def from_t2i(cls, t2i: Any, device: Any, name: str, attention: str = "sdpa",
-                 compile_unet: bool = False, cuda_graphs: bool = False) -> "SdxlPipelines":
-        """Finish a loaded text-to-image pipeline: device, attention, VAE slicing, compile or CUDA graphs,
-        the img2img twin."""
+                 compile_unet: bool = False, cuda_graphs: bool = False,
+                 compile_blocks: bool = False) -> "SdxlPipelines":
+        """Finish a loaded text-to-image pipeline: device, attention, VAE slicing, compile (the whole UNet,
+        or its transformer blocks) and/or CUDA graphs, the img2img twin."""
         from diffusers import StableDiffusionXLImg2ImgPipeline
 
-        from workers.core import graphed
+        from workers.core import graphed, regional
 
         t2i.to(device)
         t2i.set_progress_bar_config(disable=True)
@@ -88,11 +94,13 @@ class SdxlPipelines:
         attention = _attention(t2i, attention, device, notes)
         if device.type == "cuda":
             t2i.vae.enable_slicing()
-        compiled, graphs = False, {}
+        compiled, blocks, graphs = False, 0, {}
         if compile_unet:
             t2i.unet.compile(fullgraph=False, dynamic=False)
             compiled = True
-        elif cuda_graphs:
+        elif compile_blocks:
+            blocks = regional.compile_blocks(t2i.unet, COMPILED_BLOCKS)
+        if cuda_graphs and not compiled:
             pool = graphed.SharedPool()
             for part in GRAPHED_MODULES:
                 installed = graphed.install(getattr(t2i, part), f"SDXL {part}", pool=pool)
@@ -104,11 +112,11 @@ class SdxlPipelines:
         i2i = StableDiffusionXLImg2ImgPipeline.from_pipe(t2i, dtype=dtype)
         i2i.set_progress_bar_config(disable=True)
         return cls(t2i=t2i, i2i=i2i, device=device, dtype=dtype, name=name,
-                   attention=attention, compiled=compiled, notes=notes, graphs=graphs)
+                   attention=attention, compiled=compiled, compiled_blocks=blocks, notes=notes, graphs=graphs)
 
     @property
     def needs_warm_up(self) -> bool:
-        return self.compiled or bool(self.graphs)
+        return self.compiled or bool(self.compiled_blocks) or bool(self.graphs)
 
     def describe_graphs(self) -> dict[str, Any] | None:
         return {part: graphs.describe() for part, graphs in self.graphs.items()} or None
@@ -179,7 +187,8 @@ def load(settings: Settings) -> SdxlPipelines:
     else:
         raise ConfigError("SDXL_MODEL_PATH must be a .safetensors/.ckpt file or a diffusers folder that exists")
     return SdxlPipelines.from_t2i(t2i, device, model_name(path), attention=settings.sdxl_attention,
-                                  compile_unet=settings.torch_compile, cuda_graphs=settings.cuda_graphs)
+                                  compile_unet=settings.torch_compile, cuda_graphs=settings.cuda_graphs,
+                                  compile_blocks=settings.compile_blocks)
 
 
 def _has_fp16_variant(folder: Path) -> bool:

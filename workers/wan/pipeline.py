@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +25,7 @@ import torch
 from diffusers import (DPMSolverMultistepScheduler, UniPCMultistepScheduler, WanPipeline,
                        WanVACEPipeline, WanVACETransformer3DModel)
 
-from workers.core import graphed
+from workers.core import graphed, regional
 from workers.core.errors import ErrorType, FatalWorkerError, RetryableError, WorkerError
 from workers.core.settings import Settings
 
@@ -98,8 +99,10 @@ class WanModels:
 
     def __init__(self, model_path: Path | None, vace_path: Path | None = None, device: str = "auto",
                  compile_transformer: bool = False, progress_bar: bool = False, batched_cfg: bool = True,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, compile_blocks: bool = False):
         self.model_path = model_path
+        self.compile_blocks = compile_blocks   # COMPILE_BLOCKS: the transformers' blocks compiled in place
+        self.compiled_blocks = 0
         self.cuda_graphs = cuda_graphs  # CUDA_GRAPHS: the T2V transformer replayed per shape (small shapes)
         self._graphs: graphed.ForwardGraphs | None = None
         self.batched_cfg = batched_cfg  # T2V: cond + uncond as one batch-2 transformer pass
@@ -116,7 +119,8 @@ class WanModels:
     @classmethod
     def from_settings(cls, settings: Settings) -> "WanModels":
         return cls(settings.wan_model_path, settings.wan_vace_model_path, settings.device,
-                   settings.torch_compile, batched_cfg=settings.wan_batched_cfg, cuda_graphs=settings.cuda_graphs)
+                   settings.torch_compile, batched_cfg=settings.wan_batched_cfg, cuda_graphs=settings.cuda_graphs,
+                   compile_blocks=settings.compile_blocks)
 
     @property
     def loaded(self) -> bool:
@@ -168,6 +172,7 @@ class WanModels:
                 "device": str(self.device) if self.device else None,
                 "dtype": str(self.dtype).removeprefix("torch.") if self.dtype else None,
                 "solvers": [s.value for s in Solver], "batched_cfg": self.batched_cfg,
+                "compiled_blocks": self.compiled_blocks,
                 "cuda_graphs": self._graphs.describe() if self._graphs is not None else None}
 
     def generate(self, spec: GenerationSpec, conditioning: VaceConditioning | None = None,
@@ -233,10 +238,17 @@ class WanModels:
         self._maybe_compile(pipe.transformer)
         if self.cuda_graphs and not self.compile_transformer:
             self._graphs = graphed.install(pipe.transformer, "WAN transformer", accept=small_latents)
+        if self.compiled_blocks:
+            warm_up_blocks(pipe.transformer)
 
     def _maybe_compile(self, module: torch.nn.Module) -> None:
-        if self.compile_transformer and self.device is not None and self.device.type == "cuda":
+        """TORCH_COMPILE: the whole transformer (compiled on its first call); else COMPILE_BLOCKS: its blocks."""
+        if self.device is None or self.device.type != "cuda":
+            return
+        if self.compile_transformer:
             module.compile()
+        elif self.compile_blocks:
+            self.compiled_blocks += regional.compile_blocks(module, COMPILED_BLOCKS)
 
     @staticmethod
     def _guarded(loader, what: str, *args):
@@ -252,6 +264,30 @@ class WanModels:
 # 1.17 s on an H100; at 81 frames (32,760 tokens) the step is compute-bound (1.30 s either way) and the
 # batch-2 kernels only add bf16 drift (2e-2 relative against two passes). bench/RESULTS.md, run 2.
 BATCHED_CFG_MAX_TOKENS = 8192
+
+
+# Compiled in place when COMPILE_BLOCKS is on (workers/core/regional.py): one 81-frame transformer pass
+# 0.646 -> 0.532 s on an H100 (bench/levers.py, run 7), ~5 s of compile per variant; VACE's own blocks compile
+# on its first job.
+COMPILED_BLOCKS = ("WanTransformerBlock", "WanVACETransformerBlock")
+
+
+def warm_up_blocks(transformer: torch.nn.Module) -> None:
+    """Compile the blocks before the first job: a block sees (batch, tokens, channels), never the frame count,
+    and dynamo specialises a batch of 1 (a video's passes, or no CFG) apart from 2 (a batched-CFG frame), so
+    one small call of each compiles every variant a job needs. Runs the class's forward, not the CUDA-graph
+    wrapper: no graph is kept for these shapes."""
+    config, device, dtype = transformer.config, transformer.device, transformer.dtype   # as the samplers feed it
+    started = time.monotonic()
+    with torch.inference_mode():
+        for batch in (2, 1):
+            type(transformer).forward(
+                transformer,
+                hidden_states=torch.zeros(batch, config.in_channels, 1, 16, 16, device=device, dtype=dtype),
+                timestep=torch.full((batch,), 500.0, device=device),
+                encoder_hidden_states=torch.zeros(batch, 512, config.text_dim, device=device, dtype=dtype),
+                return_dict=False)
+    log.info("WAN transformer blocks compiled in %.1f s", time.monotonic() - started)
 
 
 def small_latents(leaves: list[Any]) -> bool:
