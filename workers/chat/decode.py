@@ -1,22 +1,33 @@
 """The lean decode step: one token per slot through a Qwen2/Llama-style decoder over the slot cache, the same
-math as transformers' forward in about half the kernels.
+math as transformers' forward in about a quarter of its kernels.
 
 Inside the CUDA graph of a decode step (graphs.py) the GPU time per kernel (~2-3 us) is what remains: the
-transformers forward launches ~50 small kernels per layer (an fp32 RMSNorm as 8 elementwise kernels, rotary
-as 10, three q/k/v projections each with a bias add, two gate/up projections, ...). Per layer here:
+transformers forward launches ~46 small kernels per layer (an fp32 RMSNorm as 8 elementwise kernels, rotary
+as 10, three q/k/v projections each with a bias add, two gate/up projections, ...). Per layer here: 13
+non-view ops (CPU dispatch-mode count, tests/chat/test_chat_decode_fusion.py; was 19); 16 CUDA kernels on an
+H100 with torch 2.11 bf16 (was 22; the 3 extra: cuDNN SDPA's memset, the down_proj split-K GEMM's memset and
+reduce; the q/k/v bias rides in the GEMM's epilogue):
 
-    RMSNorm        F.rms_norm (computed in fp32, one fused kernel on CUDA), then * weight
+    RMSNorm        F.rms_norm with the weight: one fused kernel on CUDA (fp32 inside, one cast at the end)
     [q; k; v]      ONE matmul with the concatenated bias (weights fused without extra memory: fused.py)
-    rotary         q and k together: x * cos + halves_swapped(x) * sin_signed (cos/sin gathered per step
-                   from a table built by the model's own rotary module; the same rounding as rotate_half)
+    rotary         q and k together, 2 kernels: x viewed as halves [.., 1, 2, dim/2] times a per-position 2x2
+                   table [[cos, -sin], [sin, cos]] (broadcast mul), summed over the input half. Bitwise the
+                   rotate_half formula: each product rounded alone, then one add of two terms
     cache write    k and v stored at each row's own position (index_put: one kernel each, in place)
     attention      SDPA over the first ``span`` columns with the step's mask (made additive once per step, not
                    in every layer's SDPA call); GQA by grouping the query heads per key/value head ([rows,
                    kv_heads, groups, dim]: the call transformers makes for one query token), so keys and values
                    are never repeated
-    o_proj, residual, RMSNorm, ONE [gate; up] matmul, SiLU * up, down_proj, residual
+    o_proj + residual   ONE in-place GEMM with beta = 1 (``hidden.addmm_(a, W.t())``; W.t() is a transposed
+                   view, which cuBLAS takes as is); with an o_proj bias: linear, then add
+    RMSNorm, ONE [gate; up] matmul, SiLU, * up, down_proj + residual (in-place GEMM as for o_proj)
 
-then the final norm and lm_head. About 22 kernels per layer instead of ~47 (bench/NOTES.md, session 3).
+then the final norm and lm_head. Rounding: the fused RMSNorm applies the weight in fp32 before the one cast
+(transformers casts, then multiplies in the low dtype), and the residual GEMMs add the residual inside the
+GEMM's fp32 accumulation (transformers rounds the projection, then adds). Same math, another bf16 rounding
+order: in fp32 the logits agree with transformers' to ~1e-6 relative, in bf16 their error against an fp32
+reference is no larger than transformers' own (tested); greedy tokens can differ where the top two logits
+are within bf16 rounding.
 
 Only what was checked is taken: Qwen2 and Llama decoders (q/k/v bias or none, SiLU MLP, RMSNorm, rotary with
 a static table); anything else decodes with transformers' forward (``unsupported_reason`` says why).
@@ -26,7 +37,8 @@ decode graphs capture like any others.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -144,16 +156,18 @@ class LeanDecoder:
 
     @staticmethod
     def _rope_table(rotary: Any, max_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """[max_len, 2, dim]: cos and the sign-folded sin of every position, from the model's rotary module
-        (what its forward computes for those positions). sin_signed = [-sin_low, sin_high], so that
-        swap_halves(x) * sin_signed == rotate_half(x) * sin exactly."""
+        """[max_len, 2, 2, dim/2]: per position the 2x2 rotation of the head's two halves, [out half][in half]
+        = [[cos_low, -sin_low], [sin_high, cos_high]], from the model's rotary module (what its forward
+        computes for those positions). sum_in(x_halves[in] * table[out][in]) == x * cos + rotate_half(x) * sin
+        term for term (the negated sin is exact, addition of two terms commutes)."""
         with torch.no_grad():
             positions = torch.arange(max_len, device=device)[None, :]
             cos, sin = rotary(torch.empty(0, dtype=dtype, device=device), positions)
             cos, sin = cos[0], sin[0]
             half = sin.shape[-1] // 2
-            signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-            return torch.stack((cos, signed), dim=1).contiguous()
+            low = torch.stack((cos[:, :half], -sin[:, :half]), dim=1)       # out = low half
+            high = torch.stack((sin[:, half:], cos[:, half:]), dim=1)       # out = high half
+            return torch.stack((low, high), dim=1).contiguous()
 
     def compiled(self, backend: str | Callable[..., Any] = "inductor") -> DecodeStep:
         """``step`` under ``torch.compile`` (one graph, static shapes: a compile per batch/span bucket)."""
@@ -165,32 +179,47 @@ class LeanDecoder:
         Writes each row's key/value at its position. Tensor ops on fixed buffers only (graph-capturable)."""
         rows, span = tokens.shape[0], mask.shape[-1]
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        qk_width = (heads + kv_heads) * dim
+        rotated, qk_width = heads + kv_heads, (heads + kv_heads) * dim
         row_index = self.rows[:rows]
         bias = torch.where(mask, self.open, self.closed)        # SDPA's own bool -> additive mask, once per step
-        rope = self.rope[positions]                            # [rows, 2, dim]
-        cos, sin = rope[:, None, 0], rope[:, None, 1]          # [rows, 1, dim]: broadcast over heads
-        hidden = F.embedding(tokens, self.embed)               # [rows, hidden]
+        rotation = self.rope[positions][:, None]               # [rows, 1 (heads), 2 (out), 2 (in), dim/2]
+        hidden = F.embedding(tokens, self.embed)               # [rows, hidden], a fresh tensor (updated in place)
         for layer in self.layers:
             x = rms_norm(hidden, layer.input_norm, layer.input_eps)
             qkv = F.linear(x, layer.qkv, layer.qkv_bias)
-            qk = qkv[:, :qk_width].view(rows, heads + kv_heads, dim)
-            swapped = qk.view(rows, heads + kv_heads, 2, dim // 2).flip(2).view(rows, heads + kv_heads, dim)
-            qk = qk * cos + swapped * sin
+            qk = rotate(qkv[:, :qk_width].view(rows, rotated, dim), rotation)
             layer.keys[row_index, :, positions] = qk[:, heads:]
             layer.values[row_index, :, positions] = qkv[:, qk_width:].view(rows, kv_heads, dim)
             query = qk[:, :heads].view(rows, kv_heads, self.groups, dim)
             attn = F.scaled_dot_product_attention(query, layer.keys[:rows, :, :span], layer.values[:rows, :, :span],
                                                   attn_mask=bias, scale=self.scale)
-            hidden = hidden + F.linear(attn.reshape(rows, heads * dim), layer.o, layer.o_bias)
+            hidden = residual(hidden, attn.reshape(rows, heads * dim), layer.o, layer.o_bias)
             x = rms_norm(hidden, layer.post_norm, layer.post_eps)
             gate, up = F.linear(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            hidden = hidden + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            hidden = residual(hidden, F.silu(gate) * up, layer.down, layer.down_bias)
         return F.linear(rms_norm(hidden, self.final_norm, self.final_eps), self.lm_head, self.lm_head_bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Qwen2/Llama RMSNorm: variance and normalisation in fp32, cast back to x's dtype, then
-    * weight. ``F.rms_norm`` computes a bf16/fp16 input in fp32 itself (one fused kernel on CUDA instead of
-    transformers' eight); the weight stays outside it, where transformers applies it (after the cast)."""
-    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
+    """transformers' Qwen2/Llama RMSNorm as one op (one fused kernel on CUDA instead of transformers' eight):
+    ``F.rms_norm`` computes a bf16/fp16 input in fp32 and applies the weight there, before its one cast back
+    (transformers casts first, then multiplies by the weight in x's dtype: one rounding apart)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotary of ``x`` [rows, heads, dim] (rotate_half layout: the two halves of the head dimension) with
+    ``rotation`` [rows, 1, 2, 2, dim/2] (rows of ``LeanDecoder.rope``): a broadcast mul and a sum over the
+    input half, 2 kernels for q and k together. Each product is rounded on its own and the sum adds two
+    terms, so the result is bitwise ``x * cos + rotate_half(x) * sin`` in any dtype."""
+    rows, heads, dim = x.shape
+    return (x.view(rows, heads, 1, 2, dim // 2) * rotation).sum(3).view(rows, heads, dim)
+
+
+def residual(hidden: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``hidden + F.linear(x, weight, bias)``; without a bias as ONE GEMM writing into ``hidden`` (beta = 1: the
+    residual is added inside the GEMM's accumulation, rounded once; an out-of-place ``addmm`` would first copy
+    ``hidden`` into a new output). ``hidden`` must be the step's own tensor, not a view of an input."""
+    if bias is not None:
+        return hidden + F.linear(x, weight, bias)
+    return hidden.addmm_(x, weight.t())

@@ -10,7 +10,7 @@ fused). Fusing again finds the parts already adjacent in one storage and returns
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
