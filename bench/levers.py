@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from workers.core import graphed
+from workers.core import graphed, regional
 
 from . import models
 from .context import Context
@@ -120,8 +120,7 @@ def _compile_blocks(model: torch.nn.Module, class_names: tuple[str, ...], dynami
 
 
 def _uncompile(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        module._compiled_call_impl = None
+    regional.uncompile_blocks(model)
     torch._dynamo.reset()
 
 

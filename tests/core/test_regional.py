@@ -66,6 +66,7 @@ def test_blocks_compile_once_for_every_shape_and_match_the_plain_blocks():
     for ours, reference in zip(compiled, plain):
         assert (ours - reference).abs().max() <= 1e-4 * reference.abs().max(), (ours - reference).abs().max()
     assert 1 <= graphs[0] and graphs[-1] == graphs[1], graphs   # four blocks; no new compile after two shapes
+    assert regional.uncompile_blocks(model) == 4 and regional.compiled_blocks(model) == 0
 
 
 @pytest.mark.gpu

@@ -39,6 +39,14 @@ def compile_blocks(model: torch.nn.Module, class_names: tuple[str, ...]) -> int:
     return len(blocks)
 
 
+def uncompile_blocks(model: torch.nn.Module) -> int:
+    """Back to the plain blocks (e.g. to run the model in another dtype as a reference); returns how many."""
+    compiled = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    for module in compiled:
+        module._compiled_call_impl = None
+    return len(compiled)
+
+
 def compiled_blocks(model: torch.nn.Module) -> int:
     """How many submodules of ``model`` are compiled in place."""
     return sum(1 for module in model.modules() if getattr(module, "_compiled_call_impl", None) is not None)
