@@ -10,7 +10,7 @@ import torch
 from workers.chat.engine import GenerationRequest
 from workers.chat.models import ModelName
 from workers.chat.prompt import Message, Role, chat_prompt
-from workers.chat.sampling import RowParams, SamplingParams, new_generator, next_tokens
+from workers.chat.sampling import RowParams, SamplingParams, count, new_generator, next_tokens
 
 N = 16
 MAX_TOKENS = 48
@@ -100,6 +100,24 @@ def test_penalty_arithmetic_follows_openai():
     assert choose(frequency_penalty=0.03) == 0        # 2.0 - 0.09 = 1.91 > 1.9
     assert choose(presence_penalty=0.2) == 1          # once, whatever the count
     assert choose(presence_penalty=0.05) == 0
+
+
+def test_counts_are_kept_when_a_row_is_penalised_and_skipped_otherwise():
+    counts = torch.zeros(2, 5)
+    tokens = torch.tensor([3, 3])
+    count(counts, tokens, [SamplingParams(), SamplingParams()])              # nobody reads the counts
+    assert counts.sum() == 0
+    count(counts, tokens, [SamplingParams(), SamplingParams(presence_penalty=0.5)])
+    count(counts[1:], torch.tensor([3]), [SamplingParams(frequency_penalty=0.1)])
+    assert counts.tolist() == [[0, 0, 0, 1, 0], [0, 0, 0, 2, 0]]
+
+
+def test_greedy_bf16_logits_pick_the_token_their_fp32_copy_picks_ties_included():
+    logits = torch.tensor([[0.5, 2.0, 2.0, -1.0], [3.0, 3.0, 3.0, 3.0], [-4.0, -2.0, -3.0, -2.5]],
+                          dtype=torch.bfloat16)
+    rows = RowParams.build([SamplingParams(temperature=0.0)] * 3, torch.device("cpu"))
+    chosen = next_tokens(logits, torch.zeros(3, 4), rows, [])
+    assert chosen.tolist() == logits.float().argmax(dim=-1).tolist() == [1, 0, 1]
 
 
 def test_top_p_and_temperature_per_row():

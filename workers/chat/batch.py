@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from .models import LoadedModel
-from .sampling import RowParams, new_generator, next_tokens
+from .sampling import RowParams, count, new_generator, next_tokens
 
 if TYPE_CHECKING:
     from .engine import GenerationRequest
@@ -134,9 +134,8 @@ class DecodeBatch:
     def _accept(self, tokens: torch.Tensor, offset: int = 0) -> None:
         """Record the chosen tokens of rows ``offset:``; a stop token ends a row without being kept."""
         rows = range(offset, len(self.rows))
-        index = torch.arange(offset, len(self.rows), device=tokens.device)
         self._pending[offset:] = tokens
-        self._counts[index, tokens] += 1
+        count(self._counts[offset:], tokens, [row.request.sampling for row in self.rows[offset:]])
         stop = self.loaded.stop_ids
         for i, token in zip(rows, tokens.tolist()):
             row = self.rows[i]

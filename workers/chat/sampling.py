@@ -66,10 +66,20 @@ def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return generator
 
 
+def count(counts: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]) -> None:
+    """Add each row's chosen token to its ``counts`` row, when one of these rows has a penalty (only penalties
+    read the counts; a row's counts are zeroed when it takes its slot): one scatter, no index sort."""
+    if any(p.penalised for p in params):
+        ones = torch.ones((tokens.shape[0], 1), dtype=counts.dtype, device=counts.device)
+        counts.scatter_add_(1, tokens[:, None], ones)
+
+
 def next_tokens(logits: torch.Tensor, counts: torch.Tensor, rows: RowParams,
                 generators: Sequence[torch.Generator]) -> torch.Tensor:
     """Choose one token per row. ``logits`` [B, V] (any float dtype), ``counts`` [B, V] how often each token
     was generated so far by that row. Returns a [B] long tensor on the logits' device."""
+    if not rows.any_penalty and not rows.sampled:
+        return logits.argmax(dim=-1)   # all greedy: the same index as on an fp32 copy (the cast is exact)
     logits = logits.float()
     if rows.any_penalty:  # OpenAI: mu[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty
         logits = logits - counts * rows.frequency - (counts > 0).float() * rows.presence

@@ -31,7 +31,7 @@ from . import decode
 from .batch import Row
 from .graphs import DecodeGraphs
 from .models import LoadedModel
-from .sampling import RowParams, new_generator, next_tokens
+from .sampling import RowParams, count, new_generator, next_tokens
 from .slots import SlotCache
 
 if TYPE_CHECKING:
@@ -257,8 +257,7 @@ class SlotBatch:
         """Record the chosen tokens of rows ``offset:``; a stop token ends a row without being kept."""
         end = len(self.rows)
         self._tokens[offset:end] = tokens
-        index = torch.arange(offset, end, device=tokens.device)
-        self._counts[index, tokens] += 1
+        count(self._counts[offset:end], tokens, [row.request.sampling for row in self.rows[offset:end]])
         stop = self.loaded.stop_ids
         for i, token in zip(range(offset, end), tokens.tolist()):
             row = self.rows[i]
