@@ -183,7 +183,7 @@ def _after_last_step(ctx: Context, pipe) -> None:
     and for comparison the decode with a channels-last VAE (same math, other kernels), Pillow's one-core PNG
     writer (what the handler used before workers/core/png.py), and the handler's encoding of 6 images."""
     from workers.core.storage import thumbnail
-    from workers.sdxl.images import encode_outputs
+    from workers.sdxl.images import encode_outputs, to_pil
 
     dev, vae, dtype = ctx.profile.device, pipe.vae, pipe.vae.dtype
     side = ctx.profile.sdxl_side // 8
@@ -203,6 +203,8 @@ def _after_last_step(ctx: Context, pipe) -> None:
             results["decode_fp32_s"] = best(decode)
             image = decode()
             results["to_pil_s"] = best(lambda: pipe.image_processor.postprocess(image, output_type="pil"))
+            results["to_pil_on_device_s"] = best(
+                lambda: to_pil(pipe.image_processor.postprocess(image, output_type="pt")))   # the handler's
             vae.to(memory_format=torch.channels_last)
             results["decode_fp32_channels_last_s"] = best(decode)
             results["channels_last_rel_err"] = rel_err(decode(), image)

@@ -160,3 +160,18 @@ def test_bad_values_fail_before_any_work(sdxl_handler):
         run(sdxl_handler, "y" * (sdxl_handler.settings.max_prompt_chars + 1))
     assert caught.value.error_type is ErrorType.INVALID_PROMPT and "prompt" in caught.value.message
     assert sdxl_handler.jobs_done == done
+
+
+def test_to_pil_rounds_exactly_as_diffusers_numpy_to_pil():
+    import numpy as np
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    from workers.sdxl.images import to_pil
+
+    images = torch.rand(2, 3, 17, 23, generator=torch.Generator().manual_seed(0))
+    images[0, :, 0, :3] = torch.tensor([0.0, 1.0, 0.5])        # the ends and a midpoint
+    images[1, 0, 0, :] = torch.arange(23) / 22                   # an even ramp
+    ours = [np.asarray(image) for image in to_pil(images)]
+    theirs = [np.asarray(image) for image in VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))]
+    assert all(a.dtype == np.uint8 and a.shape == (17, 23, 3) and np.array_equal(a, b) for a, b in zip(ours, theirs))

@@ -16,6 +16,7 @@ from workers.core.errors import ErrorType, WorkerError
 from workers.core.handler import Progress
 
 from . import weighting
+from .images import to_pil
 from .pipeline import SdxlPipelines
 from .request import BATCH_SIZES, SdxlRequest
 
@@ -61,7 +62,7 @@ def generate(pipes: SdxlPipelines, plan: Plan, progress: Progress) -> Outcome:
         else:
             args.update(width=request.width, height=request.height)
         with torch.inference_mode():
-            images = pipe(**args).images
+            images = to_pil(pipe(**args, output_type="pt").images)
         state["done"] += count
         return images
 

@@ -1,6 +1,8 @@
 """Image plumbing around the pipeline: fitting a reference to the output size, PNG and thumbnail encoding."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from PIL import Image
 
@@ -24,6 +26,16 @@ def letterbox(image: Image.Image, width: int, height: int) -> tuple[Image.Image,
     canvas.paste(image.resize(size, Image.Resampling.LANCZOS),
                  ((width - size[0]) // 2, (height - size[1]) // 2))
     return canvas, True
+
+
+def to_pil(images: Any) -> list[Image.Image]:
+    """The pipeline's ``output_type="pt"`` images ([B, 3, H, W] in [0, 1]) as PIL images, rounded to uint8 on
+    their device: the same fp32 multiply and round-half-to-even as diffusers' ``numpy_to_pil``, without its
+    fp32 copy on the CPU (~10 ms per 1024² image on the H100 pod, bench/)."""
+    import torch
+
+    pixels = (images.float().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
 
 
 def encode_outputs(images: list[Image.Image]) -> tuple[list[bytes], list[bytes]]:
