@@ -90,7 +90,7 @@ export FLEET_BASE_DIR
 export HF_HOME="${HF_HOME:-$FLEET_BASE_DIR/hf}"
 export TMPDIR="${TMPDIR:-$FLEET_BASE_DIR/tmp}"
 export LOG_DIR="${LOG_DIR:-$FLEET_BASE_DIR/logs}"
-# torch.compile's kernels survive restarts here (TORCH_COMPILE=true costs minutes per shape the first time).
+# torch.compile's kernels survive restarts here (COMPILE_BLOCKS, on by default: ~15 s of the first start; TORCH_COMPILE=true: minutes per shape).
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$FLEET_BASE_DIR/inductor}"
 mkdir -p "$HF_HOME" "$TMPDIR" "$LOG_DIR" "$TORCHINDUCTOR_CACHE_DIR"
 say "directories: HF_HOME=$HF_HOME TMPDIR=$TMPDIR LOG_DIR=$LOG_DIR TORCHINDUCTOR_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR"
