@@ -130,3 +130,14 @@ def test_what_it_cannot_write_is_named(pixels, message):
 def test_a_level_outside_zlibs_range_is_refused():
     with pytest.raises(ValueError, match="0-9"):
         png.encode(np.zeros((2, 2, 3), dtype=np.uint8), level=10)
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_encodes_with_its_own_threads():
+    import multiprocessing
+
+    png.encode(np.zeros((8, 8, 3), dtype=np.uint8))          # the parent's pool exists now
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as children:
+        data = children.apply(png.encode, (np.full((30, 20, 3), 7, dtype=np.uint8),))
+    assert np.array_equal(decoded(data), np.full((30, 20, 3), 7, dtype=np.uint8))

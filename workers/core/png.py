@@ -34,9 +34,14 @@ def threads() -> int:
     return min(16, os.cpu_count() or 1)
 
 
-@lru_cache(maxsize=1)
 def pool() -> ThreadPoolExecutor:
-    """The process's encoding threads, made on first use."""
+    """The process's encoding threads, made on first use (a forked child gets its own: threads do not survive
+    a fork, and a pool inherited without them would never run a task)."""
+    return _pool_of(os.getpid())
+
+
+@lru_cache(maxsize=1)
+def _pool_of(_pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="encode")
 
 
