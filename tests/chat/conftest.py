@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every load below must work without the hub
 
@@ -16,6 +16,7 @@ import requests
 import torch
 
 from workers.chat import create_handler
+from workers.chat.engine import GenerationRequest
 from workers.chat.handler import ChatHandler
 from workers.core.http import create_base_app
 from workers.core.job import Job, decode
@@ -115,3 +116,30 @@ def fresh_handler(demo_models) -> Iterator[Any]:
     for handler in made:
         handler.close()
 
+
+def drive(batch: Any, plan: dict[int, list[GenerationRequest]], on_step: Callable[[Any], None] = lambda b: None
+          ) -> list[list[int]]:
+    """The engine's round (admit between steps, step, drop finished rows) on one batch, deterministically:
+    each request's tokens, in the plan's order."""
+    requests = [r for step in sorted(plan) for r in plan[step]]
+    done: dict[int, list[int]] = {}
+    step = 0
+    with torch.inference_mode():
+        while len(done) < len(requests):
+            if plan.get(step):
+                batch.admit(plan[step])
+                settle(batch, done)
+            if batch.rows:
+                on_step(batch)
+                batch.step()
+                settle(batch, done)
+            step += 1
+            assert step < 500
+    return [done[id(r)] for r in requests]
+
+
+def settle(batch: Any, done: dict[int, list[int]]) -> None:
+    finished = [row for row in batch.rows if row.finish is not None]
+    for row in finished:
+        done[id(row.request)] = list(row.tokens)
+    batch.remove(finished)

@@ -23,6 +23,8 @@ from workers.chat.slot_batch import SlotBatch, bucket
 from workers.core.errors import ConfigError
 from workers.core.settings import Settings
 
+from .conftest import drive
+
 RELATIVE = 1e-5
 
 
@@ -81,24 +83,6 @@ def test_logits_equal_transformers_forward(qwen):
         batch.step()
     lean, reference = both_steps(batch)
     assert lean.shape == (4, vocab) and relative(lean, reference) <= RELATIVE
-
-
-def drive(batch: SlotBatch, plan: dict[int, list[GenerationRequest]]) -> list[list[int]]:
-    requests = [r for step in sorted(plan) for r in plan[step]]
-    done: dict[int, list[int]] = {}
-    step = 0
-    with torch.inference_mode():
-        while len(done) < len(requests):
-            if plan.get(step):
-                batch.admit(plan[step])
-            if batch.rows:
-                batch.step()
-            finished = [row for row in batch.rows if row.finish is not None]
-            done.update((id(row.request), list(row.tokens)) for row in finished)
-            batch.remove(finished)
-            step += 1
-            assert step < 200
-    return [done[id(r)] for r in requests]
 
 
 def plan(vocab: int) -> dict[int, list[GenerationRequest]]:

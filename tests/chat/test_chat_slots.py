@@ -4,7 +4,6 @@ different times (slots freed and refilled, rows moved), batch padding to buckets
 and sampled rows with seeds and penalties. On CUDA, the CUDA-graph replay against the eager static step."""
 from __future__ import annotations
 
-from typing import Any, Callable
 
 import pytest
 import torch
@@ -15,6 +14,8 @@ from workers.chat.models import LoadedModel, ModelName, SingleModel, load_model
 from workers.chat.sampling import SamplingParams
 from workers.chat.slot_batch import SlotBatch, bucket, buckets
 from workers.core.errors import InvalidJob
+
+from .conftest import drive
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
 
@@ -50,32 +51,6 @@ def workload(vocab: int) -> dict[int, list[GenerationRequest]]:
         40: [request(1010, 10, SamplingParams(temperature=0.0, max_tokens=30)), request(33, 12)],
     }
 
-
-def drive(batch: Any, plan: dict[int, list[GenerationRequest]], on_step: Callable[[Any], None] = lambda b: None
-          ) -> list[list[int]]:
-    """The engine's round (admit between steps, step, drop finished rows) on one batch, deterministically."""
-    requests = [r for step in sorted(plan) for r in plan[step]]
-    done: dict[int, list[int]] = {}
-    step = 0
-    with torch.inference_mode():
-        while len(done) < len(requests):
-            if plan.get(step):
-                batch.admit(plan[step])
-                settle(batch, done)
-            if batch.rows:
-                on_step(batch)
-                batch.step()
-                settle(batch, done)
-            step += 1
-            assert step < 500
-    return [done[id(r)] for r in requests]
-
-
-def settle(batch: Any, done: dict[int, list[int]]) -> None:
-    finished = [row for row in batch.rows if row.finish is not None]
-    for row in finished:
-        done[id(row.request)] = list(row.tokens)
-    batch.remove(finished)
 
 
 def test_buckets():
