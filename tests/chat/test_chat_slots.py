@@ -4,7 +4,6 @@ different times (slots freed and refilled, rows moved), batch padding to buckets
 and sampled rows with seeds and penalties. On CUDA, the CUDA-graph replay against the eager static step."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
