@@ -8,7 +8,9 @@ kernels round in another order (relative error ~1e-3 in fp16): no change to the 
 
 Compiled blocks are what a CUDA graph then captures (workers/core/graphed.py), so the warm-up that captures
 the graphs also does the compile. A compile failure (no Triton, an unsupported op) must not take the worker
-down: ``suppress_errors`` makes dynamo run that block eagerly and log why.
+down: ``suppress_errors`` makes dynamo run that block eagerly and log why. Unloading still frees the model:
+dynamo takes each block as an input of the shared graph and keeps no reference to it (a dropped model is
+collected, and a reloaded one reuses the compiled graph without compiling again).
 """
 from __future__ import annotations
 
