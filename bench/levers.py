@@ -38,13 +38,6 @@ def run(ctx: Context) -> None:
     ctx.step(SECTION, "wan_blocks", 150, lambda: _wan(ctx))
 
 
-def _recompile_limit(limit: int) -> None:
-    config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(config, name):
-            setattr(config, name, limit)
-
-
 def _median_call(fn: Callable[[], Any], device: torch.device, times: int = REPLAYS) -> float:
     seconds = []
     for _ in range(times):
@@ -110,13 +103,8 @@ def _fp32(tree: Any) -> Any:
 
 
 def _compile_blocks(model: torch.nn.Module, class_names: tuple[str, ...], dynamic: bool, full: bool) -> int:
-    """``torch.compile`` each block of those classes in place (inductor; dynamo alone in a tiny CPU run)."""
-    count = 0
-    for module in model.modules():
-        if type(module).__name__ in class_names:
-            module.compile(dynamic=dynamic, fullgraph=False, backend="inductor" if full else "eager")
-            count += 1
-    return count
+    """The blocks compiled in place (inductor; dynamo alone in a tiny CPU run)."""
+    return regional.compile_matching(model, class_names, dynamic, "inductor" if full else "eager")
 
 
 def _uncompile(model: torch.nn.Module) -> None:
@@ -146,7 +134,6 @@ def _sdxl(ctx: Context) -> None:
         with torch.inference_mode():
             return unet(**cases[batch], return_dict=False)[0]
 
-    _recompile_limit(64)
     v = Variants(ctx, "sdxl_unet", dev)
     batches = (2, 12) if p.full else (2,)
     for batch in batches:
@@ -211,7 +198,6 @@ def _wan(ctx: Context) -> None:
         with torch.inference_mode():
             return transformer(**inputs, return_dict=False)[0]
 
-    _recompile_limit(64)
     v = Variants(ctx, "wan_transformer_video", dev)
     v.measure("eager", transformer, call, 1, graph=False)
     v.results["compiled_blocks"] = _compile_blocks(transformer, ("WanTransformerBlock",), dynamic=True,

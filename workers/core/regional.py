@@ -25,19 +25,29 @@ RECOMPILE_LIMIT = 32   # compiled variants kept per block code (dynamic shapes n
 
 def compile_blocks(model: torch.nn.Module, class_names: tuple[str, ...]) -> int:
     """Compile, in place, every submodule of ``model`` whose class name is in ``class_names`` (dynamic shapes:
-    one compile serves every batch and size). Returns how many blocks; nothing happens off CUDA."""
+    one compile serves every batch and size; a failed compile leaves the plain block). Returns how many
+    blocks; nothing happens off CUDA."""
     parameter = next(model.parameters(), None)
     if parameter is None or parameter.device.type != "cuda":
         return 0
+    torch._dynamo.config.suppress_errors = True
+    count = compile_matching(model, class_names)
+    log.info("compiled %d blocks (%s) of %s", count, ", ".join(class_names), type(model).__name__)
+    return count
+
+
+def compile_matching(model: torch.nn.Module, class_names: tuple[str, ...], dynamic: bool = True,
+                     backend: str = "inductor") -> int:
+    """``torch.compile`` in place every submodule whose class name is in ``class_names``, on any device (what
+    ``compile_blocks`` does on CUDA; bench/levers.py also compiles static shapes, or with dynamo's eager
+    backend on the CPU). Returns how many."""
     config = torch._dynamo.config
-    config.suppress_errors = True
     for name in ("recompile_limit", "cache_size_limit"):   # the name changed across torch versions
         if hasattr(config, name) and getattr(config, name) < RECOMPILE_LIMIT:
             setattr(config, name, RECOMPILE_LIMIT)
     blocks = [module for module in model.modules() if type(module).__name__ in class_names]
     for block in blocks:
-        block.compile(dynamic=True)
-    log.info("compiled %d blocks (%s) of %s", len(blocks), ", ".join(class_names), type(model).__name__)
+        block.compile(dynamic=dynamic, backend=backend)
     return len(blocks)
 
 
