@@ -62,6 +62,16 @@ class RetryableError(WorkerError):
         self.delay = delay
 
 
+class JobCancelled(WorkerError):
+    """Raised by the runner's ``progress`` callable (the one cancellation point of every handler) once the
+    job must stop: its deadline passed (``TIMEOUT_ERROR``) or the app cancelled it. Handlers let it propagate,
+    cleaning up on the way (a chat handler cancels its engine request)."""
+
+    def __init__(self, message: str, error_type: ErrorType = ErrorType.TIMEOUT_ERROR, reason: str = "deadline"):
+        super().__init__(message, error_type)
+        self.reason = reason   # "deadline" | "cancelled"
+
+
 class FatalWorkerError(Exception):
     """Crash and restart: the process is unusable (model gone, GPU lost). The current job is handed back."""
 

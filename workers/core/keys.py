@@ -10,7 +10,10 @@
 | ``workers:active`` | set of ``<queue>|<worker_id>`` | member removed when reaped | workers that may hold a processing list |
 | ``worker:<worker_id>:heartbeat`` | string | TTL = heartbeat TTL | present while the worker is alive |
 | ``job:<job_id>:done`` | string | 7 days | the job's terminal callback was delivered or recorded: never run it again |
-| ``callbacks:outbox`` | hash job_id → body | until delivered | terminal callbacks that could not be delivered yet |
+| ``job:<job_id>:claim`` | string ``<worker_id>:<attempt>`` | TTL = 3 × heartbeat TTL, renewed by the heartbeat while the job runs; deleted at the terminal step | who runs the job now: a second copy does not start while it lives; a worker whose claim was taken over neither uploads nor sends a terminal callback (fencing by attempt) |
+| ``callbacks:outbox`` | hash job_id → body | until delivered (or rejected) | terminal callbacks owed to the app; written atomically with the job leaving its processing list |
+| ``callbacks:outbox:lease:<job_id>`` | string owner id | TTL (about 2 × the sender's delivery budget); deleted when the sender is done | the one sender now delivering this outbox entry: other senders skip it |
+| ``callbacks:rejected`` | hash job_id → body | permanent (ops replay or drop it) | terminal callbacks the app refused with a 4xx (e.g. a rotated secret), kept for a manual replay |
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ DONE_TTL_SECONDS = 7 * 24 * 3600
 DEAD_LOG_MAX = 1000
 ACTIVE_WORKERS = "workers:active"
 OUTBOX = "callbacks:outbox"
+REJECTED = "callbacks:rejected"
 
 
 def processing(queue: str, worker_id: str) -> str:
@@ -51,3 +55,11 @@ def active_member(queue: str, worker_id: str) -> str:
 def parse_active_member(member: str) -> tuple[str, str]:
     queue, _, worker_id = member.partition("|")
     return queue, worker_id
+
+
+def claim(job_id: str) -> str:
+    return f"job:{job_id}:claim"
+
+
+def outbox_lease(job_id: str) -> str:
+    return f"{OUTBOX}:lease:{job_id}"

@@ -1,0 +1,2 @@
+"""The fleet-wide kernel: what every process (workers, router, orchestrator, memory manager) may import.
+It imports nothing of the fleet."""
