@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from enum import Enum
 from typing import Any, Callable
 
@@ -108,35 +109,124 @@ class CallbackClient:
             self.metrics.callback_failures.labels(status).inc()
 
 
-_DELETE_IF_SAME = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+# Each script is one atomic step over the outbox hash, the entry's lease and (rejected) the rejected hash.
+# KEYS[1] outbox, KEYS[2] the entry's lease; ARGV[1] job id, then the body and/or the owner.
+_TAKE = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return false end
+if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return false end
+return redis.call('HGET', KEYS[1], ARGV[1])
+"""
+_DELIVERED = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+_REJECTED = """
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
 
-class OutboxSender:
-    """Re-sends terminal callbacks kept in the outbox; removes each only once delivered (or rejected)."""
+class Outbox:
+    """The durable record of owed terminal callbacks, one lease per entry (``keys.outbox_lease``).
 
-    def __init__(self, transport: Transport, client: CallbackClient, metrics: Metrics | None = None):
+    Whoever holds an entry's lease is the one process allowed to POST it; everyone else skips it, so N
+    worker processes sharing the hash give one delivery per entry, not N. A lease names its ``owner`` and
+    expires after ``lease_seconds`` (about twice the holder's delivery budget), so an owner that died
+    leaves the entry to the next sender once the lease lapses. The runner's terminal step writes an entry
+    together with its lease (owner = the worker id) and then calls ``delivered``/``rejected``/``release``.
+    """
+
+    def __init__(self, transport: Transport, owner: str, lease_seconds: float):
+        if lease_seconds <= 0:
+            raise ValueError("lease_seconds must be positive")
         self.transport = transport
-        self.client = client
-        self.metrics = metrics
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+
+    @property
+    def _lease_ms(self) -> int:
+        return max(1, int(self.lease_seconds * 1000))
+
+    def claim(self, job_id: str) -> bool:
+        """Take the entry's lease (SET NX): False if someone holds it."""
+        return bool(self.transport.command("SET", keys.outbox_lease(job_id), self.owner, "NX",
+                                           "PX", self._lease_ms))
+
+    def take(self, job_id: str) -> bytes | None:
+        """Claim the lease of an entry that still exists and return its body, in one step; else ``None``.
+
+        One step matters: reading the body first and claiming later could resend an entry another process
+        delivered (and whose lease it dropped) in between."""
+        body = self.transport.command("EVAL", _TAKE, 2, keys.OUTBOX, keys.outbox_lease(job_id), job_id,
+                                      self.owner, self._lease_ms)
+        return body or None
+
+    def delivered(self, job_id: str, body: bytes) -> None:
+        """Drop the entry if it still holds ``body`` (a newer body stays owed) and our lease."""
+        self.transport.command("EVAL", _DELIVERED, 2, keys.OUTBOX, keys.outbox_lease(job_id), job_id, body,
+                               self.owner)
+
+    def rejected(self, job_id: str, body: bytes) -> None:
+        """The app refused ``body`` for good (a 4xx): keep it in ``callbacks:rejected`` for a manual replay,
+        then as ``delivered``."""
+        self.transport.command("EVAL", _REJECTED, 3, keys.OUTBOX, keys.outbox_lease(job_id), keys.REJECTED,
+                               job_id, body, self.owner)
+
+    def release(self, job_id: str) -> None:
+        """Give the lease up (delivery failed for now): the next sender may try."""
+        self.transport.command("EVAL", _RELEASE, 1, keys.outbox_lease(job_id), self.owner)
 
     def pending(self) -> int:
         return int(self.transport.command("HLEN", keys.OUTBOX))
 
+    def job_ids(self) -> list[str]:
+        found = self.transport.command("HKEYS", keys.OUTBOX) or []
+        return [j.decode() if isinstance(j, bytes) else str(j) for j in found]
+
+
+class OutboxSender:
+    """Re-sends terminal callbacks kept in the outbox: one try per entry per round, each under its lease,
+    skipping entries another process holds (the runner still delivering it, or another sender)."""
+
+    def __init__(self, transport: Transport, client: CallbackClient, metrics: Metrics | None = None, *,
+                 owner: str | None = None):
+        self.client = client
+        self.metrics = metrics
+        # One POST is the sender's delivery budget per entry; its lease covers two.
+        self.outbox = Outbox(transport, owner or f"outbox-sender:{uuid.uuid4().hex}", 2 * client.timeout)
+
+    def pending(self) -> int:
+        return self.outbox.pending()
+
     def drain_once(self) -> int:
-        """Try every outbox entry once; return how many left the outbox."""
-        flat = self.transport.command("HGETALL", keys.OUTBOX) or []
-        entries = dict(zip(flat[0::2], flat[1::2])) if isinstance(flat, list) else dict(flat)
+        """Try every outbox entry nobody holds once; return how many left the outbox."""
         sent = 0
-        for job_id, body in entries.items():
-            if self.client.post_once(body) is None:
+        for job_id in self.outbox.job_ids():
+            body = self.outbox.take(job_id)
+            if body is None:
                 continue
-            self.transport.command("EVAL", _DELETE_IF_SAME, 1, keys.OUTBOX, job_id, body)
+            try:
+                outcome = self.client.post_once(body)
+            except BaseException:
+                self.outbox.release(job_id)
+                raise
+            if outcome is None:
+                self.outbox.release(job_id)
+                continue
+            if outcome is Outcome.REJECTED:
+                self.outbox.rejected(job_id, body)
+            else:
+                self.outbox.delivered(job_id, body)
             sent += 1
         if self.metrics is not None:
-            self.metrics.outbox.set(len(entries) - sent)
+            self.metrics.outbox.set(self.outbox.pending())
         return sent
 
     def run(self, stop: threading.Event, interval: float = 10.0) -> None:

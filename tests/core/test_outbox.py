@@ -1,0 +1,81 @@
+"""The callback outbox (review #8, #18): one delivery per entry whatever the number of senders, a dead
+sender's lease expires, and 4xx-refused bodies are kept in ``callbacks:rejected`` for a manual replay.
+
+Everything runs against the real redis-server and the loopback Supabase stand-in."""
+import threading
+import time
+
+from tests.conftest import SUPABASE_TEST_CALLBACK_SECRET as SECRET, SUPABASE_TEST_SERVICE_KEY as KEY
+from workers.core import callbacks as cb
+from workers.core import keys
+from workers.core.callbacks import CallbackClient, Outbox, OutboxSender
+from workers.core.transport import RedisProtocolTransport
+
+
+def client(standin, secret=SECRET):
+    return CallbackClient(standin.url, KEY, secret, retry_seconds=1.0, timeout=2,
+                          sleep=lambda s: time.sleep(min(s, 0.05)))
+
+
+def test_three_senders_in_parallel_deliver_each_entry_once(supabase_standin, redis_client, redis_server):
+    ids = [f"job-{i}" for i in range(20)]
+    for job_id in ids:
+        redis_client.hset(keys.OUTBOX, job_id, cb.encode(job_id, "w", "completed"))
+    supabase_standin.delay = 0.02  # each POST takes a moment, so the senders overlap
+    senders = [OutboxSender(RedisProtocolTransport(redis_server.url, 5), client(supabase_standin))
+               for _ in range(3)]
+    start = threading.Barrier(len(senders))
+
+    def drain(sender):
+        start.wait()
+        sender.drain_once()
+
+    threads = [threading.Thread(target=drain, args=(s,)) for s in senders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert supabase_standin.callback_attempts == len(ids)  # POSTs that reached the stand-in
+    assert sorted(c.job_id for c in supabase_standin.callbacks()) == sorted(ids)
+    assert redis_client.hlen(keys.OUTBOX) == 0
+    assert not redis_client.keys(keys.outbox_lease("*"))
+
+
+def test_an_entry_whose_lease_owner_died_is_delivered_once_the_lease_expires(supabase_standin, redis_client,
+                                                                             redis_server):
+    body = cb.encode("orphan", "dead-worker", "completed")
+    redis_client.hset(keys.OUTBOX, "orphan", body)
+    redis_client.set(keys.outbox_lease("orphan"), "dead-worker", px=600)  # its runner died mid-delivery
+    sender = OutboxSender(RedisProtocolTransport(redis_server.url, 5), client(supabase_standin), owner="w2")
+    assert sender.drain_once() == 0 and supabase_standin.callback_attempts == 0  # a live lease is skipped
+    time.sleep(0.7)
+    assert sender.drain_once() == 1
+    assert supabase_standin.wait_for("orphan", timeout=5).raw == body
+    assert redis_client.hlen(keys.OUTBOX) == 0 and not redis_client.exists(keys.outbox_lease("orphan"))
+
+
+def test_outbox_calls_touch_only_their_own_lease_and_the_same_body(redis_client, redis_server):
+    transport = RedisProtocolTransport(redis_server.url, 5)
+    mine, theirs = Outbox(transport, "w1", 30), Outbox(transport, "w2", 30)
+    redis_client.hset(keys.OUTBOX, "j", b"old")
+    assert mine.claim("j") and not theirs.claim("j")
+    assert 29_000 < redis_client.pttl(keys.outbox_lease("j")) <= 30_000
+    theirs.release("j")
+    theirs.delivered("j", b"old")  # not its lease: the lease stays; the body matched, so the entry goes
+    assert redis_client.get(keys.outbox_lease("j")) == b"w1" and not redis_client.hexists(keys.OUTBOX, "j")
+    redis_client.hset(keys.OUTBOX, "j", b"new")  # a newer body is owed: delivering the old one keeps it
+    mine.delivered("j", b"old")
+    assert redis_client.hget(keys.OUTBOX, "j") == b"new" and not redis_client.exists(keys.outbox_lease("j"))
+    assert mine.take("gone") is None and not redis_client.exists(keys.outbox_lease("gone"))  # no entry, no lease
+    assert mine.take("j") == b"new" and theirs.take("j") is None
+    mine.release("j")
+    assert not redis_client.exists(keys.outbox_lease("j")) and redis_client.hget(keys.OUTBOX, "j") == b"new"
+
+
+def test_a_rejected_body_is_kept_for_replay_and_leaves_the_outbox(redis_client, redis_server):
+    outbox = Outbox(RedisProtocolTransport(redis_server.url, 5), "w1", 30)
+    redis_client.hset(keys.OUTBOX, "j", b"body")
+    assert outbox.claim("j")
+    outbox.rejected("j", b"body")
+    assert redis_client.hget(keys.REJECTED, "j") == b"body"
+    assert not redis_client.hexists(keys.OUTBOX, "j") and not redis_client.exists(keys.outbox_lease("j"))
