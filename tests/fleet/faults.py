@@ -1,8 +1,10 @@
 """Fault injectors that live outside the code under test.
 
 - :class:`SupabaseFront`: the fleet's ``SUPABASE_URL``. It forwards every request to the Supabase stand-in,
-  except that the ``job-callback`` path can be switched to answer 503 (``REFUSE``) or to hold each request
-  without ever answering or forwarding it (``HANG``: the caller's read timeout fires), until switched back.
+  except that the ``job-callback`` path can be switched to answer 503 (``REFUSE``), to hold each request
+  without ever answering or forwarding it (``HANG``: the caller's read timeout fires), or to forward it (the
+  app has the callback) and then hold the answer (``LATE``: the caller's read timeout fires, so it cannot
+  know the callback arrived), until switched back.
 - :class:`TinyTmp`: a temporary-files directory that is (nearly) full: a tiny tmpfs when this process may
   mount one (root with CAP_SYS_ADMIN), else ``RLIMIT_FSIZE`` on the worker through ``tests.fleet.fsize``.
 """
@@ -26,6 +28,7 @@ class Mode(str, Enum):
     PASS = "pass"
     REFUSE = "refuse"   # 503 at once
     HANG = "hang"       # accept, never answer (until the mode changes; then 504 to a caller long gone)
+    LATE = "late"       # forward (the app records it), answer only once the mode changes: the answer is lost
 
 
 class SupabaseFront(BackgroundServer):
@@ -34,12 +37,14 @@ class SupabaseFront(BackgroundServer):
         self.mode = Mode.PASS
         self.refused = 0
         self.hung = 0
+        self.late = 0
         self._changed = threading.Condition()
         self._http = urllib3.PoolManager(maxsize=64, retries=False, timeout=urllib3.Timeout(connect=5, read=60))
         app = Flask("supabase-front")
 
         @app.route("/<path:path>", methods=["GET", "POST", "PUT", "DELETE"])
         def forward(path: str) -> Response:
+            late = False
             if path == CALLBACK_PATH:
                 with self._changed:
                     mode = self.mode
@@ -50,11 +55,17 @@ class SupabaseFront(BackgroundServer):
                         self.hung += 1
                         self._changed.wait_for(lambda: self.mode is not Mode.HANG, timeout=600)
                         return Response('{"error":"held"}', 504, mimetype="application/json")
+                    if mode is Mode.LATE:
+                        self.late += 1
+                        late = True
             url = f"{self.upstream}/{path}"
             if request.query_string:
                 url += "?" + request.query_string.decode("latin-1")
             headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED}
             answer = self._http.request(request.method, url, body=request.get_data(), headers=headers)
+            if late:
+                with self._changed:
+                    self._changed.wait_for(lambda: self.mode is not Mode.LATE, timeout=600)
             return Response(answer.data, answer.status, content_type=answer.headers.get("Content-Type"))
 
         super().__init__(app, name="supabase-front")

@@ -138,6 +138,18 @@ def test_storage_auth_and_injected_failures(supabase_standin: SupabaseStandin) -
     assert list(supabase_standin.objects) == ["b/x.png"]
 
 
+def test_storage_outage_window_refuses_every_upload_until_ended(supabase_standin: SupabaseStandin) -> None:
+    supabase_standin.set_storage_failing(500)
+    assert [upload(supabase_standin, f"b/{n}.png", b"x", "image/png").status_code for n in range(3)] == [500] * 3
+    assert supabase_standin.objects == {}
+    callback = json.dumps({"job_id": "j-1", "status": "completed"}).encode()
+    assert send_callback(supabase_standin, callback).status_code == 200  # callbacks are not part of the window
+    supabase_standin.set_storage_failing(None)
+    assert upload(supabase_standin, "b/3.png", b"x", "image/png").status_code == 200
+    assert list(supabase_standin.objects) == ["b/3.png"]
+    assert (supabase_standin.storage_attempts, supabase_standin.storage_refused) == (4, 3)
+
+
 # ----------------------------------------------------------------------------- registration
 @pytest.fixture
 def healthy_worker() -> Any:

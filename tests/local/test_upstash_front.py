@@ -218,3 +218,67 @@ def test_redis_outage_is_503_then_recovers_after_restart() -> None:
         assert down.status_code == 503 and "error" in down.json()
         server.restart()
         assert requests.post(front.url, json=["LLEN", "q"], headers=headers, timeout=10).json() == {"result": 1}
+
+
+# ----------------------------------------------------------------------------- fault modes
+@pytest.fixture
+def faulty_front(redis_server: RedisServer, redis_client: redis.Redis):
+    front = UpstashFront(redis_server.url, "fault-token", fault_seed=7)
+    yield front
+    front.stop()
+
+
+def rest_client(front: UpstashFront, timeout: float = 5.0):
+    from workers.core.transport import UpstashRestTransport  # the client the workers use
+    return UpstashRestTransport(front.url, front.token, timeout)
+
+
+def test_fault_drop_runs_nothing_and_the_client_sees_an_error(faulty_front, redis_client) -> None:
+    from workers.core.transport import TransportError
+    faulty_front.faults.set(drop=1.0)
+    with pytest.raises(TransportError):
+        rest_client(faulty_front).command("RPUSH", "q", "a")
+    assert redis_client.llen("q") == 0
+    assert faulty_front.faults.snapshot() == {"requests": 1, "drop": 1}
+
+
+def test_fault_lose_runs_the_command_then_hangs_up(faulty_front, redis_client) -> None:
+    from workers.core.transport import TransportError
+    faulty_front.faults.set(lose=1.0)
+    with pytest.raises(TransportError):
+        rest_client(faulty_front).command("RPUSH", "q", "a")
+    assert redis_client.lrange("q", 0, -1) == [b"a"]
+    sdk = UpstashRedis(faulty_front.url, faulty_front.token, rest_retries=0, allow_telemetry=False)
+    pipe = sdk.pipeline()
+    pipe.rpush("q", "b")
+    pipe.rpush("q", "c")
+    with pytest.raises(Exception):
+        pipe.exec()
+    assert redis_client.lrange("q", 0, -1) == [b"a", b"b", b"c"]
+    assert faulty_front.faults.snapshot()["lose"] == 2
+
+
+def test_fault_hold_answers_after_the_client_timed_out(faulty_front, redis_client) -> None:
+    from workers.core.transport import TransportError
+    faulty_front.faults.set(hold=1.0, hold_seconds=1.5)
+    with pytest.raises(TransportError, match="Timeout"):
+        rest_client(faulty_front, timeout=0.5).command("RPUSH", "q", "a")
+    assert redis_client.lrange("q", 0, -1) == [b"a"]
+    assert rest_client(faulty_front, timeout=5.0).command("LLEN", "q") == 1  # a patient client gets its answer
+
+
+def test_faults_are_seeded_switchable_and_off_by_default(faulty_front, redis_client) -> None:
+    from workers.local.upstash_front import Faults
+    client = rest_client(faulty_front)
+    assert [client.command("INCR", "n") for _ in range(3)] == [1, 2, 3]
+    assert faulty_front.faults.snapshot() == {"requests": 3}
+    one, two = Faults(seed=42), Faults(seed=42)
+    for faults in (one, two):
+        faults.set(drop=0.2, lose=0.2, hold=0.2)
+    draws = [one.draw()[0] for _ in range(200)]
+    assert draws == [two.draw()[0] for _ in range(200)]
+    assert {None, "drop", "lose", "hold"} == set(draws)
+    one.off()
+    assert {one.draw()[0] for _ in range(50)} == {None}
+    with pytest.raises(ValueError):
+        one.set(drop=0.7, lose=0.7)

@@ -2,8 +2,8 @@
 
 It checks what the real gateway and functions check (service key in ``Authorization`` and ``apikey``,
 the HMAC ``X-Callback-Signature`` over the exact body bytes, Storage's content-type and upsert rules)
-and records what it received, with controls to inject failures (``fail_next``, ``set_down``, ``delay``,
-``skip_job_ids``). It only ever contacts loopback addresses (the registration health check).
+and records what it received, with controls to inject failures (``fail_next``, ``fail_storage_next``,
+``set_storage_failing`` for a storage outage window, ``set_down``, ``delay``, ``skip_job_ids``). It only ever contacts loopback addresses (the registration health check).
 
 CLI for the demo, printing each callback as one JSON line on stdout::
 
@@ -102,7 +102,10 @@ class StandinState:
     _fail_callbacks: List[int] = field(default_factory=list, repr=False)
     _fail_storage: List[int] = field(default_factory=list, repr=False)
     _down: bool = False
+    _storage_failing: Optional[int] = None
     callback_attempts: int = 0
+    storage_attempts: int = 0
+    storage_refused: int = 0
 
     # ------------------------------------------------------------- controls
     def fail_next(self, n: int, status: int = 503) -> None:
@@ -114,6 +117,12 @@ class StandinState:
         """Answer the next ``n`` storage uploads with ``status``, storing nothing."""
         with self._lock:
             self._fail_storage.extend([status] * n)
+
+    def set_storage_failing(self, status: Optional[int]) -> None:
+        """While ``status`` is set, every storage upload is answered with it (an outage window of Supabase
+        Storage alone); ``None`` ends the window."""
+        with self._lock:
+            self._storage_failing = status
 
     def set_down(self, down: bool) -> None:
         """While down, every request is answered 503."""
@@ -208,7 +217,13 @@ def create_app(service_key: str, callback_secret: str, state: Optional[StandinSt
             time.sleep(st.delay)
             failure = st._take(st._fail_callbacks)
         elif request.endpoint == "upload":
-            failure = st._take(st._fail_storage)
+            with st._lock:
+                st.storage_attempts += 1
+                failure = st._storage_failing
+            failure = failure if failure is not None else st._take(st._fail_storage)
+            if failure is not None:
+                with st._lock:
+                    st.storage_refused += 1
         if failure is not None:
             return _json({"statusCode": str(failure), "error": "injected failure"}, failure)
         bearer = request.headers.get("Authorization", "").encode()

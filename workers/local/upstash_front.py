@@ -13,6 +13,12 @@ enough that the official ``upstash_redis.Redis(url, token)`` SDK and the app's r
 - errors → 400 ``{"error": "ERR ..."}``; blocking and connection-state commands refused.
 
 Replies keep Redis' types: integers as numbers, bulk strings as strings, arrays as arrays, nil as null.
+
+Fault modes (``UpstashFront.faults``, off by default), for the fault tests: each command request draws, from
+a seeded generator, whether it is dropped (nothing runs, the connection is closed unanswered), whose reply is
+lost (the command runs, then the connection is closed unanswered) or whose reply is held (the command runs,
+the answer comes ``hold_seconds`` later: past the client's timeout). A client cannot tell a dropped request
+from a lost reply: that is the point.
 """
 
 from __future__ import annotations
@@ -20,7 +26,13 @@ from __future__ import annotations
 import base64
 import hmac
 import json
-from typing import Any, List, Optional, Sequence, Union
+import random
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 
 import redis
@@ -221,6 +233,89 @@ class RedisExecutor:
         self.pool.disconnect()
 
 
+# --------------------------------------------------------------------------- fault modes
+DROP, LOSE, HOLD = "drop", "lose", "hold"
+
+
+@dataclass(frozen=True)
+class FaultRates:
+    """Per-request probabilities (their sum at most 1) of each fault, and how long a held reply waits."""
+
+    drop: float = 0.0
+    lose: float = 0.0
+    hold: float = 0.0
+    hold_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        rates = (self.drop, self.lose, self.hold)
+        if any(not 0.0 <= r <= 1.0 for r in rates) or sum(rates) > 1.0 + 1e-9:
+            raise ValueError("fault rates must each lie in [0, 1] and add up to at most 1")
+        if not 0.0 <= self.hold_seconds <= 600.0:
+            raise ValueError("hold_seconds must lie in [0, 600]")
+
+
+class Faults:
+    """Switchable, seeded-probability faults of the front's command requests (thread-safe).
+
+    ``set(drop=…, lose=…, hold=…, hold_seconds=…)`` switches them on, ``off()`` off; ``counts`` says how many
+    requests were served and how many got each fault. The same seed and request order give the same draws.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self.rates = FaultRates()
+        self.counts: Counter = Counter()
+
+    def set(self, **rates: float) -> None:
+        with self._lock:
+            self.rates = FaultRates(**rates)
+
+    def off(self) -> None:
+        self.set()
+
+    def draw(self) -> tuple[Optional[str], float]:
+        """The fault for the next request (``None``: serve it normally), counted, with the hold time."""
+        with self._lock:
+            rates = self.rates
+            roll = self._rng.random()
+            self.counts["requests"] += 1
+            for name, rate in ((DROP, rates.drop), (LOSE, rates.lose), (HOLD, rates.hold)):
+                if roll < rate:
+                    self.counts[name] += 1
+                    return name, rates.hold_seconds
+                roll -= rate
+            return None, 0.0
+
+    def snapshot(self) -> Dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+
+def _hang_up() -> Response:
+    """Close the client's connection without an answer (the server then writes into a closed socket,
+    which werkzeug treats as a dropped connection)."""
+    sock = request.environ.get("werkzeug.socket")
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    return Response(b"", 502)
+
+
+def _with_faults(faults: Faults, serve: Callable[[], Response]) -> Response:
+    fault, hold_seconds = faults.draw()
+    if fault == DROP:
+        return _hang_up()
+    answer = serve()
+    if fault == LOSE:
+        return _hang_up()
+    if fault == HOLD:
+        time.sleep(hold_seconds)
+    return answer
+
+
 # --------------------------------------------------------------------------- Flask app
 def _reply(payload: Any, status: int = 200) -> Response:
     return Response(json.dumps(payload), status=status, mimetype="application/json")
@@ -232,11 +327,14 @@ def _authorized(token: str) -> bool:
     return bool(given) and hmac.compare_digest(given.encode(), token.encode())
 
 
-def create_app(redis_url: str, token: str) -> Flask:
-    """Flask app serving Upstash's REST API over the Redis at ``redis_url``, guarded by ``token``."""
+def create_app(redis_url: str, token: str, faults: Optional[Faults] = None) -> Flask:
+    """Flask app serving Upstash's REST API over the Redis at ``redis_url``, guarded by ``token``; command
+    requests go through ``faults`` (none injected unless switched on)."""
     app = Flask("upstash_front")
     executor = RedisExecutor(redis_url)
+    faults = faults if faults is not None else Faults()
     app.extensions["upstash_executor"] = executor
+    app.extensions["upstash_faults"] = faults
 
     def b64() -> bool:
         return request.headers.get("Upstash-Encoding", "").lower() == "base64"
@@ -255,9 +353,12 @@ def create_app(redis_url: str, token: str) -> Flask:
 
     def single(command: Command) -> Response:
         check_command(command)
-        (reply,) = executor.run([command])
-        entry = _entry(reply, b64())
-        return _reply(entry, 400 if "error" in entry else 200)
+
+        def serve() -> Response:
+            (reply,) = executor.run([command])
+            entry = _entry(reply, b64())
+            return _reply(entry, 400 if "error" in entry else 200)
+        return _with_faults(faults, serve)
 
     @app.post("/")
     def json_command() -> Response:
@@ -280,19 +381,25 @@ def create_app(redis_url: str, token: str) -> Flask:
                 replies.append(None)
             except CommandError as err:  # refused commands answer in place; the others still run
                 replies.append(err)
-        results = iter(executor.run(runnable) if runnable else [])
-        replies = [r if isinstance(r, CommandError) else next(results) for r in replies]
-        return _reply([_entry(r, b64()) for r in replies])
+
+        def serve() -> Response:
+            results = iter(executor.run(runnable) if runnable else [])
+            answers = [r if isinstance(r, CommandError) else next(results) for r in replies]
+            return _reply([_entry(r, b64()) for r in answers])
+        return _with_faults(faults, serve)
 
     @app.post("/multi-exec")
     def multi_exec() -> Response:
         commands = command_list()
         for cmd in commands:
             check_command(cmd)
-        replies = executor.transaction(commands)
-        if isinstance(replies, ResponseError):
-            return _reply({"error": str(replies)}, 400)
-        return _reply([_entry(r, b64()) for r in replies])
+
+        def serve() -> Response:
+            replies = executor.transaction(commands)
+            if isinstance(replies, ResponseError):
+                return _reply({"error": str(replies)}, 400)
+            return _reply([_entry(r, b64()) for r in replies])
+        return _with_faults(faults, serve)
 
     @app.route("/<path:_command>", methods=["GET", "POST", "PUT"])
     def path_command(_command: str) -> Response:
@@ -304,13 +411,16 @@ def create_app(redis_url: str, token: str) -> Flask:
 class UpstashFront:
     """:func:`create_app` served on a free loopback port from a background thread.
 
-    ``url`` and ``token`` are what ``UPSTASH_REDIS_REST_URL`` / ``UPSTASH_REDIS_REST_TOKEN`` would hold.
+    ``url`` and ``token`` are what ``UPSTASH_REDIS_REST_URL`` / ``UPSTASH_REDIS_REST_TOKEN`` would hold;
+    ``faults`` (seeded by ``fault_seed``) switches the fault modes on and off.
     """
 
-    def __init__(self, redis_url: str, token: str = "local-upstash-token", port: int = 0) -> None:
+    def __init__(self, redis_url: str, token: str = "local-upstash-token", port: int = 0,
+                 fault_seed: int = 0) -> None:
         self.redis_url = redis_url
         self.token = token
-        self.app = create_app(redis_url, token)
+        self.faults = Faults(fault_seed)
+        self.app = create_app(redis_url, token, self.faults)
         self._server = BackgroundServer(self.app, port, name="upstash-front")
         self.port = self._server.port
 
