@@ -13,6 +13,7 @@ import threading
 
 from flask import Flask
 
+from common.exit_codes import ExitCode
 from workers.core.errors import ConfigError
 from workers.core.settings import Settings
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         memory = MemorySettings.from_env(os.environ)
     except ConfigError as exc:
         print(f"memory_manager: configuration error: {exc}", file=sys.stderr)
-        return 78
+        return ExitCode.CONFIG_ERROR
     if settings.worker_admin_key is None:
         log.warning("WORKER_ADMIN_KEY is not set: reservations and emergency operations are refused")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")

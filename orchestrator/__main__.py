@@ -16,12 +16,12 @@ from typing import Mapping
 from workers.core.errors import ConfigError
 from workers.core.settings import Settings
 
+from common.exit_codes import ExitCode
 from registration.client import Service
 from registration.runner import Registrations
 
 from .checks import check_health, detect_gpus, startup_report
 from .config import FleetSettings
-from .exit_codes import ExitCode
 from .fleet import build_specs
 from .logs import setup_logging
 from .program import Backoff

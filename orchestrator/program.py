@@ -16,17 +16,54 @@ A health restart (RUNNING → STOPPING, reason "unhealthy: ...") stops the proce
 failure unless the run lasted ``Backoff.stable_seconds``. Outside a shutdown, STOPPING is always a health
 restart; during a shutdown, a program already STOPPING just goes on stopping and ends EXITED.
 
-A command that cannot be executed at all goes from EXITED or BACKOFF straight to FATAL.
+A command that cannot be executed at all goes from EXITED or BACKOFF straight to FATAL, and so does a process
+that exits with a code whose ``restart_is_futile`` is true (``common.exit_codes``: a config error or a failed
+boot would only fail the same way again, after another full model load). Every other exit takes the backoff
+path; a code from the table is named in the reason ("exited with status 76 (BREAKER_OPEN)").
 FATAL is final: the program is not restarted again (the others keep running) until the orchestrator restarts.
 """
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Mapping
 
+from common.exit_codes import ExitCode
+
 log = logging.getLogger("orchestrator")
+
+
+def exit_name(code: int | None) -> str | None:
+    """``-9`` → ``"SIGKILL"``, ``78`` → ``"CONFIG_ERROR"``; None for a code outside the table (0 and 1 are
+    left unnamed: for a child they mean "stopped" and "failed", not the orchestrator's own OK/KILLED_CHILDREN)."""
+    if code is None:
+        return None
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    try:
+        return ExitCode(code).name if code > ExitCode.KILLED_CHILDREN else None
+    except ValueError:
+        return None
+
+
+def describe_exit(code: int) -> str:
+    name = exit_name(code)
+    if code < 0:
+        return f"killed by {name}"
+    return f"exited with status {code}" + (f" ({name})" if name else "")
+
+
+def restart_is_futile(code: int | None) -> bool:
+    """Whether the process said (by its exit code) that starting it again would fail the same way."""
+    try:
+        return code is not None and code > 0 and ExitCode(code).restart_is_futile
+    except ValueError:
+        return False
 
 
 class ProgramState(str, Enum):
@@ -160,14 +197,18 @@ class Program:
         """RUNNING → STOPPING for a health restart (the run time still counts when the process is gone)."""
         self.become(ProgramState.STOPPING, f"unhealthy: {why}; restarting")
 
-    def failed(self, why: str, policy: Backoff) -> None:
-        """The process died, never became healthy, or ended its health restart: BACKOFF, or FATAL."""
+    def failed(self, why: str, policy: Backoff, futile: bool = False) -> None:
+        """The process died, never became healthy, or ended its health restart: BACKOFF, or FATAL (too many
+        quick failures, or ``futile``: its exit code says a restart would fail the same way)."""
         now = self._clock()
         if self.running_since is not None and now - self.running_since >= policy.stable_seconds:
             self.quick_failures = 0
         self.quick_failures += 1
         self.pid = None
         self.running_since = None
+        if futile:
+            self.become(ProgramState.FATAL, f"{why}: restarting cannot help, not restarting")
+            return
         if self.quick_failures >= policy.max_quick_failures:
             self.become(ProgramState.FATAL, f"{why}; {self.quick_failures} quick failures in a row, not restarting")
             return
@@ -195,6 +236,7 @@ class Program:
             "health": self.health,
             "failed_checks": self.failed_checks,
             "last_exit": self.last_exit,
+            "last_exit_name": exit_name(self.last_exit),
             "reason": self.reason,
             "state_seconds": round(now - self.state_since, 1),
         }

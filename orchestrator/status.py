@@ -58,11 +58,11 @@ def fetch(port: int, timeout: float = 5.0) -> dict[str, Any] | None:
 
 
 def render(status: dict[str, Any]) -> str:
-    columns = ("PROGRAM", "STATE", "PID", "UPTIME", "RESTARTS", "HEALTH", "PORT", "GPU")
+    columns = ("PROGRAM", "STATE", "PID", "UPTIME", "RESTARTS", "LAST EXIT", "HEALTH", "PORT", "GPU")
     rows = [columns]
     for p in status.get("programs", []):
         rows.append((p["name"], p["state"], str(p["pid"] or "-"), _duration(p["uptime_seconds"]),
-                     str(p["restarts"]), p["health"], str(p["port"]), p["gpu"] or "-"))
+                     str(p["restarts"]), _last_exit(p), p["health"], str(p["port"]), p["gpu"] or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.append(f"orchestrator up {_duration(status.get('uptime_seconds'))}"
@@ -71,6 +71,16 @@ def render(status: dict[str, Any]) -> str:
         if p["state"] in ("FATAL", "BACKOFF", "STOPPING") and p.get("reason"):
             lines.append(f"{p['name']}: {p['reason']}")
     return "\n".join(lines)
+
+
+def _last_exit(program: dict[str, Any]) -> str:
+    """``78 CONFIG_ERROR``, ``SIGKILL``, ``0``, or ``-`` (never exited)."""
+    code, name = program.get("last_exit"), program.get("last_exit_name")
+    if code is None:
+        return "-"
+    if code < 0:
+        return name or f"signal {-code}"
+    return f"{code} {name}" if name else str(code)
 
 
 def _duration(seconds: float | None) -> str:

@@ -16,6 +16,10 @@ process group (gunicorn's master ignores signals while it stops, but its worker 
 "quit now": the model worker hands its job back); wait ``kill_after``; then SIGKILL of each remaining process
 group. Another stop request during the wait cuts the grace period short.
 
+Exit codes: a child's exit status is read against ``common.exit_codes``. One whose ``restart_is_futile`` is
+true (CONFIG_ERROR, BOOT_FAILED, APP_LOAD_FAILED) makes the program FATAL at once; the others (BREAKER_OPEN,
+WATCHDOG, FATAL_WORKER_ERROR, HANDED_BACK, ...) restart with the normal backoff. Both are named in the reason.
+
 Health restart: every ``health_interval`` a RUNNING program's ``/health`` is checked (a STARTING one is only
 checked against its start timeout, so a loading worker's 503 never counts). After ``unhealthy_restart_checks``
 failed checks in a row (no answer, or not 200; 0 = never), the program is stopped the same way, without
@@ -31,23 +35,15 @@ import threading
 import time
 from typing import Callable, Sequence
 
+from common.exit_codes import ExitCode
+
 from .checks import Health, check_health
 from .child import Child
-from .exit_codes import ExitCode
-from .program import Backoff, Program, ProgramSpec, ProgramState
+from .program import Backoff, Program, ProgramSpec, ProgramState, describe_exit, restart_is_futile
 
 log = logging.getLogger("orchestrator")
 
 STARTING_CHECK_SECONDS = 0.25
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with status {code}"
 
 
 class Supervisor:
@@ -106,7 +102,8 @@ class Supervisor:
                 if code is not None:
                     restarted = program.state is ProgramState.STOPPING  # outside shutdown: a health restart
                     self._reap(program, child, code)
-                    program.failed(("health restart: " if restarted else "") + describe_exit(code), self.policy)
+                    program.failed(("health restart: " if restarted else "") + describe_exit(code), self.policy,
+                                   futile=restart_is_futile(code))
                     continue
             if program.state is ProgramState.STARTING:
                 self._check_starting(program, now)

@@ -1,6 +1,7 @@
 """``python -m orchestrator`` as a process: health-gated start, status, SIGTERM and SIGKILL of the orchestrator."""
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from orchestrator.exit_codes import ExitCode
+from common.exit_codes import ExitCode
 
 from .support import ROOT, alive, all_running, fake_command, fleet_env, read_events, status, wait_for
 
@@ -125,3 +126,30 @@ def test_real_memory_manager_and_router_under_the_orchestrator(orchestrator, por
     assert proc.returncode == ExitCode.OK, output
     assert "router: STOPPING -> EXITED (exited with status 0)" in output
     assert "memory_manager: STOPPING -> EXITED (exited with status 0)" in output
+
+
+def test_status_names_exit_codes_and_a_config_error_is_fatal_at_once(orchestrator, ports, tmp_path: Path,
+                                                                     events: Path) -> None:
+    env = fake_fleet_env(ports, tmp_path, events, FLEET_PROGRAMS="memory_manager,sdxl,chat",
+                         FLEET_COMMAND_SDXL='{python} -c "import sys; sys.exit(78)"',
+                         FLEET_COMMAND_CHAT='{python} -c "import sys; sys.exit(76)"',
+                         FLEET_BACKOFF_BASE_SECONDS="30", FLEET_BACKOFF_MAX_SECONDS="30")
+    proc = orchestrator(env)
+
+    def settled() -> dict | None:
+        result = status(env, "--json")
+        if result.returncode != 0:
+            return None
+        states = {p["name"]: p for p in json.loads(result.stdout)["programs"]}
+        return states if (states["sdxl"]["state"], states["chat"]["state"]) == ("FATAL", "BACKOFF") else None
+
+    states = wait_for(settled, timeout=20, what="sdxl FATAL, chat in BACKOFF")
+    assert states["sdxl"]["last_exit_name"] == "CONFIG_ERROR" and states["chat"]["last_exit_name"] == "BREAKER_OPEN"
+    table = status(env).stdout
+    assert "78 CONFIG_ERROR" in table and "76 BREAKER_OPEN" in table
+    assert "sdxl: exited with status 78 (CONFIG_ERROR): restarting cannot help, not restarting" in table
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=30)
+    assert output.count("sdxl: EXITED -> STARTING") == 1  # one spawn, not five model loads
+    assert "chat: STARTING -> BACKOFF (exited with status 76 (BREAKER_OPEN); restart in 30.0 s)" in output
+    assert proc.returncode == ExitCode.OK

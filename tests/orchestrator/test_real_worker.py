@@ -10,7 +10,7 @@ from pathlib import Path
 
 import requests
 
-from orchestrator.exit_codes import ExitCode
+from common.exit_codes import ExitCode
 
 from .support import ROOT, all_running, fleet_env, wait_for
 
@@ -42,3 +42,18 @@ def test_stop_during_a_job_hands_it_back(redis_server, supabase_standin, ports, 
     assert "handed job job-1 back to sdxl_queue" in output
     assert proc.returncode == ExitCode.OK, output
     assert [json.loads(e)["id"] for e in client.lrange("sdxl_queue", 0, -1)] == ["job-1"]
+
+
+def test_a_worker_with_a_bad_setting_is_fatal_at_once(ports, tmp_path: Path) -> None:
+    """Only the worker sees the bad value (``env`` sets it for the child): the orchestrator itself starts."""
+    env = fleet_env(ports, tmp_path, FLEET_PROGRAMS="sdxl", SDXL_MODEL_PATH=str(tmp_path), HOME=str(tmp_path),
+                    FLEET_BACKOFF_BASE_SECONDS="0.05", FLEET_BACKOFF_MAX_SECONDS="0.1",
+                    FLEET_COMMAND_SDXL="env JOB_MAX_ATTEMPTS=many {python} -m workers sdxl --port {port} "
+                                       "--handler tests.fakes.handlers:create_handler")
+    result = subprocess.run([sys.executable, "-m", "orchestrator"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert "JOB_MAX_ATTEMPTS" in output  # the worker's one-line reason, through the orchestrator's log
+    assert "sdxl: STARTING -> FATAL (exited with status 78 (CONFIG_ERROR)" in output, output
+    assert output.count("sdxl: EXITED -> STARTING") == 1
+    assert result.returncode == ExitCode.ALL_FATAL

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orchestrator.exit_codes import ExitCode
+from common.exit_codes import ExitCode
 
 from .support import ROOT, all_running, fake_command, fleet_env, read_events, wait_for
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from orchestrator.exit_codes import ExitCode
+from common.exit_codes import ExitCode
 from orchestrator.program import Backoff, ProgramSpec, ProgramState
 from orchestrator.supervisor import Supervisor
 from workers.local.net import free_port
@@ -107,10 +108,10 @@ def test_sigkilled_child_is_restarted(running, events: Path) -> None:
 
 
 def test_program_exiting_at_once_ends_fatal_while_others_keep_serving(running, events: Path) -> None:
-    run = running([spec("sdxl", events), spec("chat", events, "--exit-at-once", "3"), spec("wan", events)])
+    run = running([spec("sdxl", events), spec("chat", events, "--exit-at-once", "2"), spec("wan", events)])
     chat = run.program("chat")
     wait_for(lambda: chat.state is ProgramState.FATAL, what="chat FATAL")
-    assert chat.spawns == 3 and chat.last_exit == 3 and "3 quick failures" in chat.reason
+    assert chat.spawns == 3 and chat.last_exit == 2 and "3 quick failures" in chat.reason
     wait_for(lambda: run.state("wan") is ProgramState.RUNNING, what="wan RUNNING")
     for name in ("sdxl", "wan"):
         assert run.state(name) is ProgramState.RUNNING
@@ -241,3 +242,34 @@ def test_unhealthy_restart_disabled_with_zero(running, events: Path, tmp_path: P
     assert (sdxl.pid, sdxl.restarts, sdxl.state) == (first_pid, 0, ProgramState.RUNNING)
     assert sdxl.health == "unavailable (503)" and run.supervisor.status()["programs"][0]["failed_checks"] >= 20
     assert run.stop() is ExitCode.OK
+
+
+def exiting(name: str, code: int) -> ProgramSpec:
+    """A stand-in child that exits at once with ``code`` (as a worker does with its named exit codes)."""
+    return ProgramSpec(name, (sys.executable, "-c", f"import sys; sys.exit({code})"), free_port())
+
+
+@pytest.mark.parametrize("code", [ExitCode.CONFIG_ERROR, ExitCode.BOOT_FAILED, ExitCode.APP_LOAD_FAILED])
+def test_a_futile_exit_code_is_fatal_at_once(running, events: Path, code: ExitCode) -> None:
+    run = running([exiting("sdxl", code), spec("chat", events)])
+    sdxl = run.program("sdxl")
+    wait_for(lambda: sdxl.state is ProgramState.FATAL, what="sdxl FATAL")
+    assert sdxl.spawns == 1 and sdxl.last_exit == code
+    assert f"exited with status {int(code)} ({code.name})" in sdxl.reason and "not restarting" in sdxl.reason
+    wait_for(lambda: run.state("chat") is ProgramState.RUNNING, what="chat RUNNING")  # the others still start
+    time.sleep(0.4)  # several backoff periods (FAST: at most 0.2 s): still one spawn
+    assert sdxl.spawns == 1
+    assert run.supervisor.status()["programs"][0]["last_exit_name"] == code.name
+    assert run.stop() is ExitCode.OK
+
+
+@pytest.mark.parametrize("code", [ExitCode.BREAKER_OPEN, ExitCode.WATCHDOG, ExitCode.FATAL_WORKER_ERROR,
+                                  ExitCode.HANDED_BACK])
+def test_a_restartable_exit_code_restarts_with_backoff_and_is_named(running, code: ExitCode) -> None:
+    run = running([exiting("wan", code)])
+    wan = run.program("wan")
+    wait_for(lambda: wan.state is ProgramState.BACKOFF, what="wan BACKOFF")
+    assert f"exited with status {int(code)} ({code.name}); restart in" in wan.reason
+    run.thread.join(10)  # FAST: three quick failures, then FATAL; the only program: the run ends
+    assert wan.spawns == 3 and "3 quick failures in a row" in wan.reason and code.name in wan.reason
+    assert run.code is ExitCode.ALL_FATAL
