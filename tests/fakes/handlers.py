@@ -44,7 +44,9 @@ class FakeHandler:
             image.save(data, format="PNG")
             outputs.append(Output(f"{i}.png", data.getvalue(), "image/png", "image", thumbnail(image),
                                   {"width": 32, "height": 16, "seed": i}))
-        return Result(outputs, {"seed": 0, "num_images": len(outputs), "pid": os.getpid()})
+        # "run": a fresh token per run, so a second run of one job is told apart from a re-sent callback.
+        return Result(outputs, {"seed": 0, "num_images": len(outputs), "pid": os.getpid(),
+                                "run": os.urandom(6).hex()})
 
     def load(self, which: str) -> str:
         self.loaded = True
