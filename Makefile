@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install redis models clean audit
+.PHONY: test demo install redis models clean audit soak
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ models: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The randomised fault soak (tests/fleet/test_soak.py) for SOAK_MINUTES (default 30; 3 inside `make test`):
+# prints the seed (SOAK_SEED repeats a schedule), the faults injected and the invariants; report in var/soak/.
+SOAK_MINUTES ?= 30
+soak: install
+	SOAK_MINUTES=$(SOAK_MINUTES) $(PY) -m pytest -q -s -p no:cacheprovider tests/fleet/test_soak.py
 
 demo: install
 	$(PY) -m workers.local.demo

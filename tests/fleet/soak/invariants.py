@@ -1,0 +1,261 @@
+"""What must hold once the soak's fleet has settled, and the evidence of every violation.
+
+Per job (the callbacks the stand-in recorded): exactly one terminal callback. None is a lost job. Several
+are split by their bytes: the same bytes again are an at-least-once re-delivery (the worker or the outbox sent
+a callback whose answer it never saw: reported apart, not a failure); different bytes are a second *run* of the
+job (the fake handler puts a fresh ``run`` token and its pid in every completed callback), a duplicate.
+A completed job's assets must all be in storage (the count it asked for, each object with the size the
+callback states); a job told to fail must never be reported completed.
+
+In Redis: no job left in a queue or a processing list, no outbox entry, and every dead-list element belongs
+to a job whose one terminal callback is ``failed``. Attempt counters and claims left behind are reported
+(informational: they expire or are harmless, but they show a terminal step that did not clean up).
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import redis
+
+from workers.core import keys
+from workers.local.supabase_standin import ReceivedCallback, SupabaseStandin
+
+from ..jobs import QUEUES, TERMINAL
+from .injector import Event
+from .producer import SoakJob
+
+BUCKET = "workspace-temp"
+LOG_LINES_PER_JOB = 14
+JOB_ID = re.compile(r"soak-[a-z]+-\d{5}-[0-9a-f]{8}")  # producer.py's job ids
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool | None          # None: informational
+    summary: str
+
+
+@dataclass
+class Violation:
+    kind: str
+    job_id: str
+    summary: str
+    evidence: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Verdict:
+    checks: list[Check]
+    violations: list[Violation]
+    outcomes: Counter        # (behaviour, outcome) → jobs
+    redelivered_jobs: int
+    redelivered_posts: int
+
+    @property
+    def failed(self) -> bool:
+        return any(c.ok is False for c in self.checks)
+
+
+def job_id_of(element: bytes) -> str | None:
+    """The job id inside a queue element of any of the three forms (None if it has none)."""
+    try:
+        value = json.loads(element)
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, str):
+            value = json.loads(value)
+        return value.get("id") if isinstance(value, dict) else None
+    except (ValueError, TypeError, UnicodeDecodeError):
+        return None
+
+
+@dataclass
+class RedisState:
+    waiting: dict[str, list[str]]                  # queue → job ids
+    processing: dict[str, list[str]]               # processing key → job ids
+    outbox: dict[str, bytes]
+    dead: dict[str, list[str | None]]              # queue → job ids
+    attempts: dict[str, dict[str, int]]            # queue → job id → count
+    claims: dict[str, str]
+    heartbeats: set[str]
+    active: set[str]
+
+    @classmethod
+    def read(cls, client: redis.Redis) -> "RedisState":
+        text = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
+        processing = {text(k): [job_id_of(e) or "?" for e in client.lrange(k, 0, -1)]
+                      for k in client.scan_iter(match="*:processing:*", count=1000)}
+        return cls(
+            waiting={q: [job_id_of(e) or "?" for e in client.lrange(q, 0, -1)] for q in QUEUES},
+            processing={k: v for k, v in processing.items() if v},
+            outbox={text(k): v for k, v in client.hgetall(keys.OUTBOX).items()},
+            dead={q: [job_id_of(e) for e in client.lrange(keys.dead(q), 0, -1)] for q in QUEUES},
+            attempts={q: {text(k): int(v) for k, v in client.hgetall(keys.attempts(q)).items()} for q in QUEUES},
+            claims={text(k): text(client.get(k) or b"") for k in client.scan_iter(match="job:*:claim", count=1000)},
+            heartbeats={text(k) for k in client.scan_iter(match="worker:*:heartbeat", count=1000)},
+            active={text(m) for m in client.smembers(keys.ACTIVE_WORKERS)},
+        )
+
+    def where(self, job_id: str) -> list[str]:
+        """Every place in Redis that still mentions the job."""
+        found = [f"waiting in {q}" for q, ids in self.waiting.items() if job_id in ids]
+        for key, ids in self.processing.items():
+            if job_id in ids:
+                owner = key.split(":processing:", 1)[1]
+                alive = keys.heartbeat(owner) in self.heartbeats
+                member = keys.active_member(key.split(":processing:", 1)[0], owner) in self.active
+                found.append(f"in {key} (owner heartbeat {'alive' if alive else 'gone'}, "
+                             f"{'still' if member else 'not'} in workers:active)")
+        if job_id in self.outbox:
+            found.append(f"outbox entry: {self.outbox[job_id][:160]!r}")
+        found += [f"in {q}:dead" for q, ids in self.dead.items() if job_id in ids]
+        found += [f"{q}:attempts = {a[job_id]}" for q, a in self.attempts.items() if job_id in a]
+        if keys.claim(job_id) in self.claims:
+            found.append(f"claim {self.claims[keys.claim(job_id)]}")
+        return found or ["nothing left in Redis"]
+
+
+class Checker:
+    def __init__(self, jobs: dict[str, SoakJob], standin: SupabaseStandin, client: redis.Redis,
+                 events: list[Event], log_files: Iterable[Path], epoch: float, run_end: float):
+        self.jobs = jobs
+        self.objects = standin.objects
+        self.callbacks: dict[str, list[ReceivedCallback]] = defaultdict(list)
+        for cb in standin.callbacks():
+            self.callbacks[cb.job_id].append(cb)
+        self.state = RedisState.read(client)
+        self.events = events
+        self.log_files = list(log_files)
+        self.epoch = epoch
+        self.run_end = run_end
+
+    # ------------------------------------------------------------------ the verdict
+    def verdict(self) -> Verdict:
+        violations: list[Violation] = []
+        outcomes: Counter = Counter()
+        redelivered_jobs = redelivered_posts = 0
+        for job in self.jobs.values():
+            terminal = self.terminal(job.id)
+            distinct = list(dict.fromkeys(c.raw for c in terminal))
+            if not terminal:
+                violations.append(Violation("lost", job.id, "no terminal callback"))
+                outcomes[(job.behaviour, "none")] += 1
+                continue
+            first = terminal[0].body
+            outcomes[(job.behaviour, first["status"] if first["status"] == "completed"
+                      else f"failed {first['metadata'].get('error_type')}")] += 1
+            if len(terminal) > len(distinct):
+                redelivered_jobs += 1
+                redelivered_posts += len(terminal) - len(distinct)
+            if len(distinct) > 1:
+                statuses = "/".join(json.loads(raw)["status"] for raw in distinct)
+                violations.append(Violation("run twice", job.id, f"{len(distinct)} different terminal callbacks "
+                                                                 f"({statuses})"))
+            if job.must_not_complete and any(c.status == "completed" for c in terminal):
+                violations.append(Violation("false success", job.id, f"told to {job.behaviour}, reported completed"))
+            for raw in distinct:
+                body = json.loads(raw)
+                if body["status"] == "completed":
+                    missing = self.missing_assets(job, body)
+                    if missing:
+                        violations.append(Violation("files missing", job.id, "; ".join(missing)))
+        violations += self.redis_violations()
+        logs = self.log_index({v.job_id for v in violations})
+        for violation in violations:
+            violation.evidence = self.evidence(violation.job_id) + [f"log: {line}" for line in logs[violation.job_id]]
+        kinds = Counter(v.kind for v in violations)
+
+        def check(name: str, *bad: str) -> Check:
+            n = sum(kinds[b] for b in bad)
+            return Check(name, n == 0, "ok" if n == 0 else ", ".join(f"{kinds[b]} {b}" for b in bad if kinds[b]))
+        stale_attempts = sum(1 for a in self.state.attempts.values() for j in a if self.terminal(j))
+        checks = [
+            check("every job exactly one terminal callback", "lost", "run twice"),
+            check("completed jobs' files all in storage", "files missing"),
+            check("no success reported for a job told to fail", "false success"),
+            check("queues empty", "left waiting"),
+            check("processing lists empty", "stranded in processing"),
+            check("outbox empty", "stranded in outbox"),
+            check("dead lists hold only failed jobs", "dead but not failed"),
+            Check("identical re-deliveries (at-least-once)", None,
+                  f"{redelivered_jobs} jobs, {redelivered_posts} extra POSTs"),
+            Check("attempt counters left for finished jobs", None, str(stale_attempts)),
+            Check("claims left", None, str(len(self.state.claims))),
+        ]
+        return Verdict(checks, violations, outcomes, redelivered_jobs, redelivered_posts)
+
+    def terminal(self, job_id: str) -> list[ReceivedCallback]:
+        return [c for c in self.callbacks.get(job_id, []) if c.status in TERMINAL]
+
+    def missing_assets(self, job: SoakJob, body: dict) -> list[str]:
+        assets = body.get("assets") or []
+        problems = [] if len(assets) == job.images else [f"{len(assets)} assets for {job.images} images"]
+        for asset in assets:
+            for path, size in ((asset.get("url"), asset.get("metadata", {}).get("file_size_bytes")),
+                               (asset.get("thumbnail_url"), None)):
+                if path is None:
+                    continue
+                stored = self.objects.get(f"{BUCKET}/{path}")
+                if stored is None:
+                    problems.append(f"{path} not in storage")
+                elif size is not None and len(stored[0]) != size:
+                    problems.append(f"{path} holds {len(stored[0])} bytes, the callback says {size}")
+        return problems
+
+    def redis_violations(self) -> list[Violation]:
+        found = []
+        for queue, ids in self.state.waiting.items():
+            found += [Violation("left waiting", j, f"still waiting in {queue}") for j in ids]
+        for key, ids in self.state.processing.items():
+            found += [Violation("stranded in processing", j, f"still in {key}") for j in ids]
+        found += [Violation("stranded in outbox", j, "terminal callback still in the outbox") for j in self.state.outbox]
+        for queue, ids in self.state.dead.items():
+            for job_id in ids:
+                statuses = [c.status for c in self.terminal(job_id or "")]
+                if job_id is None or job_id not in self.jobs or statuses[:1] != ["failed"]:
+                    found.append(Violation("dead but not failed", job_id or "?",
+                                           f"in {queue}:dead with terminal callbacks {statuses}"))
+        return found
+
+    # ------------------------------------------------------------------ evidence
+    def evidence(self, job_id: str) -> list[str]:
+        job = self.jobs.get(job_id)
+        lines = []
+        if job is not None:
+            lines.append(f"job {job.type}, behaviour {job.behaviour}, pushed over {job.via} at {job.pushed_at:.1f} s"
+                         + (f", pushed {job.pushes} times (re-push fault)" if job.pushes > 1 else ""))
+        raws: dict[bytes, int] = {}
+        for cb in self.callbacks.get(job_id, []):
+            meta = cb.body.get("metadata") or {}
+            copy = ""
+            if cb.status in TERMINAL:
+                copy = f" body #{raws.setdefault(cb.raw, len(raws) + 1)}"
+            lines.append(f"callback at {cb.at - self.epoch:.1f} s: {cb.status}{copy} by {cb.body.get('worker_id')}"
+                         + "".join(f" {k}={meta[k]}" for k in ("attempt", "pid", "run", "error_type") if k in meta))
+        lines += [f"redis: {where}" for where in self.state.where(job_id)]
+        if job is not None:
+            last = max([cb.at - self.epoch for cb in self.callbacks.get(job_id, [])] or [self.run_end])
+            lines += [f"fault at {e.at:.1f} s: {e.kind}: {e.detail}" for e in self.events
+                      if job.pushed_at - 3 <= e.at <= last + 3][:12]
+        return lines
+
+    def log_index(self, job_ids: set[str]) -> dict[str, list[str]]:
+        """The first log lines of every pod (rotated files oldest first) that name each of ``job_ids``:
+        one pass over the logs, however many jobs are asked for."""
+        found: dict[str, list[str]] = defaultdict(list)
+        for path in sorted(self.log_files, key=lambda p: (p.parent, -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)):
+            try:
+                with open(path, errors="replace") as f:
+                    for line in f:
+                        for job_id in set(JOB_ID.findall(line)) & job_ids:
+                            if len(found[job_id]) < LOG_LINES_PER_JOB:
+                                found[job_id].append(line.rstrip()[:400])
+            except OSError:
+                continue
+        return found
