@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Production entry (RunPod): check the environment, prepare directories, report the machine, then
-# `exec python -m orchestrator` (which starts and supervises the whole fleet).
+# `exec python -m orchestrator` (which starts and supervises the whole fleet), under tini when it is installed.
 #
 #   ./startup.sh            check, prepare, report, exec the orchestrator
 #   ./startup.sh --check    the same, without exec (exit 0 when everything needed is set)
@@ -9,6 +9,10 @@
 # else ./var) holding hf/ (HF_HOME), tmp/ (TMPDIR), logs/ (LOG_DIR) and inductor/ (TORCHINDUCTOR_CACHE_DIR)
 # unless those are set already.
 # It never prints a secret's value, only variable names.
+# Zombies: in a container this script's pid is PID 1, and every orphaned process of the fleet (a gunicorn worker
+# whose master was SIGKILLed) is re-parented to it. With tini on PATH, tini becomes that process (`-s`: a child
+# subreaper too when it is not PID 1) and reaps them; without it the orchestrator reaps them itself (it makes
+# itself a child subreaper, see orchestrator/reaper.py). Either way signals reach the orchestrator.
 set -euo pipefail
 
 cd "$(dirname "$(readlink -f "$0")")"
@@ -113,5 +117,9 @@ if [ "$check_only" = 1 ]; then
   say "check passed"
   exit 0
 fi
-say "exec $PYTHON -m orchestrator"
+if command -v tini >/dev/null 2>&1; then
+  say "exec tini -s -- $PYTHON -m orchestrator (tini reaps orphaned processes)"
+  exec tini -s -- "$PYTHON" -m orchestrator
+fi
+say "exec $PYTHON -m orchestrator (no tini: the orchestrator reaps orphaned processes itself)"
 exec "$PYTHON" -m orchestrator

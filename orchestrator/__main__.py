@@ -25,6 +25,7 @@ from .config import FleetSettings
 from .fleet import build_specs
 from .logs import setup_logging
 from .program import Backoff
+from .reaper import become_subreaper
 from .status import StatusServer, create_app, fetch, render
 from .supervisor import Supervisor
 
@@ -85,12 +86,16 @@ def run(settings: Settings, fleet: FleetSettings, env: Mapping[str, str]) -> int
         settings, {Service.CHAT: fleet.ports["chat"], Service.ROUTER: fleet.ports["router"]},
         healthy=lambda url: check_health(url, timeout=5.0).ok,
         interval=fleet.registration_interval_seconds, retry_max=fleet.registration_retry_max_seconds)
+    adopt_orphans = become_subreaper() or os.getpid() == 1
+    if not adopt_orphans:
+        log.warning("cannot become a child subreaper: orphans of the fleet are left to init to reap")
     supervisor = Supervisor(
         specs, Backoff(fleet.backoff_base_seconds, fleet.backoff_max_seconds, fleet.max_quick_failures,
                        fleet.stable_seconds),
         stop_grace=fleet.stop_grace_seconds, kill_after=fleet.kill_after_seconds,
         health_interval=fleet.health_interval_seconds, unhealthy_restart_checks=fleet.unhealthy_restart_checks,
-        on_running=lambda program: registrations.on_running(program.name), on_stop=registrations.stop)
+        on_running=lambda program: registrations.on_running(program.name), on_stop=registrations.stop,
+        adopt_orphans=adopt_orphans)
 
     def on_signal(signum: int, frame: object) -> None:
         log.info("received %s", signal.Signals(signum).name)

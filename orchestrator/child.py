@@ -1,50 +1,41 @@
-"""A child process of the orchestrator: spawned in its own session, dying with its parent, output prefixed.
+"""A child process of the orchestrator: leading its own process group, dying with its parent, output prefixed.
 
-- ``start_new_session=True``: the child leads its own process group, so the orchestrator can signal the
-  leader alone (a warm stop the program handles itself, e.g. gunicorn stopping its workers) and SIGKILL the
-  whole group at the end (nothing left behind).
-- ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` in the child before ``exec``: if the orchestrator dies, even by
-  SIGKILL, the kernel sends the child SIGTERM. Linux ties this to the *thread* that forked the child, so
-  the supervisor spawns every child from its one long-lived loop thread.
+- ``process_group=0``: the child leads its own process group, so the orchestrator can signal the leader alone
+  (a warm stop the program handles itself, e.g. gunicorn stopping its workers) and SIGKILL the whole group at
+  the end (nothing left behind).
+- ``prctl(PR_SET_PDEATHSIG, SIGTERM)``: if the orchestrator dies, even by SIGKILL, the kernel sends the child
+  SIGTERM. It is set by :mod:`orchestrator.exec_wrapper`, which the child runs first and which then execs the
+  program in place: no Python code runs between fork and exec (``preexec_fn`` can deadlock a child forked from
+  a threaded parent). Linux ties PDEATHSIG to the *thread* that forked the child, so the supervisor spawns
+  every child from its one long-lived loop thread.
 - stdout and stderr go through a pipe to a pump thread that logs each line as ``<name> | <line>``.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import threading
-from typing import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 log = logging.getLogger("orchestrator.child")
 
-PR_SET_PDEATHSIG = 1
 MAX_LINE_CHARS = 8000
+EXEC_WRAPPER = Path(__file__).with_name("exec_wrapper.py")
 
 
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-
-
-_LIBC = _libc()  # loaded once in the parent: the child must not import or load anything before exec
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    libc = _LIBC
-
-    def preexec() -> None:  # runs in the child between fork and exec: keep it to two system calls
-        if libc is not None:
-            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
+def _wrapped(command: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """The exec wrapper's command line for ``command``; OSError now if the program cannot be found, so that
+    the supervisor reports "cannot execute" at once instead of a child that exits 127."""
+    if not command or shutil.which(command[0], path=env.get("PATH", os.defpath)) is None:
+        name = command[0] if command else ""
+        raise FileNotFoundError(errno.ENOENT, "no such executable program", name)
+    return [sys.executable, "-I", "-S", str(EXEC_WRAPPER), str(os.getpid()), *command]
 
 
 class Child:
@@ -53,8 +44,8 @@ class Child:
     def __init__(self, name: str, command: Sequence[str], env: Mapping[str, str], cwd: str | None = None):
         self.name = name
         self._proc = subprocess.Popen(
-            list(command), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()),
+            _wrapped(command, env), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, process_group=0,
         )
         self.pid = self._proc.pid
         self._pump = threading.Thread(target=self._forward_output, name=f"output-{name}", daemon=True)

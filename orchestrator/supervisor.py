@@ -20,6 +20,9 @@ Exit codes: a child's exit status is read against ``common.exit_codes``. One who
 true (CONFIG_ERROR, BOOT_FAILED, APP_LOAD_FAILED) makes the program FATAL at once; the others (BREAKER_OPEN,
 WATCHDOG, FATAL_WORKER_ERROR, HANDED_BACK, ...) restart with the normal backoff. Both are named in the reason.
 
+Orphans: with ``adopt_orphans`` (the orchestrator is PID 1 or a child subreaper, see orchestrator.reaper) each
+pass also reaps exited processes that are not its own children, so no zombie is left behind by a group kill.
+
 Health restart: every ``health_interval`` a RUNNING program's ``/health`` is checked (a STARTING one is only
 checked against its start timeout, so a loading worker's 503 never counts). After ``unhealthy_restart_checks``
 failed checks in a row (no answer, or not 200; 0 = never), the program is stopped the same way, without
@@ -40,6 +43,7 @@ from common.exit_codes import ExitCode
 from .checks import Health, check_health
 from .child import Child
 from .program import Backoff, Program, ProgramSpec, ProgramState, describe_exit, restart_is_futile
+from .reaper import reap_orphans
 
 log = logging.getLogger("orchestrator")
 
@@ -52,7 +56,7 @@ class Supervisor:
                  health_check: Callable[[str], Health] = check_health,
                  on_running: Callable[[Program], None] = lambda program: None,
                  on_stop: Callable[[], None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic, tick: float = 0.1):
+                 clock: Callable[[], float] = time.monotonic, tick: float = 0.1, adopt_orphans: bool = False):
         self.programs = [Program(spec, clock) for spec in specs]
         self.policy = policy
         self.stop_grace = stop_grace
@@ -64,6 +68,7 @@ class Supervisor:
         self._on_stop = on_stop
         self._clock = clock
         self._tick = tick
+        self._adopt_orphans = adopt_orphans
         self._children: dict[str, Child] = {}
         self._cold_stopped: set[str] = set()  # health restarts that already got the cold stop
         self._launched = 0
@@ -113,7 +118,14 @@ class Supervisor:
                 self._escalate_restart(program, now)
             elif program.state is ProgramState.BACKOFF and program.retry_at is not None and now >= program.retry_at:
                 self._spawn(program)
+        self._reap_orphans()
         self._launch_next()
+
+    def _reap_orphans(self) -> None:
+        if not self._adopt_orphans:
+            return
+        for pid, code in reap_orphans({child.pid for child in self._children.values()}):
+            log.info("reaped orphan pid %d (%s)", pid, describe_exit(code))
 
     def _launch_next(self) -> None:
         while self._launched < len(self.programs):
@@ -248,6 +260,7 @@ class Supervisor:
                     if code is not None:
                         self._reap(program, child, code)
                         program.gone(describe_exit(code))
+            self._reap_orphans()
             if not any(n in self._children for n in names) or self._clock() >= deadline:
                 return False
             if stop_on_request and self._stop_requests > 1:

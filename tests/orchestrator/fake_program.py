@@ -1,14 +1,15 @@
 """A stand-in for a supervised program: answers /health after a delay, records what happens to it.
 
     python fake_program.py --name sdxl --port 7859 [--ready-after 0.3] [--exit-at-once 3]
-                           [--ignore-term] [--events FILE] [--child]
+                           [--ignore-term] [--events FILE] [--child] [--orphan]
                            [--unhealthy-when MARKER [--unhealthy-mode 503|hang]]
 
 Each event is appended to FILE as one JSON line: {"name", "event", "pid", "t"} with event in
 started / ready / sigterm / sigint / cold / exiting. SIGTERM = warm stop: exit after ``--term-delay`` (or
 ``--warm-seconds``, a long job); a second SIGTERM or SIGINT = cold stop: exit now. ``--ignore-term`` records
 SIGTERM and SIGINT but keeps running (so the orchestrator must SIGKILL it); ``--child`` also spawns a
-grandchild (sleep) in the same process group, to check that nothing is left behind.
+grandchild (sleep) in the same process group, to check that nothing is left behind; ``--orphan`` spawns one in
+a session of its own (out of reach of a group kill), which the orchestrator adopts when the program dies.
 ``--unhealthy-when MARKER``: once the file MARKER exists, the process deletes it (so its replacement starts
 healthy), records "unhealthy" and from then on answers /health with 503 (``--unhealthy-mode 503``) or never
 answers it (``hang``: the request hangs, as in a wedged server) while the process stays alive.
@@ -36,6 +37,7 @@ def main() -> int:
     parser.add_argument("--warm-seconds", type=float, default=0.0)
     parser.add_argument("--events", default=os.environ.get("FAKE_EVENTS"))
     parser.add_argument("--child", action="store_true")
+    parser.add_argument("--orphan", action="store_true")
     parser.add_argument("--unhealthy-when", default=None)
     parser.add_argument("--unhealthy-mode", choices=("503", "hang"), default="503")
     args = parser.parse_args()
@@ -55,6 +57,9 @@ def main() -> int:
     if args.child:
         grandchild = subprocess.Popen(["sleep", "300"])
         record("grandchild", grandchild=grandchild.pid)
+    if args.orphan:
+        orphan = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        record("orphan", orphan=orphan.pid)
     ready_at = time.monotonic() + args.ready_after
     announced = threading.Event()
     sick = threading.Event()

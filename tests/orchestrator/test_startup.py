@@ -71,3 +71,26 @@ def test_execs_the_orchestrator(tmp_path: Path, ports: dict[str, int]) -> None:
     assert "memory_manager: STARTING -> RUNNING" in output
     assert (tmp_path / "base" / "logs" / "orchestrator.log").exists()
     assert not any(value in output for value in SECRETS.values())
+
+
+def test_runs_under_tini_when_it_is_installed(tmp_path: Path, ports: dict[str, int]) -> None:
+    """tini (when present) is the reaper of last resort; without it the orchestrator reaps orphans itself."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "tini-args"
+    tini = bin_dir / "tini"  # a stand-in: records its arguments, then execs what follows "--" as tini does
+    tini.write_text(f'#!/bin/sh\necho "$@" > {record}\nwhile [ "$1" != "--" ]; do shift; done\nshift\nexec "$@"\n')
+    tini.chmod(0o755)
+    events = tmp_path / "events.jsonl"
+    env = {**fleet_env(ports, tmp_path), **full_env(tmp_path), "FLEET_PROGRAMS": "memory_manager",
+           "FLEET_COMMAND_MEMORY_MANAGER": " ".join(fake_command("memory_manager", events)),
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([str(SCRIPT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: all_running(env), timeout=20, what="the fleet RUNNING under tini")
+    finally:
+        proc.send_signal(signal.SIGTERM)  # to tini's pid (here the stand-in exec'd: the orchestrator)
+        output, _ = proc.communicate(timeout=30)
+    assert record.read_text().split() == ["-s", "--", sys.executable, "-m", "orchestrator"]
+    assert f"exec tini -s -- {sys.executable} -m orchestrator" in output
+    assert proc.returncode == ExitCode.OK, output
