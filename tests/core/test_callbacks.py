@@ -1,8 +1,11 @@
+import email.utils
 import hashlib
 import hmac
 import json
 import threading
 import time
+
+import pytest
 
 from tests.conftest import SUPABASE_TEST_CALLBACK_SECRET as SECRET, SUPABASE_TEST_SERVICE_KEY as KEY
 from workers.core import callbacks as cb
@@ -10,8 +13,10 @@ from workers.core import keys
 from workers.core.callbacks import CallbackClient, OutboxSender, Outcome
 from workers.core.transport import RedisProtocolTransport
 
+from .scripted import FakeTime, ScriptedServer
 
-def client(standin, retry_seconds=5.0, secret=SECRET, key=KEY):
+
+def client(standin, retry_seconds=10.0, secret=SECRET, key=KEY):  # 1+2+4 s of waits (+ jitter) fit
     return CallbackClient(standin.url, key, secret, retry_seconds=retry_seconds, timeout=2,
                           sleep=lambda s: time.sleep(min(s, 0.2)))
 
@@ -88,3 +93,55 @@ def test_body_never_contains_unserialisable_surprises():
     body = json.loads(cb.encode("j", "w", "failed", None, "boom", {"error_type": "INTERNAL_ERROR"}))
     assert body == {"job_id": "j", "worker_id": "w", "status": "failed", "assets": [], "error_message": "boom",
                     "metadata": {"error_type": "INTERNAL_ERROR"}}
+
+
+@pytest.fixture
+def scripted():
+    server = ScriptedServer()
+    yield server
+    server.stop()
+
+
+def timed_client(server, fake, retry_seconds=240.0):
+    return CallbackClient(server.url, KEY, SECRET, retry_seconds=retry_seconds, timeout=2, sleep=fake.sleep,
+                          clock=fake.clock)
+
+
+def test_backoff_is_exponential_with_jitter_capped_and_within_the_budget(scripted):
+    fake = FakeTime()
+    scripted.answer(1000, 503)
+    assert timed_client(scripted, fake).deliver(cb.encode("j", "w", "completed")) is Outcome.FAILED
+    waits = fake.sleeps
+    assert len(scripted.requests) == len(waits) + 1
+    for n, wait in enumerate(waits[:5]):  # 1, 2, 4, 8, 16 s, each plus up to 1 s of jitter
+        assert 2 ** n <= wait <= 2 ** n + 1, waits
+    assert any(wait != int(wait) for wait in waits[:5]), waits  # jittered, so senders do not move in step
+    assert max(waits) <= 30 and waits[-1] == 30
+    assert 240 - 31 < sum(waits) <= 240  # every wait ended inside the budget; one more would not
+
+
+def test_retry_after_is_honoured(scripted):
+    fake = FakeTime()
+    scripted.answer(1, 503, Retry_After="7")
+    when = email.utils.formatdate(time.time() + 12, usegmt=True)
+    scripted.answer(1, 429, Retry_After=when)
+    assert timed_client(scripted, fake).deliver(cb.encode("j", "w", "completed")) is Outcome.DELIVERED
+    assert len(scripted.requests) == 3
+    assert fake.sleeps[0] >= 7 and fake.sleeps[1] >= 9
+
+
+def test_a_retry_after_past_the_budget_gives_up_at_once(scripted):
+    """Waiting past the budget would not deliver anything: the body goes to the outbox now."""
+    fake = FakeTime()
+    scripted.answer(5, 503, Retry_After="600")
+    assert timed_client(scripted, fake, retry_seconds=30).deliver(cb.encode("j", "w", "completed")) is Outcome.FAILED
+    assert len(scripted.requests) == 1 and fake.sleeps == []
+
+
+def test_connection_errors_are_retried_within_the_budget():
+    fake = FakeTime()
+    from workers.local.net import free_port
+    down = CallbackClient(f"http://127.0.0.1:{free_port()}", KEY, SECRET, retry_seconds=20, timeout=1,
+                          sleep=fake.sleep, clock=fake.clock)
+    assert down.deliver(cb.encode("j", "w", "completed")) is Outcome.FAILED
+    assert len(fake.sleeps) >= 3 and sum(fake.sleeps) <= 20

@@ -2,14 +2,19 @@
 sender's lease expires, and 4xx-refused bodies are kept in ``callbacks:rejected`` for a manual replay.
 
 Everything runs against the real redis-server and the loopback Supabase stand-in."""
+import logging
+import shlex
 import threading
 import time
+from pathlib import Path
 
 from tests.conftest import SUPABASE_TEST_CALLBACK_SECRET as SECRET, SUPABASE_TEST_SERVICE_KEY as KEY
 from workers.core import callbacks as cb
 from workers.core import keys
 from workers.core.callbacks import CallbackClient, Outbox, OutboxSender
 from workers.core.transport import RedisProtocolTransport
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def client(standin, secret=SECRET):
@@ -79,3 +84,36 @@ def test_a_rejected_body_is_kept_for_replay_and_leaves_the_outbox(redis_client, 
     outbox.rejected("j", b"body")
     assert redis_client.hget(keys.REJECTED, "j") == b"body"
     assert not redis_client.hexists(keys.OUTBOX, "j") and not redis_client.exists(keys.outbox_lease("j"))
+
+
+def test_a_refused_callback_is_kept_for_replay_and_logged_once(supabase_standin, redis_client, redis_server,
+                                                               caplog):
+    """Review #18: a rotated or mistyped JOB_CALLBACK_SECRET gets a 401 on every callback; per the contract
+    that is final, but the body must not be lost: it moves to callbacks:rejected, logged once with the status."""
+    body = cb.encode("refused", "w", "completed")
+    redis_client.hset(keys.OUTBOX, "refused", body)
+    sender = OutboxSender(RedisProtocolTransport(redis_server.url, 5), client(supabase_standin, secret="rotated"))
+    with caplog.at_level(logging.ERROR, logger="workers.core.callbacks"):
+        assert sender.drain_once() == 1
+        assert sender.drain_once() == 0
+    assert redis_client.hget(keys.REJECTED, "refused") == body
+    assert redis_client.hlen(keys.OUTBOX) == 0 and supabase_standin.callback_attempts == 1
+    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1 and "HTTP 401" in refusals[0].getMessage()
+    assert "rotated" not in caplog.text and KEY not in caplog.text
+
+
+def test_the_documented_replay_puts_a_rejected_body_back_and_it_is_delivered(supabase_standin, redis_client,
+                                                                             redis_server):
+    """README "Replaying refused callbacks": the EVAL one-liner moves the body back to the outbox, where a
+    sender (now with the right secret) delivers it, re-signed."""
+    line = next(l for l in README.read_text().splitlines() if l.startswith("EVAL ") and "callbacks:rejected" in l)
+    command = shlex.split(line.split("  #")[0].replace("<job_id>", "refused"))
+    body = cb.encode("refused", "w", "completed")
+    redis_client.hset(keys.REJECTED, "refused", body)
+    assert redis_client.execute_command(*command) == 1
+    assert redis_client.hget(keys.OUTBOX, "refused") == body and not redis_client.hexists(keys.REJECTED, "refused")
+    assert redis_client.execute_command(*command) == 0  # nothing left to replay
+    sender = OutboxSender(RedisProtocolTransport(redis_server.url, 5), client(supabase_standin))
+    assert sender.drain_once() == 1
+    assert supabase_standin.wait_for("refused", timeout=5).raw == body

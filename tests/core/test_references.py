@@ -2,8 +2,11 @@ import time
 
 import pytest
 
-from tests.refserver import ReferenceServer
-from workers.core.references import ReferenceFailure, ReferenceFetcher, blocked_reason, check_url
+import requests
+
+from tests.refserver import DripServer, ReferenceServer
+from workers.core.references import (ReferenceFailure, ReferenceFetcher, blocked_reason, check_url,
+                                     reference_or_fallback)
 from workers.core.settings import Settings
 
 
@@ -91,3 +94,74 @@ def test_names_resolving_to_private_or_metadata_addresses_are_refused_without_co
 
 def test_allow_list_lets_a_private_host_through():
     check_url("http://minio.internal/x.png", frozenset({"minio.internal"}), resolve=lambda h, p: ["10.0.0.9"])
+
+
+OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+
+
+@pytest.mark.parametrize("scheme, head, drip", [
+    ("http", OK_HEAD, b"\0" * 100_000),                                         # the body, 1 B/s
+    ("http", b"HTTP/1.1 200 OK\r\n", b"X-Slow: " + b"a" * 10_000),              # the headers, 1 B/s
+    ("http", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"1" * 10_000),  # a chunk-size line
+    # a TLS handshake record (a guard: CPython already bounds one handshake call by the socket timeout)
+    ("https", b"", b"\x16\x03\x03\x40\x00" + b"\x02" * 10_000),
+], ids=["body", "headers", "chunk-size", "tls-handshake"])
+def test_a_host_that_drips_bytes_meets_the_one_deadline(scheme, head, drip):
+    """Review #4: each byte arrives well inside any per-read timeout; only a total deadline stops it."""
+    server = DripServer(head, drip, interval=1.0, lifetime=12, read_request=scheme == "http")
+    try:
+        started = time.monotonic()
+        with pytest.raises(ReferenceFailure) as info:
+            fetcher(timeout=3.0).fetch(server.url().replace("http:", f"{scheme}:"))
+        assert time.monotonic() - started < 3.5
+        assert "timed out after 3 s" in info.value.reason
+    finally:
+        server.stop()
+
+
+def test_the_deadline_covers_redirects(refserver):
+    server = DripServer(OK_HEAD, b"\0" * 100_000, interval=1.0, lifetime=12)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ReferenceFailure) as info:
+            fetcher(timeout=2.0).fetch(f"{refserver.url}/redirect?to={server.url()}")
+        assert time.monotonic() - started < 2.5 and "timed out" in info.value.reason
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("url", ["http://[::1/x.png", "http://[not-an-address]/x.png", "http://127.0.0.1:99999/x",
+                                 "http://127.0.0.1:port/x"])
+def test_a_malformed_url_is_a_reference_failure_and_falls_back(url):
+    """Review #16: urlsplit's ValueError used to escape ``reference_or_fallback``."""
+    with pytest.raises(ReferenceFailure) as info:
+        fetcher().fetch(url)
+    assert info.value.reason == "malformed URL"
+    assert reference_or_fallback(fetcher(), url, "fallback") == (None, "REFERENCE_FRAME_ERROR: malformed URL")
+
+
+def test_a_malformed_redirect_location_is_a_reference_failure():
+    server = DripServer(b"HTTP/1.1 302 Found\r\nLocation: http://[::1/x.png\r\nContent-Length: 0\r\n\r\n")
+    try:
+        with pytest.raises(ReferenceFailure) as info:
+            fetcher().fetch(server.url())
+        assert info.value.reason == "malformed URL"
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("address", ["192.0.0.8", "192.0.0.9", "192.0.0.100", "192.0.0.255", "192.88.99.1",
+                                     "::ffff:192.0.0.8", "fec0::1", "3fff::1"])
+def test_ranges_the_interpreters_ipaddress_calls_global_are_blocked(address):
+    """Review #22: Python 3.11.7's ipaddress treats 192.0.0.0/24 outside /29 as global (fixed in 3.11.10);
+    also the deprecated 6to4 relay anycast, IPv6 site-local and the new IPv6 documentation range."""
+    assert blocked_reason(address) is not None
+
+
+def test_approved_addresses_do_not_outlive_their_fetch(refserver):
+    """Review #22: pins are per fetch, so nothing accumulates per host; after the fetch the session connects
+    nowhere, not even to the host it just fetched from."""
+    f = fetcher()
+    assert f.fetch(f"{refserver.url}/image.png").size == (48, 32)
+    with pytest.raises(requests.ConnectionError):
+        f.session.get(f"{refserver.url}/image.png", timeout=3)

@@ -12,10 +12,13 @@ that fails the test if anything is sent — no packet ever leaves loopback.
 """
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
 import requests
+
+from tests.refserver import DripServer
 
 from workers.core.references import ReferenceFailure, ReferenceFetcher, blocked_reason, check_url
 from workers.core.settings import Settings
@@ -127,6 +130,32 @@ def test_fail_policy_fails_every_type_and_field_with_reference_frame_error(fleet
         assert body["error_message"].startswith("REFERENCE_FRAME_ERROR: ") and str(refs.port) not in \
             body["error_message"]
     assert_never_fetched(refs, pushed)
+
+
+def test_a_reference_host_that_drips_bytes_cannot_wedge_an_sdxl_worker(fleets, standin):
+    """Review #4, process level: the real SDXL workers (tiny demo models) fetch an img2img reference from an
+    allowed host that sends its headers and then 1 byte/s of a 100 kB body. REFERENCE_TIMEOUT_SECONDS=5 ends
+    the fetch: fleet A falls back and says why, fleet B fails the job with REFERENCE_FRAME_ERROR; neither
+    worker is wedged for the host's lifetime (60 s)."""
+    server = DripServer(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n",
+                        b"\0" * 100_000, interval=1.0, lifetime=60)
+    try:
+        jobs = {name: f"drip-{name}-{RUN}" for name in ("a", "b")}
+        started = time.monotonic()
+        for name, job_id in jobs.items():
+            fleets[name].queue.push("sdxl_queue", reference_job("sdxl_queue", "sdxl_image_fast", job_id,
+                                                                SDXL_FIELDS[0], server.url(f"/ref.png?{job_id}")))
+        bodies = wait_all(standin, list(jobs.values()), timeout=40)
+        assert time.monotonic() - started < 30
+        assert server.connections >= 2
+        fallback, failed = bodies[jobs["a"]], bodies[jobs["b"]]
+        assert fallback["status"] == "completed", fallback
+        assert fallback["metadata"]["reference_mode_applied"] is False
+        assert fallback["metadata"]["reference_error"] == "REFERENCE_FRAME_ERROR: download timed out after 5 s"
+        assert failed["status"] == "failed" and failed["metadata"]["error_type"] == "REFERENCE_FRAME_ERROR", failed
+        assert "timed out" in failed["error_message"]
+    finally:
+        server.stop()
 
 
 # ------------------------------------------------------------------ non-loopback targets: in-process, no packets

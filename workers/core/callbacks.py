@@ -1,10 +1,12 @@
 """Callbacks to the app's ``job-callback`` edge function (CONTRACT §4).
 
 The body is serialised once; those exact bytes are signed (``X-Callback-Signature: sha256=<hmac>``) and
-sent. Terminal callbacks are retried with exponential backoff on connection errors, timeouts, 429 and 5xx
-for ``CALLBACK_RETRY_SECONDS``; a 4xx other than 429 is final (logged with the answer). What still cannot
-be delivered goes to the Redis outbox (atomically with the job's ack, see ``ReliableQueue``) and the
-``OutboxSender`` delivers it later. Progress callbacks are one best-effort try in the background.
+sent. Terminal callbacks are retried (``retry.call``: exponential backoff with jitter, ``Retry-After``
+honoured) on connection errors, timeouts, 429 and 5xx for ``CALLBACK_RETRY_SECONDS``; a 4xx other than 429
+is final (logged once with the answer, the body kept in ``callbacks:rejected`` for a manual replay). The
+terminal step records the body in the Redis outbox under a lease before delivery (see ``ReliableQueue``);
+``Outbox`` settles it and ``OutboxSender`` delivers what is still owed, one sender per entry. Progress
+callbacks are one best-effort try in the background.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any, Callable
 
 import requests
 
-from . import keys
+from . import keys, retry
 from .metrics import Metrics
 from .settings import Settings
 from .transport import Transport, TransportError
@@ -69,6 +71,9 @@ class CallbackClient:
 
     def post_once(self, body: bytes, timeout: float | None = None) -> Outcome | None:
         """One attempt: the outcome, or ``None`` for a failure worth retrying."""
+        return self._attempt(body, timeout).value
+
+    def _attempt(self, body: bytes, timeout: float | None = None) -> retry.Answer:
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self._key}",
                    "apikey": self._key, "X-Callback-Signature": sign(self._secret, body)}
         try:
@@ -76,28 +81,24 @@ class CallbackClient:
                                          timeout=timeout or self.timeout)
         except requests.RequestException as exc:
             self._count(type(exc).__name__)
-            return None
+            return retry.Answer(retry=True, problem=type(exc).__name__)
         if 200 <= response.status_code < 300:
-            return Outcome.DELIVERED
+            return retry.Answer(Outcome.DELIVERED)
         self._count(str(response.status_code))
         if response.status_code == 429 or response.status_code >= 500:
-            return None
+            return retry.Answer(retry=True, retry_after=retry.retry_after(response.headers),
+                                problem=f"HTTP {response.status_code}")
+        # Final per the contract; logged here once (the body leaves the outbox for callbacks:rejected).
         log.error("job-callback refused a callback with HTTP %d: %s", response.status_code,
                   response.text[:300].replace("\n", " "))
-        return Outcome.REJECTED
+        return retry.Answer(Outcome.REJECTED)
 
     def deliver(self, body: bytes) -> Outcome:
-        """Terminal delivery with exponential backoff (1, 2, 4 … 30 s) within the retry budget."""
-        deadline = self.clock() + self.retry_seconds
-        delay = 1.0
-        while True:
-            outcome = self.post_once(body)
-            if outcome is not None:
-                return outcome
-            if self.clock() + delay > deadline:
-                return Outcome.FAILED
-            self.sleep(delay)
-            delay = min(delay * 2, 30.0)
+        """Terminal delivery: 1, 2, 4 … 30 s backoff (plus up to 1 s of jitter) and the server's
+        ``Retry-After``, as long as the next try still starts within ``retry_seconds``; then ``FAILED``."""
+        answer = retry.call(lambda: self._attempt(body), initial=1.0, cap=30.0,
+                            deadline=self.clock() + self.retry_seconds, sleep=self.sleep, clock=self.clock)
+        return Outcome.FAILED if answer.retry else answer.value
 
     def progress(self, body: bytes) -> None:
         """Best effort, in the background: one short try, never blocks or fails the job."""
