@@ -7,6 +7,8 @@ from tests.conftest import SUPABASE_TEST_SERVICE_KEY as KEY
 from workers.core.errors import ErrorType, RetryableError, WorkerError
 from workers.core.storage import LocalStorage, SupabaseStorage, object_path, thumbnail
 
+from .scripted import FakeTime, ScriptedServer
+
 
 def png(w=300, h=150):
     out = io.BytesIO()
@@ -75,3 +77,38 @@ def test_supabase_auth_failure_is_a_final_storage_error(supabase_standin):
 def test_octet_stream_is_never_sent(supabase_standin):
     with pytest.raises(WorkerError):
         SupabaseStorage(supabase_standin.url, KEY, "b").upload("u/j/0.bin", b"x", "application/octet-stream")
+
+
+@pytest.fixture
+def scripted():
+    server = ScriptedServer()
+    yield server
+    server.stop()
+
+
+def test_upload_retries_are_four_tries_with_jittered_backoff(scripted):
+    fake = FakeTime()
+    scripted.answer(10, 500)
+    with pytest.raises(RetryableError) as info:
+        SupabaseStorage(scripted.url, KEY, "b", sleep=fake.sleep).upload("u/j/0.png", b"x", "image/png")
+    assert "HTTP 500" in info.value.message and len(scripted.requests) == 4
+    for n, wait in enumerate(fake.sleeps):  # 1, 2, 4 s, each plus up to 1 s of jitter
+        assert 2 ** n <= wait <= 2 ** n + 1, fake.sleeps
+    assert len(fake.sleeps) == 3 and any(wait != int(wait) for wait in fake.sleeps), fake.sleeps
+
+
+@pytest.mark.parametrize("status", [503, 429, 408])
+def test_upload_honours_retry_after(scripted, status):
+    fake = FakeTime()
+    scripted.answer(1, status, Retry_After="6")
+    SupabaseStorage(scripted.url, KEY, "b", sleep=fake.sleep).upload("u/j/0.png", b"x", "image/png")
+    assert len(scripted.requests) == 2 and fake.sleeps[0] >= 6
+
+
+def test_upload_gives_up_at_once_on_a_retry_after_past_its_budget(scripted):
+    """Longer than the upload's own budget: the job is handed back and retried later, not held here."""
+    fake = FakeTime()
+    scripted.answer(4, 503, Retry_After="120")
+    with pytest.raises(RetryableError):
+        SupabaseStorage(scripted.url, KEY, "b", sleep=fake.sleep).upload("u/j/0.png", b"x", "image/png")
+    assert len(scripted.requests) == 1 and fake.sleeps == []

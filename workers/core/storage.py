@@ -17,12 +17,14 @@ from urllib.parse import quote
 import requests
 from PIL import Image
 
+from . import retry
 from .errors import ErrorType, RetryableError, WorkerError
 from .settings import Settings
 
 _COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")  # \Z, not $ (no trailing newline)
 THUMBNAIL_EDGE = 256
-RETRIES = 3
+TRIES = 4            # 1, 2, 4 s of backoff (+ jitter) in between
+LONGEST_WAIT = 8.0   # a Retry-After beyond it ends the tries: the job is retried later instead
 
 
 class Storage(Protocol):
@@ -76,7 +78,9 @@ class LocalStorage:
 
 
 class SupabaseStorage:
-    """``POST {url}/storage/v1/object/<bucket>/<path>`` with the raw bytes, retried with backoff."""
+    """``POST {url}/storage/v1/object/<bucket>/<path>`` with the raw bytes, retried by ``retry.call`` on
+    connection errors, 5xx, 408 and 429 (backoff with jitter, ``Retry-After`` honoured up to 8 s); any other
+    4xx is final."""
 
     def __init__(self, url: str, service_key: str, bucket: str, session: requests.Session | None = None,
                  timeout: float = 60.0, sleep: Callable[[float], None] = time.sleep):
@@ -94,22 +98,28 @@ class SupabaseStorage:
         endpoint = f"{self.url}/storage/v1/object/{quote(self.bucket)}/{quote(path)}"
         headers = {"Authorization": f"Bearer {self._key}", "apikey": self._key,
                    "Content-Type": content_type, "x-upsert": "true"}
-        problem = ""
-        for attempt in range(RETRIES + 1):
-            if attempt:
-                self.sleep(min(2 ** (attempt - 1), 8))
+        made = 0
+
+        def attempt() -> retry.Answer:
+            nonlocal made
+            made += 1
             try:
                 response = self.session.post(endpoint, data=data, headers=headers, timeout=self.timeout)
             except requests.RequestException as exc:
-                problem = type(exc).__name__
-                continue
+                return retry.Answer(retry=True, problem=type(exc).__name__)
             if response.ok:
-                return path
+                return retry.Answer(path)
             problem = f"HTTP {response.status_code}"
             if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
                 raise WorkerError(f"storage refused the upload ({problem})", ErrorType.STORAGE_ERROR)
-        raise RetryableError(f"storage upload failed after {RETRIES + 1} tries ({problem})",
-                             ErrorType.STORAGE_ERROR)
+            return retry.Answer(retry=True, retry_after=retry.retry_after(response.headers), problem=problem)
+
+        answer = retry.call(attempt, initial=1.0, cap=LONGEST_WAIT, tries=TRIES, longest_wait=LONGEST_WAIT,
+                            sleep=self.sleep)
+        if answer.retry:
+            raise RetryableError(f"storage upload failed after {made} tries ({answer.problem})",
+                                 ErrorType.STORAGE_ERROR)
+        return answer.value
 
 
 def from_settings(settings: Settings) -> Storage:
