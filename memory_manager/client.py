@@ -12,6 +12,11 @@ If the manager is down, slow or misconfigured, ``reserve`` logs it and answers U
 it. Only an explicit refusal (409: it does not fit and nothing could be unloaded) says not to load.
 Each client has an ``instance`` id; the manager drops the reservations of a previous instance of the same
 worker when a new one reserves (the worker restarted).
+
+A worker serves :meth:`MemoryClient.describe` in its ``/memory/status`` (key ``memory_manager``): what it holds
+and whether it was unloaded. A manager that restarts has lost its ledger; it reads this document from every
+worker to take their reservations back (same ids, so their later release works) and to know which worker it
+had evicted (to reload it).
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ class ReserveResult:
     outcome: Grant
     id: str | None = None
     reason: str = ""
+    gb: float | None = None  # granted: the size the manager booked
+    label: str = "model"
 
     @property
     def may_load(self) -> bool:
@@ -78,13 +85,23 @@ class MemoryClient:
                         label)
             return ReserveResult(Grant.UNAVAILABLE, reason="memory manager unreachable")
         if response.status_code == 200 and isinstance(answer, dict) and answer.get("success"):
-            return ReserveResult(Grant.GRANTED, str(answer.get("id")))
+            gb = answer.get("gb")
+            return ReserveResult(Grant.GRANTED, str(answer.get("id")), gb=float(gb) if _is_number(gb) else None,
+                                 label=label)
         if response.status_code == 409 and isinstance(answer, dict):
             reason = str(answer.get("reason", "refused"))
             log.warning("memory manager refused %s: %s", label, reason)
             return ReserveResult(Grant.REFUSED, reason=reason)
         log.warning("memory manager answered HTTP %d: loading %s without a reservation", response.status_code, label)
         return ReserveResult(Grant.UNAVAILABLE, reason=f"memory manager answered HTTP {response.status_code}")
+
+    def describe(self, held: ReserveResult | None, unloaded: bool) -> dict:
+        """The document a worker serves for the manager's census (see the module docstring)."""
+        reservations = []
+        if held is not None and held.outcome is Grant.GRANTED and held.id and held.gb is not None:
+            reservations.append({"id": held.id, "gb": held.gb, "label": held.label})
+        return {"worker": self.worker, "gpu": self.gpu, "instance": self.instance, "unloaded": bool(unloaded),
+                "reservations": reservations}
 
     def release(self, grant: ReserveResult | str | None) -> bool:
         """Release a reservation (a result from :meth:`reserve`, or its id). False if it could not be done."""
@@ -99,3 +116,7 @@ class MemoryClient:
                         reservation_id)
             return False
         return response.status_code == 200
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -24,7 +24,7 @@ class MemorySettings:
     sizes_gb: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_SIZES_GB))
     tick_seconds: float = 5.0            # pressure sample, dead-worker sweep, predictive reload
     dead_after_checks: int = 3           # a worker whose /health has not answered this many ticks is gone
-    reload_quiet_seconds: float = 30.0   # an on-demand worker idle this long lets an evicted one reload
+    reload_quiet_seconds: float = 30.0   # an evicted worker reloads once its size has fitted this long
     history_size: int = 500
     worker_timeout_seconds: float = 120.0  # for /memory/unload and /memory/load calls
 

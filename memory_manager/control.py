@@ -1,4 +1,4 @@
-"""The memory manager's calls to the workers: health, busy, ``/memory/unload`` and ``/memory/load``.
+"""The memory manager's calls to the workers: health, ``/memory/status``, ``/memory/unload`` and ``/memory/load``.
 
 Unload and load carry ``Authorization: Bearer <WORKER_ADMIN_KEY>`` and ``which`` both in the query string and
 the JSON body. A worker answers 409 while it runs a job (it is busy: not unloaded).
@@ -6,7 +6,7 @@ the JSON body. A worker answers 409 while it runs a job (it is busy: not unloade
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import requests
 
@@ -61,11 +61,12 @@ class WorkerControl:
             return False
         return True
 
-    def busy(self, worker: str) -> bool | None:
-        """``GET /status`` → its ``busy`` flag; None when unknown (no answer, no such field)."""
+    def held(self, worker: str) -> dict[str, Any] | None:
+        """``GET /memory/status`` → its ``memory_manager`` document (``MemoryClient.describe``: what the worker
+        holds, whether it was unloaded); None when it does not answer or has no such document."""
         try:
-            response = self._session.get(f"{self._workers[worker].url}/status", timeout=self._health_timeout)
-            value = response.json().get("busy") if response.status_code == 200 else None
+            response = self._session.get(f"{self._workers[worker].url}/memory/status", timeout=self._health_timeout)
+            value = response.json().get("memory_manager") if response.status_code == 200 else None
         except (requests.RequestException, ValueError, AttributeError):
             return None
-        return value if isinstance(value, bool) else None
+        return value if isinstance(value, dict) else None

@@ -8,6 +8,7 @@ memory held by anything the ledger does not know.
 from __future__ import annotations
 
 import itertools
+import secrets
 import threading
 import time
 from collections import deque
@@ -99,13 +100,18 @@ def effective_free_gb(gpu: GpuMemory, reserved: float) -> float:
 
 
 class Ledger:
-    """Reservations and the event history. Thread-safe; every method is short (no I/O under the lock)."""
+    """Reservations and the event history. Thread-safe; every method is short (no I/O under the lock).
+
+    Reservation ids are ``r<n>.<boot>``: ``boot`` is random per ledger, so an id issued by a previous manager
+    process (held by a worker across a manager restart) never names a new, unrelated reservation.
+    """
 
     def __init__(self, history_size: int = 500, clock: Callable[[], float] = time.time):
         self._lock = threading.Lock()
         self._reservations: dict[str, Reservation] = {}
         self._instances: dict[str, str] = {}  # worker → the instance id it last reserved with
         self._ids = itertools.count(1)
+        self.boot = secrets.token_hex(3)
         self.history: deque[Event] = deque(maxlen=history_size)
         self.pressure: deque[dict[str, Any]] = deque(maxlen=history_size)
         self.clock = clock
@@ -117,12 +123,24 @@ class Ledger:
 
     def add(self, worker: str, gpu: int, gb: float, priority: int, label: str, instance: str) -> Reservation:
         with self._lock:
-            reservation = Reservation(f"r{next(self._ids)}", worker, gpu, gb, priority, label, instance,
+            reservation = Reservation(f"r{next(self._ids)}.{self.boot}", worker, gpu, gb, priority, label, instance,
                                       round(self.clock(), 3))
-            self._reservations[reservation.id] = reservation
-            if instance:
-                self._instances[worker] = instance
+            self._keep(reservation)
             return reservation
+
+    def adopt(self, reservation: Reservation) -> None:
+        """Take back a reservation a worker holds from a previous manager process (its id unchanged)."""
+        with self._lock:
+            self._keep(reservation)
+
+    def _keep(self, reservation: Reservation) -> None:
+        self._reservations[reservation.id] = reservation
+        if reservation.instance:
+            self._instances[reservation.worker] = reservation.instance
+
+    def get(self, reservation_id: str) -> Reservation | None:
+        with self._lock:
+            return self._reservations.get(reservation_id)
 
     def remove(self, reservation_id: str) -> Reservation | None:
         with self._lock:

@@ -4,6 +4,8 @@ Capacity 48 GB, safety margin 1 GB; sizes sdxl 10 (always), chat 15 (when possib
 """
 from __future__ import annotations
 
+import threading
+
 from memory_manager.client import Grant
 from memory_manager.ledger import Pressure
 
@@ -70,7 +72,7 @@ def test_eviction_follows_priority_and_never_touches_sdxl(manager) -> None:
     assert {r.worker: r.gb for r in manager.policy.ledger.all()} == {"sdxl": 10.0, "wan": 30.0}  # kept
 
 
-def test_predictive_reload_once_wan_is_idle_and_memory_allows() -> None:
+def test_predictive_reload_once_memory_allows() -> None:
     manager = start_manager(capacity=60.0)
     manager.attach("sdxl", "chat", "wan")
     try:
@@ -80,13 +82,13 @@ def test_predictive_reload_once_wan_is_idle_and_memory_allows() -> None:
         wan.busy = True
         wan.reserve(gb=45)                          # 60-25-1 = 34 < 45: chat unloaded for wan
         assert chat.actions() == ["unload"] and wan.grant.outcome is Grant.GRANTED
-        manager.policy.tick()                       # wan busy: no reload
+        manager.policy.tick()                       # 60-55-1 = 4 < 15: memory does not allow
         assert chat.actions() == ["unload"]
         wan.busy = False
-        manager.policy.tick()                       # wan idle, but 60-55-1 = 4 < 15: memory does not allow
+        manager.policy.tick()                       # wan idle changes nothing: still no room
         assert chat.actions() == ["unload"]
         wan.client.release(wan.grant)               # wan done with its memory
-        manager.policy.tick()                       # idle and fits: chat asked to load, with the admin key
+        manager.policy.tick()                       # it fits: chat asked to load, with the admin key
         assert chat.actions() == ["unload", "load"] and chat.calls[-1]["auth"] == f"Bearer {ADMIN}"
         assert "reload" in kinds(manager)
         wait_for(lambda: manager.policy.ledger.of_worker("chat"), what="chat reserved again after loading")
@@ -153,3 +155,122 @@ def test_restarted_worker_replaces_its_previous_instance(manager) -> None:
     assert [(r.label, r.gb, r.instance) for r in held] == [("base", 6.0, restarted.instance)]
     assert first.id not in {r.id for r in held}
     assert kinds(manager).count("replace") == 2
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_evicted_chat_reloads_once_there_is_room_while_wan_stays_busy() -> None:
+    """#14: a WAN backlog (busy at every sample) must not starve chat's reload when chat fits beside it."""
+    manager = start_manager(capacity=60.0)
+    manager.attach("sdxl", "chat", "wan")
+    try:
+        sdxl, chat, wan = (manager.workers[n] for n in ("sdxl", "chat", "wan"))
+        sdxl.reserve()
+        chat.reserve()
+        wan.busy = True                             # a backlog: busy whenever the manager looks
+        assert wan.client.reserve(gb=30, label="t2v").outcome is Grant.GRANTED   # 60-25-1 = 34: fits
+        vace = wan.client.reserve(gb=15, label="vace")                          # 4 left: chat gives way
+        assert vace.outcome is Grant.GRANTED and chat.actions() == ["unload"]
+        manager.policy.tick()
+        assert chat.actions() == ["unload"]         # 60-55-1 = 4 < 15: no room yet
+        assert wan.client.release(vace)             # VACE done; WAN still busy with its t2v backlog
+        manager.policy.tick()                       # 60-40-1 = 19 >= 15: room beside WAN's reservations
+        assert chat.actions() == ["unload", "load"]
+        wait_for(lambda: manager.policy.ledger.of_worker("chat"), what="chat reserved again")
+        assert {r.worker: r.gb for r in manager.policy.ledger.all()} == {"sdxl": 10.0, "wan": 30.0, "chat": 15.0}
+    finally:
+        stop_manager(manager)
+
+
+def test_reload_waits_until_the_room_has_lasted_the_quiet_period() -> None:
+    clock = Clock()
+    manager = start_manager(capacity=48.0, clock=clock, reload_quiet_seconds=30.0)
+    manager.attach("sdxl", "chat", "wan")
+    try:
+        sdxl, chat, wan = (manager.workers[n] for n in ("sdxl", "chat", "wan"))
+        sdxl.reserve()
+        chat.reserve()
+        wan.reserve(gb=30)                          # chat unloaded for wan
+        wan.client.release(wan.grant)               # wan done: 48-10-1 = 37 >= 15, room from now on
+        for seconds in (0, 20):
+            clock.now = 1000 + seconds
+            manager.policy.tick()
+        manager.probe.set_free(0, 10.0)             # at 25 s something else takes the memory: no room
+        clock.now = 1025
+        manager.policy.tick()
+        manager.probe.set_free(0, 48.0)             # room again from 40 s: the quiet period starts over
+        for seconds in (40, 69):
+            clock.now = 1000 + seconds
+            manager.policy.tick()
+        assert chat.actions() == ["unload"]
+        clock.now = 1071
+        manager.policy.tick()
+        assert chat.actions() == ["unload", "load"]
+    finally:
+        stop_manager(manager)
+
+
+def test_the_sweep_drops_the_silent_instance_not_its_successor(manager) -> None:
+    """#20: chat misses its checks, restarts and reserves while the third check is in flight: the new
+    instance's grant stays (the sweep is keyed by instance, not by worker name)."""
+    chat = manager.workers["chat"]
+    chat.reserve()
+    chat.health_hang = 1.5                          # longer than the manager's 1 s health timeout: no answer
+    manager.policy.tick()
+    manager.policy.tick()
+    restarted = manager.client("chat")              # the new process, reserving during the third check
+    chat.on_health = lambda: restarted.reserve()
+    manager.policy.tick()
+    held = manager.policy.ledger.of_worker("chat")
+    assert [(r.instance, r.gb) for r in held] == [(restarted.instance, 15.0)]
+    assert "drop" not in kinds(manager)
+
+
+def test_a_wedged_unload_does_not_stall_other_reservations_or_the_tick(manager) -> None:
+    """#20: the decision lock is not held across /memory/unload calls."""
+    sdxl, chat, wan = (manager.workers[n] for n in ("sdxl", "chat", "wan"))
+    sdxl.reserve()
+    chat.reserve()
+    chat.unload_gate = threading.Event()            # chat's /memory/unload hangs until the gate opens
+    wan_thread = threading.Thread(target=lambda: wan.reserve(gb=30), daemon=True)
+    wan_thread.start()                              # 30 > 22 available: the manager asks chat to unload
+    wait_for(lambda: chat.actions() == ["unload"], what="the manager inside chat's unload call")
+    others: list = []
+    side = threading.Thread(target=lambda: others.append(sdxl.client.reserve(gb=2, label="lora")), daemon=True)
+    ticker = threading.Thread(target=manager.policy.tick, daemon=True)
+    side.start()
+    ticker.start()
+    try:
+        wait_for(lambda: others and not ticker.is_alive(), timeout=8,
+                 what="another reservation and a tick answered while chat's unload hangs")
+        assert others[0].outcome is Grant.GRANTED and wan_thread.is_alive()
+    finally:
+        chat.unload_gate.set()
+    wan_thread.join(15)
+    assert wan.grant.outcome is Grant.GRANTED and "after unloading chat" in manager.policy.ledger.history[-1].detail
+    assert sorted((r.worker, r.label, r.gb) for r in manager.policy.ledger.all()) == [
+        ("sdxl", "lora", 2.0), ("sdxl", "model", 10.0), ("wan", "model", 30.0)]
+
+
+def test_a_worker_being_unloaded_is_not_asked_twice_and_the_refusal_says_why(manager) -> None:
+    sdxl, chat, wan = (manager.workers[n] for n in ("sdxl", "chat", "wan"))
+    sdxl.reserve()
+    chat.reserve()
+    chat.unload_gate = threading.Event()
+    first = threading.Thread(target=lambda: wan.reserve(gb=30), daemon=True)
+    first.start()
+    wait_for(lambda: chat.actions() == ["unload"], what="chat's unload in flight")
+    try:
+        second = sdxl.client.reserve(gb=30, label="big")  # 22 available: would need chat's memory too
+        assert second.outcome is Grant.REFUSED and "chat is being unloaded for another request" in second.reason
+        assert chat.actions() == ["unload"]
+    finally:
+        chat.unload_gate.set()
+    first.join(15)
+    assert wan.grant.outcome is Grant.GRANTED

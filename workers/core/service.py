@@ -209,7 +209,8 @@ class Service:
         @app.get("/memory/status")
         def memory_status():
             return jsonify({"success": True, "device": device_memory(), "models": self._handler_status(),
-                            "busy": self.busy})
+                            "busy": self.busy,  # memory_manager: what a restarted manager re-derives its ledger from
+                            "memory_manager": self.memory.describe(self.reservation, self.unloaded)})
 
         @app.post("/memory/unload")
         @admin
