@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import SUPABASE_TEST_CALLBACK_SECRET as SECRET, SUPABASE_TEST_SERVICE_KEY as KEY
+from tests.procs import WorkerProcess, runtime_env
 from workers.core import callbacks as cb
 from workers.core import keys
 from workers.core.callbacks import CallbackClient, Outbox, OutboxSender
@@ -117,3 +118,28 @@ def test_the_documented_replay_puts_a_rejected_body_back_and_it_is_delivered(sup
     sender = OutboxSender(RedisProtocolTransport(redis_server.url, 5), client(supabase_standin))
     assert sender.drain_once() == 1
     assert supabase_standin.wait_for("refused", timeout=5).raw == body
+
+
+def test_three_worker_processes_sharing_the_outbox_deliver_each_entry_once(redis_server, redis_client,
+                                                                           supabase_standin, tmp_path):
+    """Review #8 at process level: three real workers (gunicorn, ``python -m workers``), each with its own
+    outbox thread on the one hash, every 0.2 s; 20 owed callbacks reach the app once each."""
+    ids = [f"owed-{i}" for i in range(20)]
+    for job_id in ids:
+        redis_client.hset(keys.OUTBOX, job_id, cb.encode(job_id, "gone-worker", "completed"))
+    supabase_standin.delay = 0.05
+    env = runtime_env(redis_server.url, supabase_standin, tmp_path / "storage", OUTBOX_INTERVAL_SECONDS="0.2")
+    workers = [WorkerProcess(env, slot=slot, log_path=tmp_path / f"worker{slot}.log") for slot in range(3)]
+    try:
+        for worker in workers:
+            worker.wait_healthy()
+        deadline = time.monotonic() + 30
+        while redis_client.hlen(keys.OUTBOX) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # a few more rounds of all three senders
+        assert redis_client.hlen(keys.OUTBOX) == 0
+        assert supabase_standin.callback_attempts == len(ids)
+        assert sorted(c.job_id for c in supabase_standin.callbacks()) == sorted(ids)
+    finally:
+        for worker in workers:
+            worker.close()

@@ -231,9 +231,14 @@ class OutboxSender:
         return sent
 
     def run(self, stop: threading.Event, interval: float = 10.0) -> None:
+        """Every ``interval`` until ``stop``; a round that fails is logged and the next one tries again (this
+        thread is the only one re-sending what the runner could not deliver, so it must not die)."""
         while not stop.wait(interval):
             try:
-                if self.drain_once():
-                    log.info("delivered outbox callbacks")
+                sent = self.drain_once()
+                if sent:
+                    log.info("outbox: %d terminal callback(s) delivered or refused", sent)
             except TransportError as exc:
                 log.warning("outbox: %s", exc)
+            except Exception:  # noqa: BLE001 - see the docstring
+                log.exception("outbox: round failed")

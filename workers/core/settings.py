@@ -59,11 +59,17 @@ class Settings:
     redis_timeout_seconds: float = 10.0
     callback_retry_seconds: float = 240.0
     callback_timeout_seconds: float = 15.0
+    outbox_interval_seconds: float = 10.0   # OUTBOX_INTERVAL_SECONDS: how often each worker re-sends owed callbacks
+    # Worker life cycle (workers/core/service.py)
+    cold_stop_settle_seconds: float = 5.0   # WORKER_COLD_STOP_SETTLE_SECONDS: a cold stop waits for a settling job
+    job_timeout_grace_seconds: float = 30.0   # JOB_TIMEOUT_GRACE_SECONDS: past the deadline, then the watchdog
     # HTTP auth
     wan_worker_api_key: Secret | None = None
     chat_worker_api_key: Secret | None = None
     worker_admin_key: Secret | None = None
     allow_anonymous: bool = False
+    # HTTP serving (common/serving.py): a request's line, headers and body must all arrive within this
+    http_read_timeout_seconds: float = 10.0
     # Identity and registration
     runpod_pod_id: str | None = None
     public_base_url: str | None = None
@@ -96,7 +102,9 @@ class Settings:
     qwen_base_preload: bool = False
     chat_max_batch: int = 16
     chat_max_context_tokens: int = 8192
-    chat_request_timeout_seconds: float = 300.0
+    chat_request_timeout_seconds: float = 60.0   # CHAT_REQUEST_TIMEOUT_SECONDS: HTTP deadline (RunPod cuts at 100 s)
+    chat_max_waiting: int = 16             # CHAT_MAX_WAITING: requests waiting for a row before HTTP sheds (503)
+    chat_reload_wait_seconds: float = 30.0   # CHAT_RELOAD_WAIT_SECONDS: an HTTP request's wait for the GPU lock
     chat_sfw_words_path: Path | None = None
     chat_enhance_template_path: Path | None = None
     chat_static_cache: bool = True   # CHAT_STATIC_CACHE: slot KV cache for decoding (off: the DynamicCache path)
@@ -123,10 +131,14 @@ class Settings:
             redis_timeout_seconds=r.number("REDIS_TIMEOUT_SECONDS", 10.0, 0.5, 120),
             callback_retry_seconds=r.number("CALLBACK_RETRY_SECONDS", 240.0, 0, 3600),
             callback_timeout_seconds=r.number("CALLBACK_TIMEOUT_SECONDS", 15.0, 0.5, 120),
+            outbox_interval_seconds=r.number("OUTBOX_INTERVAL_SECONDS", 10.0, 0.1, 3600),
+            cold_stop_settle_seconds=r.number("WORKER_COLD_STOP_SETTLE_SECONDS", 5.0, 0, 60),
+            job_timeout_grace_seconds=r.number("JOB_TIMEOUT_GRACE_SECONDS", 30.0, 0.5, 3600),
             wan_worker_api_key=r.secret("WAN_WORKER_API_KEY"),
             chat_worker_api_key=r.secret("CHAT_WORKER_API_KEY"),
             worker_admin_key=r.secret("WORKER_ADMIN_KEY"),
             allow_anonymous=r.boolean("ALLOW_ANONYMOUS_API", False),
+            http_read_timeout_seconds=r.number("HTTP_READ_TIMEOUT_SECONDS", 10.0, 0.5, 600),
             runpod_pod_id=r.identifier("RUNPOD_POD_ID"),
             public_base_url=r.url("PUBLIC_BASE_URL"),
             worker_id=r.identifier("WORKER_ID"),
@@ -156,7 +168,9 @@ class Settings:
             qwen_base_preload=r.boolean("QWEN_BASE_PRELOAD", False),
             chat_max_batch=int(r.number("CHAT_MAX_BATCH", 16, 1, 256)),
             chat_max_context_tokens=int(r.number("CHAT_MAX_CONTEXT_TOKENS", 8192, 64, 1_048_576)),
-            chat_request_timeout_seconds=r.number("CHAT_REQUEST_TIMEOUT_SECONDS", 300.0, 1, 3600),
+            chat_request_timeout_seconds=r.number("CHAT_REQUEST_TIMEOUT_SECONDS", 60.0, 1, 3600),
+            chat_max_waiting=int(r.number("CHAT_MAX_WAITING", 16, 0, 100_000)),
+            chat_reload_wait_seconds=r.number("CHAT_RELOAD_WAIT_SECONDS", 30.0, 0, 600),
             chat_sfw_words_path=r.path("CHAT_SFW_WORDS_PATH"),
             chat_enhance_template_path=r.path("CHAT_ENHANCE_TEMPLATE_PATH"),
             chat_static_cache=r.boolean("CHAT_STATIC_CACHE", True),
