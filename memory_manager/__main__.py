@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("WORKER_ADMIN_KEY is not set: reservations and emergency operations are refused")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     serve(lambda: build(settings, fleet, memory, visible), host="127.0.0.1",
-          port=args.port or fleet.ports["memory_manager"], threads=8, name="memory_manager")
+          port=args.port or fleet.ports["memory_manager"], threads=8, name="memory_manager",
+          read_timeout=settings.http_read_timeout_seconds)
     return 0
 
 

@@ -3,7 +3,8 @@
     /sdxl, /sdxl/<rest>                  → SDXL worker  /<rest>
     /wan,  /wan/<rest>                   → WAN worker   /<rest>
     /enhance, /memory/<rest>, /debug/env → WAN worker   (same path; what the app called before the split)
-    GET /health                          → 200 with both workers' states; 503 only if neither serves
+    GET /health                          → 200 with both workers' states; 503 only if neither serves (one
+                                           fan-out at a time, its answer reused for HEALTH_CACHE_SECONDS)
     GET /router/health                   → 200 while the router process serves (the orchestrator's gate)
     GET /openapi.json                    → the OpenAPI 3.1 document of this port (workers.core.openapi)
 
@@ -11,9 +12,11 @@ It forwards the method, the body, the query string and every end-to-end header (
 included); hop-by-hop headers are stripped both ways. It is not an open proxy: the destination is always
 one of its two configured loopback base URLs plus the request's *path* — the request target's scheme and
 authority (absolute-form targets) and the ``Host`` header never take part. A backend that cannot be reached
-gives 502, one that does not answer in time 504, a body over the limit 413, each as JSON.
+gives 502, one that does not answer in time 504, a body over the limit 413, each as JSON. The whole request
+(body included) is read within ``HTTP_READ_TIMEOUT_SECONDS`` before anything is forwarded, and both health
+routes are answered outside the ``ROUTER_THREADS`` bound (orchestrator/serving.py, common/serving.py).
 
-Run: ``python -m orchestrator.router [--port 7860]`` (gunicorn, one process, gthread).
+Run: ``python -m orchestrator.router [--port 7860]`` (gunicorn, one process, common.serving.DeadlineWorker).
 """
 from __future__ import annotations
 
@@ -21,17 +24,22 @@ import argparse
 import logging
 import os
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Generic, Mapping, TypeVar
 from urllib.parse import quote
 
 import requests
 from flask import Flask, Response, request
 
+from common.exit_codes import ExitCode
+
 from workers.core.errors import ConfigError
 from workers.core import openapi
 from workers.core.http import ApiError, create_base_app, pooled_session
+from workers.core.settings import Settings
 
 from .checks import check_health
 from .config import FleetSettings
@@ -46,6 +54,9 @@ NOT_COPIED = HOP_BY_HOP | {"host", "content-length", "expect"}
 LEGACY_WAN_PATHS = ("/enhance", "/debug/env")
 LEGACY_WAN_PREFIXES = ("/memory/",)
 PATH_SAFE = "/:@!$&'()*+,;=~"
+HEALTH_PATHS = ("/health", "/router/health")
+HEALTH_CACHE_SECONDS = 1.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -87,13 +98,36 @@ class _ConnectionHeaders:
         return [v for k, v in self._items if k.lower() == name.lower()]
 
 
+class Shared(Generic[T]):
+    """``compute()``'s answer, computed by one caller at a time and reused for ``seconds``.
+
+    The router's ``/health`` asks both workers (up to ``health_timeout`` each, in parallel). Computed per
+    caller, concurrent callers queued behind one another in 2 s steps while a worker hung, and the app's 5 s
+    check failed (review #15). Callers that arrive during a fan-out wait for it and share its answer.
+    """
+
+    def __init__(self, compute: Callable[[], T], seconds: float, clock: Callable[[], float] = time.monotonic):
+        self._compute = compute
+        self._seconds = seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._answer: tuple[float, T] | None = None
+
+    def __call__(self) -> T:
+        with self._lock:
+            if self._answer is None or self._clock() - self._answer[0] >= self._seconds:
+                value = self._compute()
+                self._answer = (self._clock(), value)
+            return self._answer[1]
+
+
 def create_app(deps: RouterDeps) -> Flask:
     session = deps.session
     session.trust_env = False  # never through an HTTP(S)_PROXY from the environment
     session.headers.clear()    # no Accept-Encoding or User-Agent of our own: the client's headers only
     pool = ThreadPoolExecutor(max_workers=len(deps.backends), thread_name_prefix="router-health")
 
-    def health() -> tuple[bool, dict]:
+    def fan_out() -> tuple[bool, dict]:
         futures = {name: pool.submit(check_health, f"{base}/health", deps.health_timeout, session)
                    for name, base in deps.backends.items()}
         states = {name: future.result() for name, future in futures.items()}
@@ -101,7 +135,7 @@ def create_app(deps: RouterDeps) -> Flask:
                    for name, h in states.items()}
         return any(h.ok for h in states.values()), {"workers": workers}
 
-    app = create_base_app("router", health, max_body=deps.max_body)
+    app = create_base_app("router", Shared(fan_out, HEALTH_CACHE_SECONDS), max_body=deps.max_body)
     app.url_map.merge_slashes = False
 
     @app.get("/router/health")
@@ -178,15 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
     try:
         fleet = FleetSettings.from_env(os.environ)
+        read_timeout = Settings.from_env(os.environ).http_read_timeout_seconds
     except ConfigError as exc:
         print(f"router: configuration error: {exc}", file=sys.stderr)
-        return 78
+        return ExitCode.CONFIG_ERROR
     deps = RouterDeps(backends={"sdxl": fleet.url("sdxl"), "wan": fleet.url("wan")},
                       timeout=fleet.router_timeout_seconds, connect_timeout=fleet.router_connect_timeout_seconds,
                       max_body=fleet.router_max_body_bytes)
     from .serving import serve
     serve(lambda: create_app(deps), host=args.host, port=args.port or fleet.ports["router"],
-          threads=fleet.router_threads, name="router")
+          threads=fleet.router_threads, name="router", read_timeout=read_timeout, health_paths=HEALTH_PATHS)
     return 0
 
 

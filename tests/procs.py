@@ -31,10 +31,11 @@ def runtime_env(redis_url: str | None, standin, storage_dir: Path, **extra: str)
 
 class WorkerProcess:
     def __init__(self, env: dict[str, str], kind: str = "fake", slot: int = 0,
-                 handler: str | None = "tests.fakes.handlers:create_handler", log_path: Path | None = None):
+                 handler: str | None = "tests.fakes.handlers:create_handler", log_path: Path | None = None,
+                 extra_args: tuple[str, ...] = ()):
         self.port = free_port()
         args = [sys.executable, "-m", "workers", kind, "--port", str(self.port), "--slot", str(slot),
-                "--grace", env.get("TEST_GRACE", "30")]
+                "--grace", env.get("TEST_GRACE", "30"), *extra_args]
         if handler:
             args += ["--handler", handler]
         self.log = open(log_path, "ab") if log_path else subprocess.DEVNULL

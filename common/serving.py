@@ -1,0 +1,179 @@
+"""The fleet's gunicorn worker class: slow clients cannot pin a server, and its health routes always answer.
+
+gunicorn 27's ``gthread`` worker hands each connection to a pool the size of ``threads``; the thread waits up to
+5 s for the first bytes, then reads the request line, the headers and the body with no timeout at all. N clients
+that drip a byte now and then hold all N threads, and ``/health`` waits behind them until the orchestrator
+restarts a healthy process (review #15; #11 for the same starvation by long requests). ``DeadlineWorker``:
+
+- **One deadline per request.** Request line, headers and body must arrive within ``read_timeout`` seconds
+  (``HTTP_READ_TIMEOUT_SECONDS``), counted from when the connection is first served (or, on a kept-alive
+  connection, when the next request begins). Every ``recv`` gets only what remains of it, so a byte every
+  second buys nothing. At the deadline the client gets a JSON 408 and the connection is closed.
+- **Reading is not serving.** Each connection is read by a thread of its own (the pool holds one per
+  connection, up to gunicorn's ``worker_connections``), and the body is read up to the app's own limit
+  (Flask's ``MAX_CONTENT_LENGTH``, + 1 byte so the app can still answer 413) before the app sees the request.
+  A slow body therefore never occupies the app, nor, through the router, an upstream worker.
+- **The app's concurrency is bounded separately.** At most ``threads`` requests run in the app at once;
+  requests for ``health_paths`` skip that bound, so neither load nor slow clients make a process look dead.
+- **Connections are closed where they were served.** A closing connection lingers up to 2 s to drain unread
+  input (RFC 9112 §9.6); gunicorn does that on its main loop, where one dripping client stalls every accept.
+  It happens on the connection's own thread here.
+
+It relies on gunicorn 27.0's gthread internals (``handle``, ``handle_request``, ``_keepalive_after``,
+``finish_request``, the parser's ``unreader.sock``), pinned in requirements.txt; tests/security/
+test_slow_clients.py exercises each point against the real servers.
+"""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable
+
+from gunicorn import util
+from gunicorn.http.body import Body
+from gunicorn.workers.gthread import _DEFER, DEFAULT_WORKER_DATA_TIMEOUT, ThreadWorker
+
+#: Body bytes read ahead when the app states no limit of its own (every fleet app does: create_base_app).
+DEFAULT_MAX_BODY = 1024 * 1024
+
+_TIMEOUT_BODY = json.dumps({"success": False, "error": "request not received in time"}).encode()
+_TIMEOUT_ANSWER = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY))
+
+
+class RequestTimeout(Exception):
+    """The request (line, headers and body) did not arrive within the read deadline."""
+
+
+class _DeadlineSocket:
+    """What gunicorn's parser reads from: the connection's socket, each ``recv`` bounded by what remains of the
+    current request's deadline. Writes go to the socket itself (blocking, as gunicorn has them)."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self.deadline = 0.0
+
+    def recv(self, size: int) -> bytes:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise RequestTimeout()
+        self._sock.settimeout(remaining)
+        try:
+            return self._sock.recv(size)
+        except TimeoutError:
+            raise RequestTimeout() from None
+        finally:
+            self._sock.settimeout(None)
+
+    # gunicorn's body drain (parser.finish_body) bounds its own reads through these
+    def gettimeout(self) -> float | None:
+        return self._sock.gettimeout()
+
+    def settimeout(self, value: float | None) -> None:
+        self._sock.settimeout(value)
+
+
+class _ReadAhead:
+    """A body reader: the bytes already read, then whatever the original body still holds (nothing, unless the
+    body is over the app's limit; the app answers 413 and gunicorn drains or drops the rest)."""
+
+    def __init__(self, head: bytes, rest: Body):
+        self._head = io.BytesIO(head)
+        self._rest = rest
+
+    def read(self, size: int) -> bytes:
+        return self._head.read(size) or self._rest.read(size)
+
+
+class DeadlineWorker(ThreadWorker):
+    """gthread with a total read deadline, read-ahead bodies and health routes outside the app's bound.
+    Configure it with :func:`deadline_worker`."""
+
+    read_timeout: float = 10.0
+    health_paths: frozenset[str] = frozenset({"/health"})
+
+    def init_process(self) -> None:
+        self._app_slots = threading.BoundedSemaphore(self.cfg.threads)
+        super().init_process()
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        config: Any = getattr(self.wsgi, "config", None) or {}
+        self._max_body = int(config.get("MAX_CONTENT_LENGTH") or DEFAULT_MAX_BODY)
+
+    def get_thread_pool(self) -> ThreadPoolExecutor:
+        """One thread per open connection: a connection being read never waits for a thread."""
+        return ThreadPoolExecutor(max_workers=self.cfg.worker_connections, thread_name_prefix="conn")
+
+    def handle(self, conn: Any) -> Any:
+        if getattr(conn, "read_deadline", None) is None:
+            conn.read_deadline = time.monotonic() + self.read_timeout
+        result = self._read_and_serve(conn)
+        if result is _DEFER:
+            return result
+        conn.read_deadline = None  # the next request on a kept-alive connection gets a deadline of its own
+        if not result:
+            util.close_graceful(conn.sock)  # here, not on the main loop (finish_request sees it closed)
+        return result
+
+    def _read_and_serve(self, conn: Any) -> Any:
+        if not conn.initialized:
+            if not conn.data_ready:
+                remaining = conn.read_deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                if not conn.wait_for_data(min(DEFAULT_WORKER_DATA_TIMEOUT, remaining)):
+                    return _DEFER  # nothing sent yet: wait on gunicorn's poller, without a thread
+            conn.init()
+            conn.parser.unreader.sock = _DeadlineSocket(conn.parser.unreader.sock)
+        conn.parser.unreader.sock.deadline = conn.read_deadline
+        return super().handle(conn)
+
+    def handle_request(self, req: Any, conn: Any) -> bool:
+        self._read_body(req, conn)
+        if req.path in self.health_paths:
+            return super().handle_request(req, conn)
+        with self._app_slots:
+            return super().handle_request(req, conn)
+
+    def _read_body(self, req: Any, conn: Any) -> None:
+        """Read the body (up to the app's limit + 1 byte) under the request's deadline, before the app runs."""
+        if req._expected_100_continue:  # the client sends the body only after this
+            conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            req._expected_100_continue = False
+        head = req.body.read(self._max_body + 1)
+        req.body = Body(_ReadAhead(head, req.body))
+
+    def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
+        """After the answer, draining an unread body past the deadline means closing, never a 408."""
+        try:
+            return super()._keepalive_after(conn, keepalive)
+        except RequestTimeout:
+            return False
+
+    def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: BaseException) -> None:
+        if not isinstance(exc, RequestTimeout):
+            super().handle_error(req, client, addr, exc)
+            return
+        self.log.warning("request from %s not received within %g s (HTTP_READ_TIMEOUT_SECONDS): 408, closed",
+                         (addr or ("?",))[0], self.read_timeout)
+        try:
+            util.write_nonblock(client, _TIMEOUT_ANSWER)
+        except OSError:
+            pass
+
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        if conn.sock.fileno() == -1:  # closed by handle() on the connection's thread
+            self.nr_conns -= 1
+            return
+        super().finish_request(conn, fs)
+
+
+def deadline_worker(*, read_timeout: float, health_paths: Iterable[str] = ("/health",)) -> type[DeadlineWorker]:
+    """A :class:`DeadlineWorker` with these settings, for gunicorn's ``worker_class`` option."""
+    return type("DeadlineWorker", (DeadlineWorker,),
+                {"read_timeout": float(read_timeout), "health_paths": frozenset(health_paths)})
