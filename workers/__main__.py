@@ -2,26 +2,57 @@
 
 gunicorn runs one worker process with threads (gthread). The model, the job loop and the Flask app live in
 that process: built in ``load()``, started in ``post_worker_init``. SIGTERM (to the arbiter) = warm stop:
-the worker finishes its current job within the grace period, or hands it back. SIGINT/SIGQUIT = cold stop:
-the current job goes back to the head of its queue at once.
+the job loop stops taking jobs at once (before gunicorn's HTTP drain), the worker finishes its current job
+within the grace period, or hands it back. SIGINT/SIGQUIT = cold stop: the current job goes back to the head
+of its queue at once.
+
+Exit status (``common.exit_codes``): a worker process that stops itself for a reason (a bad setting, a failed
+model load, its circuit breaker, a fatal GPU error, the watchdog, a cold stop that handed a job back) writes
+its code into a cell shared with the arbiter; the arbiter then stops instead of respawning it, and the whole
+``python -m workers`` process exits with that code, so the orchestrator sees why. A worker process that dies
+any other way (a crash, SIGKILL) is respawned by gunicorn as before.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import logging
+import multiprocessing.sharedctypes
 import os
+import signal
 import sys
-from typing import Callable
+from typing import Any, Callable, NoReturn
 
 from gunicorn.app.base import BaseApplication
+
+from common.exit_codes import ExitCode
 
 from .core.errors import ConfigError
 from .core.service import Service, default_worker_id
 from .core.settings import Settings
 
 KINDS = {"sdxl": 7859, "chat": 7861, "wan": 7862}
-EXIT_CONFIG = 2
+log = logging.getLogger("workers")
+
+
+class ExitCell:
+    """One int in memory shared by the arbiter and the worker processes it forks (created before the fork).
+
+    gunicorn's ``child_exit`` hook is not told a worker's exit status, so the worker writes its code here just
+    before ``os._exit``; the arbiter reads it when it reaps the worker."""
+
+    def __init__(self) -> None:
+        self._value = multiprocessing.sharedctypes.RawValue(ctypes.c_int, 0)
+
+    def exit(self, code: int) -> NoReturn:
+        self._value.value = int(code)
+        logging.shutdown()
+        os._exit(int(code))
+
+    def take(self) -> int:
+        code, self._value.value = self._value.value, 0
+        return code
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +78,8 @@ class WorkerApplication(BaseApplication):
         self.args = args
         self.settings = settings
         self.service: Service | None = None
+        self.cell = ExitCell()
+        self.exit_code = ExitCode.OK
         super().__init__()
 
     def load_config(self) -> None:
@@ -56,19 +89,56 @@ class WorkerApplication(BaseApplication):
             "threads": self.args.threads, "timeout": 120, "graceful_timeout": int(self.args.grace + 15),
             "limit_request_line": 8190, "accesslog": None, "errorlog": "-", "loglevel": "info",
             "proc_name": f"worker-{self.args.kind}", "control_socket_disable": True,
-            "post_worker_init": lambda worker: self.service.start(),
+            "post_worker_init": self.post_worker_init,
             "worker_int": lambda worker: self.service.stop_cold(),
             "worker_abort": lambda worker: self.service.stop_cold(),
-            "worker_exit": lambda server, worker: self.service and self.service.stop_warm(self.args.grace),
+            "worker_exit": lambda server, worker: self.service and self.service.after_http_drain(self.args.grace),
+            "child_exit": self.child_exit, "on_exit": self.on_exit,
         }
         for key, value in options.items():
             self.cfg.set(key, value)
 
     def load(self):
-        handler = handler_factory(self.args)(self.settings)
+        """In the worker process, after the fork: the id is drawn here, so every process has its own."""
+        try:
+            handler = handler_factory(self.args)(self.settings)
+        except ConfigError as exc:
+            log.error("configuration error: %s", exc)
+            self.cell.exit(ExitCode.CONFIG_ERROR)
         worker_id = default_worker_id(self.settings, self.args.kind, self.args.slot)
-        self.service = Service(self.settings, handler, worker_id)
+        self.service = Service(self.settings, handler, worker_id, exit_process=self.cell.exit)
         return self.service.create_app()
+
+    # -- gunicorn hooks: worker side -------------------------------------------------------------
+    def post_worker_init(self, worker: Any) -> None:
+        """Start the service, and put the job loop's stop in front of gunicorn's own SIGTERM handling: gthread
+        only stops accepting and drains HTTP (up to the graceful timeout) before ``worker_exit`` runs."""
+        self.service.start()
+        drain = worker.handle_exit
+
+        def handle_exit(sig: int, frame: Any) -> None:
+            self.service.begin_warm_stop(self.args.grace)
+            drain(sig, frame)
+
+        worker.handle_exit = handle_exit
+        signal.signal(signal.SIGTERM, handle_exit)
+        signal.siginterrupt(signal.SIGTERM, False)   # as gunicorn's init_signals: do not disturb requests
+
+    # -- gunicorn hooks: arbiter side ------------------------------------------------------------
+    def child_exit(self, arbiter: Any, worker: Any) -> None:
+        """A worker that exited with a named code is not respawned: the arbiter stops (SIGTERM to itself, the
+        documented graceful stop) and ``on_exit`` ends the process with that code."""
+        code = self.cell.take()
+        if not code:
+            return
+        self.exit_code = ExitCode(code)
+        arbiter.log.error("worker exited with %d (%s): stopping", code, self.exit_code.name)
+        arbiter.num_workers = 0   # no respawn in the same turn of the arbiter's loop
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_exit(self, arbiter: Any) -> None:
+        if self.exit_code:
+            sys.exit(int(self.exit_code))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,12 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         handler_factory(args)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG_ERROR
     except (ImportError, AttributeError) as exc:
         print(f"unknown worker kind {args.kind!r}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG_ERROR
     WorkerApplication(args, settings).run()
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

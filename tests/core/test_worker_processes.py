@@ -1,5 +1,6 @@
 """The runtime in real worker processes (gunicorn + the job loop) on real Redis and a real callback receiver."""
 import json
+import re
 import signal
 import time
 import uuid
@@ -103,13 +104,13 @@ def test_sigkill_mid_job_reaper_returns_it_and_another_worker_completes_it_once(
 def victim_id(proc, redis_client):
     holders = [k.decode().split(":processing:")[1] for k in redis_client.keys(f"{Q}:processing:*")
                if redis_client.llen(k)]
-    assert len(holders) == 1 and holders[0].endswith("-fake-1")
+    assert len(holders) == 1 and re.fullmatch(r".+-fake-1-[0-9a-f]{6}", holders[0]), holders
     return holders[0]
 
 
 def test_a_job_that_always_crashes_ends_dead_with_one_failed_callback(procs, env, redis_client, supabase_standin,
                                                                       tmp_path):
-    start(procs, env, tmp_path=tmp_path)  # gunicorn respawns the killed process; it recovers its own job
+    start(procs, env, tmp_path=tmp_path)  # gunicorn respawns the killed process (a new id); the reaper returns the job
     redis_client.rpush(Q, element("poison", crash="exit"), element("after-poison"))
     failed = supabase_standin.wait_for("poison", status="failed", timeout=60).body
     assert failed["metadata"]["error_type"] == "INTERNAL_ERROR"

@@ -1,6 +1,9 @@
 """A fast, real handler for runtime tests: it makes a small PNG per job, and obeys test knobs in
 ``config``: ``sleep`` (seconds), ``crash`` (``"exit"`` kills the process mid-job), ``fail`` (an error type
-name to raise as a non-retryable WorkerError), ``retryable`` (raise RetryableError), ``images`` (count)."""
+name to raise as a non-retryable WorkerError), ``retryable`` (raise RetryableError), ``images`` (count),
+``fatal`` (raise FatalWorkerError: the GPU is gone). Per-process knobs in the environment: ``FAKE_BROKEN``
+(every job raises a CUDA-style RuntimeError: a poisoned GPU context), ``FAKE_SETUP_ERROR`` (``fatal`` or
+``config``: ``setup()`` raises FatalWorkerError or ConfigError)."""
 from __future__ import annotations
 
 import io
@@ -10,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from workers.core.errors import ErrorType, RetryableError, WorkerError
+from workers.core.errors import ConfigError, ErrorType, FatalWorkerError, RetryableError, WorkerError
 from workers.core.handler import Output, Progress, Result
 from workers.core.job import Job, Queue
 from workers.core.settings import Settings
@@ -25,6 +28,11 @@ class FakeHandler:
         self.loaded = False
 
     def setup(self) -> None:
+        failure = os.environ.get("FAKE_SETUP_ERROR")
+        if failure == "fatal":
+            raise FatalWorkerError("the fake model could not be loaded")
+        if failure == "config":
+            raise ConfigError("FAKE_MODEL_PATH is not set")
         self.loaded = True
 
     def run(self, job: Job, progress: Progress) -> Result:
@@ -32,6 +40,10 @@ class FakeHandler:
         progress(0.1, "started")
         if config.get("crash") == "exit":
             os._exit(137)
+        if os.environ.get("FAKE_BROKEN"):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if config.get("fatal"):
+            raise FatalWorkerError("the fake GPU is gone")
         time.sleep(float(config.get("sleep", 0)))
         if config.get("fail"):
             raise WorkerError("the fake handler was told to fail", ErrorType(config["fail"]))

@@ -36,7 +36,8 @@ class Runner:
     def __init__(self, handler: Handler, queue: ReliableQueue, callbacks: CallbackClient, storage: Storage,
                  metrics: Metrics, worker_id: str, max_attempts: int = 3,
                  gpu_lock: threading.Lock | None = None, before_job: Callable[[], None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, *,
+                 trip: Callable[..., None] = lambda code, reason: log.error("trip %s: %s", code, reason)):
         self.handler = handler
         self.queue = queue
         self.callbacks = callbacks
@@ -52,6 +53,14 @@ class Runner:
         self.progress_state: dict[str, Any] = {}
         self.jobs_done = 0
         self._orphaned = False
+        # Read by the service (workers/core/service.py): its trip callback (breaker / FatalWorkerError), the
+        # watchdog's deadline (monotonic, None when no job runs), the claim its heartbeat renews ((job id,
+        # token) or None), and `settling` (True from the terminal step until the job leaves: a cold stop waits
+        # for it instead of handing the job back).
+        self.trip = trip
+        self.deadline: float | None = None
+        self.claim: tuple[str, str] | None = None
+        self.settling = False
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -84,6 +93,7 @@ class Runner:
             self._orphaned = True
         finally:
             self.current, self.current_job, self.progress_state = None, None, {}
+            self.settling = False
 
     def _process(self, delivery: Delivery, started: float) -> None:
         try:
@@ -144,6 +154,7 @@ class Runner:
         self.metrics.jobs.labels(job.type.value, "retried").inc()
 
     def _dead(self, delivery: Delivery, job: Job, error: WorkerError, reason: str) -> None:
+        self.settling = True
         self._until_acknowledged(lambda: self.queue.dead_letter(delivery, reason, job.id))
         body = self._failed_body(job.id, job, error)
         if self.callbacks.deliver(body) is Outcome.FAILED:
@@ -152,6 +163,7 @@ class Runner:
 
     def _finish(self, delivery: Delivery, job_id: str, job: Job | None, body: bytes, outcome: str,
                 started: float | None = None) -> None:
+        self.settling = True
         delivered = self.callbacks.deliver(body)
         if delivered is Outcome.FAILED:
             log.error("callback for job %s not delivered; kept in the outbox", job_id)
@@ -208,11 +220,11 @@ class Runner:
         except (TypeError, ValueError):
             pass
 
-    def hand_back_current(self) -> bool:
-        """Cold stop: return the job being run to the head of its queue (the attempt does not count)."""
+    def hand_back_current(self, count_attempt: bool = False) -> bool:
+        """Cold stop: return the job being run to the head of its queue (the attempt counts only if asked)."""
         delivery, job = self.current, self.current_job
         if delivery is None:
             return False
-        self.queue.hand_back(delivery, job.id if job else None)
+        self.queue.hand_back(delivery, job.id if job else None, count_attempt=count_attempt)
         log.warning("handed job %s back to %s", job.id if job else "unknown", self.queue.queue)
         return True

@@ -1,28 +1,38 @@
 """One worker process: a handler (model family), its job loop threads and its HTTP app.
 
 ``Service`` loads the models in the background (``/health`` is 503 until then), then runs the queue threads
-(job loop, heartbeat + reaper, outbox sender) and serves the common routes. Two stop levels: warm (finish the
-current job, then exit) and cold (hand the current job back to its queue, then exit).
+(job loop, heartbeat + reaper + claim renewal, outbox sender, job watchdog) and serves the common routes.
+
+Stopping, in the only safe order (review #2, #17): first the job loop stops taking jobs, then the service waits
+for the loop thread itself to end (it leaves its blocking move within ``QUEUE_POLL_MAX_SECONDS``, or finishes the
+job it took), and only then, holding nothing, retires its liveness keys. Three ways out:
+
+- warm (SIGTERM): finish the current job within the grace, else a cold stop;
+- cold (SIGINT/SIGQUIT, the grace expired): a job past its terminal step finishes delivering its callback
+  (bounded by ``WORKER_COLD_STOP_SETTLE_SECONDS``), any other job goes back to the head of its queue uncounted;
+- tripped (the runner's circuit breaker, ``FatalWorkerError``, the watchdog): ``/health`` 503 with the reason,
+  no more jobs, the process exits with a named code (``common.exit_codes``) so the orchestrator restarts it.
 """
 from __future__ import annotations
 
 import logging
-import os
 import platform
+import secrets
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, NoReturn
 
 from flask import Flask, jsonify, request
 
+from common.exit_codes import ExitCode
 from . import openapi
 from . import storage as storage_mod
 from . import transport as transport_mod
 from memory_manager.client import MemoryClient, ReserveResult
 
 from .callbacks import CallbackClient, OutboxSender
-from .errors import ErrorType, InvalidJob, RetryableError, WorkerError
+from .errors import ConfigError, ErrorType, InvalidJob, RetryableError, WorkerError
 from .handler import Handler
 from .http import ApiError, create_base_app, json_body, require_admin
 from .metrics import Metrics
@@ -30,36 +40,48 @@ from .queue import ReliableQueue
 from .runner import Runner
 from .settings import Settings
 from .transport import TransportError
+from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
-EXIT_BOOT_FAILED = 3   # gunicorn's WORKER_BOOT_ERROR: the arbiter halts instead of respawning forever
-EXIT_HANDED_BACK = 75  # cold stop: the current job went back to its queue
+TRIP_LINGER_SECONDS = 1.0   # a tripped worker answers /health 503 with its reason this long before it exits
 
 
 def default_worker_id(settings: Settings, kind: str, slot: int) -> str:
-    if settings.worker_id:
-        return settings.worker_id
-    host = settings.runpod_pod_id or socket.gethostname()
-    return f"{host}-{kind}-{slot}"
+    """A fresh id for every process: ``<WORKER_ID or RUNPOD_POD_ID or hostname>-<kind>-<slot>-<6 hex>``.
+
+    The random part is what makes the id safe (review #6): a pod-wide ``WORKER_ID``, a second pod from the
+    same template or a restarted process never shares a heartbeat or a processing list with a live worker.
+    A dead predecessor's list is returned by the reaper of any live worker, not adopted by its successor."""
+    prefix = settings.worker_id or settings.runpod_pod_id or socket.gethostname()
+    return f"{prefix}-{kind}-{slot}-{secrets.token_hex(3)}"
 
 
 class Service:
-    def __init__(self, settings: Settings, handler: Handler, worker_id: str, metrics: Metrics | None = None):
+    def __init__(self, settings: Settings, handler: Handler, worker_id: str, metrics: Metrics | None = None, *,
+                 exit_process: Callable[[int], NoReturn]):
         self.settings = settings
         self.handler = handler
         self.worker_id = worker_id
         self.metrics = metrics or Metrics()
+        self.exit_process = exit_process   # ends the process with a code the orchestrator sees (__main__)
         self.ready = threading.Event()
         self.setup_error: str | None = None
-        self.stop_event = threading.Event()
+        self.tripped: str | None = None     # why this worker stopped itself; /health 503
+        self.stop_event = threading.Event()   # set: the job loop takes no more jobs
         self.gpu_lock = threading.Lock()
         self.unloaded = False
         self.runner: Runner | None = None
         self.queue: ReliableQueue | None = None
         self.memory = MemoryClient.from_settings(settings, worker=handler.kind)
         self.reservation: ReserveResult | None = None
-        self._threads: list[threading.Thread] = []
+        self._job_loop: threading.Thread | None = None
+        self._liveness_thread: threading.Thread | None = None
+        self._retired = threading.Event()   # set: the heartbeat and the watchdog end
+        self._retire_lock = threading.RLock()   # RLock: a signal handler may re-enter on the same thread
+        self._stopper: threading.Thread | None = None
+        self._stop_lock = threading.RLock()
+        self._cold = False   # a cold stop ran: the exit that follows it waits for nothing
         self.started_at = time.time()
 
     @property
@@ -71,18 +93,28 @@ class Service:
         self._spawn(self._setup_then_consume, "setup")
 
     def _setup_then_consume(self) -> None:
+        """Load, then start the queue threads. A bad setting or a failed load ends the process with its code:
+        restarting cannot help (``CONFIG_ERROR``, ``BOOT_FAILED``: the orchestrator goes FATAL at once)."""
+        try:
+            self._setup()
+        except ConfigError as exc:
+            log.error("%s: configuration error: %s", self.handler.kind, exc)
+            self.exit_process(ExitCode.CONFIG_ERROR)
+        except Exception:   # FatalWorkerError and anything else: the models did not load
+            log.exception("%s: model setup failed", self.handler.kind)
+            self.setup_error = "model setup failed (see the worker log)"
+            self.exit_process(ExitCode.BOOT_FAILED)
+
+    def _setup(self) -> None:
         began = time.monotonic()
         self._reserve_until_granted()
         if self.stop_event.is_set():
             return
-        try:
-            self.handler.setup()
-        except Exception:
-            log.exception("%s: model setup failed", self.handler.kind)
-            self.setup_error = "model setup failed (see the worker log)"
-            os._exit(EXIT_BOOT_FAILED)
+        self.handler.setup()
         log.info("%s ready in %.1f s", self.handler.kind, time.monotonic() - began)
         self.ready.set()
+        if self.stop_event.is_set():   # stopped while loading: take no job at all
+            return
         if not self.settings.redis_configured:
             log.warning("no queue configured (REDIS_URL / UPSTASH_REDIS_REST_*): serving HTTP only")
             return
@@ -92,11 +124,15 @@ class Service:
                                    s.heartbeat_ttl_seconds, s.poll_min_seconds, s.poll_max_seconds)
         callbacks = CallbackClient.from_settings(s, self.metrics)
         self.runner = Runner(self.handler, self.queue, callbacks, storage_mod.from_settings(s), self.metrics,
-                             self.worker_id, s.max_attempts, self.gpu_lock, self._reload_if_unloaded)
-        self._recover()
-        self._spawn(self._liveness, "heartbeat")
-        self._spawn(lambda: OutboxSender(transport, callbacks, self.metrics).run(self.stop_event), "outbox")
-        self._spawn(lambda: self.runner.run(self.stop_event), "job-loop")
+                             self.worker_id, s.max_attempts, self.gpu_lock, self._reload_if_unloaded,
+                             trip=self.trip)
+        self._first_heartbeat()
+        self._liveness_thread = self._spawn(self._liveness, "heartbeat")
+        sender = OutboxSender(transport, callbacks, self.metrics, owner=f"{self.worker_id}:outbox")
+        self._spawn(lambda: sender.run(self.stop_event, s.outbox_interval_seconds), "outbox")
+        watchdog = Watchdog(self.runner, s.job_timeout_grace_seconds, self._overran)
+        self._spawn(lambda: watchdog.run(self._retired), "watchdog")
+        self._job_loop = self._spawn(lambda: self.runner.run(self.stop_event), "job-loop")
 
     def _reserve_until_granted(self) -> None:
         """Reserve GPU memory before loading; a manager that is away never blocks the load."""
@@ -108,57 +144,145 @@ class Service:
             self.stop_event.wait(10.0)
         self.setup_error = None
 
-    def _recover(self) -> None:
-        """Before the first fetch: a previous life of this worker id may have died holding a job."""
+    def _first_heartbeat(self) -> None:
+        """Be registered and alive before the first fetch, so a job taken is never in an unknown list."""
         while not self.stop_event.is_set():
             try:
                 self.queue.heartbeat()
-                self.queue.recover_own()
                 return
             except TransportError as exc:
                 log.warning("queue unavailable at start (%s); retrying", exc)
                 self.stop_event.wait(2.0)
 
     def _liveness(self) -> None:
+        """Heartbeat, claim renewal and reaping, until retired: it outlives ``stop_event`` because a job
+        finishing during a warm stop must keep its heartbeat and its claim."""
         while True:
             try:
                 self.queue.heartbeat()
+                claim = self.runner.claim
+                if claim is not None:
+                    self.queue.renew_claim(*claim)
                 self.queue.reap()
                 self.metrics.queue_depth.labels(self.queue.queue).set(self.queue.depth())
             except TransportError as exc:
                 log.warning("heartbeat: %s", exc)
-            if self.stop_event.wait(max(1.0, self.settings.heartbeat_ttl_seconds / 3)) and not self.busy:
-                break
+            if self._retired.wait(max(1.0, self.settings.heartbeat_ttl_seconds / 3)):
+                return
 
-    def _spawn(self, target, name: str) -> None:
+    def _spawn(self, target: Callable[[], Any], name: str) -> threading.Thread:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
-        self._threads.append(thread)
+        return thread
 
-    def stop_warm(self, grace: float) -> bool:
-        """Stop taking jobs and wait up to ``grace`` s for the current one; hand it back if it is not done."""
+    # -- stopping ------------------------------------------------------------------------------
+    def begin_warm_stop(self, grace: float) -> None:
+        """SIGTERM (called from the signal handler, before gunicorn's HTTP drain): stop taking jobs now and
+        run the warm stop alongside the drain. Never blocks."""
         self.stop_event.set()
-        deadline = time.monotonic() + grace
-        while self.busy and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if self.busy:
-            return self.stop_cold()
-        if self.queue is not None:
+        with self._stop_lock:
+            if self._stopper is None:
+                self._stopper = self._spawn(lambda: self.stop_warm(grace), "warm-stop")
+
+    def after_http_drain(self, grace: float) -> None:
+        """gunicorn's ``worker_exit``: the HTTP drain is over; the warm stop must be over before the exit."""
+        with self._stop_lock:
+            stopper = self._stopper
+        if self._cold:
+            return
+        if stopper is None:
+            self.stop_warm(grace)
+        else:
+            stopper.join(grace + 1.0)
+
+    def stop_warm(self, grace: float) -> None:
+        """Stop taking jobs and wait up to ``grace`` s for the loop to end (its current job done); else cold."""
+        self.stop_event.set()
+        if self._loop_ended(grace):
+            self._retire()
+        else:
+            self.stop_cold()
+
+    def stop_cold(self) -> None:
+        """Hand the current job back now (uncounted) and exit ``HANDED_BACK``; with no job, retire and return.
+        Safe to re-enter (a second SIGINT/SIGQUIT arrives while the first one's handler waits)."""
+        self._cold = True
+        self.stop_event.set()
+        self._loop_ended(self.settings.poll_max_seconds + 1.0, or_busy=True)   # a move in flight has landed
+        if self._hand_back(count_attempt=False):
+            self._retire()
+            self.exit_process(ExitCode.HANDED_BACK)
+        if self._loop_ended(self.settings.poll_max_seconds + 1.0):
+            self._retire()
+        # else the loop is stuck in a Redis call: no retire, so the reaper returns whatever it may hold
+
+    def trip(self, code: ExitCode, reason: str) -> None:
+        """The runner's escalation (breaker open, ``FatalWorkerError``): it already handed its job back."""
+        self._escalate(code, reason, hand_back=False)
+
+    def _overran(self, job_id: str) -> None:
+        """The watchdog: the job ignored its cancellation past the grace; it goes back counted (a job that
+        always wedges reaches the dead list instead of cycling through restarts)."""
+        self._escalate(ExitCode.WATCHDOG, f"job {job_id} overran its deadline", hand_back=True)
+
+    def _escalate(self, code: ExitCode, reason: str, hand_back: bool) -> None:
+        with self._stop_lock:
+            if self.tripped is not None:
+                return
+            self.tripped = reason
+        log.error("%s: %s; stopping with %s", self.handler.kind, reason, code.name)
+        self.stop_event.set()
+        self._spawn(lambda: self._exit_tripped(code, hand_back), "trip")
+
+    def _exit_tripped(self, code: ExitCode, hand_back: bool) -> NoReturn:
+        time.sleep(TRIP_LINGER_SECONDS)
+        if hand_back:
+            self._hand_back(count_attempt=True)   # the wedged job thread is left where it is: we exit
+        elif not self._loop_ended(self.settings.poll_max_seconds + 1.0):
+            log.warning("the job loop did not end; the reaper will return anything it holds")
+        self._retire()
+        self.exit_process(code)
+
+    def _loop_ended(self, timeout: float, or_busy: bool = False) -> bool:
+        """Wait up to ``timeout`` s for the job loop thread to end (with ``or_busy``: or to hold a job)."""
+        deadline = time.monotonic() + timeout
+        while self._job_loop is not None and self._job_loop.is_alive():
+            if (or_busy and self.busy) or time.monotonic() >= deadline:
+                return False
+            self._job_loop.join(0.02)
+        return True
+
+    def _hand_back(self, count_attempt: bool) -> bool:
+        """Give the current job back to its queue, unless it is past its terminal step: then wait (bounded)
+        for its callback delivery to finish instead (the element is already gone; exiting mid-delivery would
+        leave the app's callback to be sent a second time by an outbox sender). True if one was handed back."""
+        if self.runner is None:
+            return False
+        deadline = time.monotonic() + self.settings.cold_stop_settle_seconds
+        while self.runner.settling and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.runner.current is None or self.runner.settling:
+            return False
+        try:
+            return self.runner.hand_back_current(count_attempt=count_attempt)
+        except TransportError as exc:
+            log.error("could not hand the job back (%s); the reaper will return it", exc)
+            return True
+
+    def _retire(self) -> None:
+        """Once the loop holds nothing: end the heartbeat, then drop the liveness keys (once)."""
+        with self._retire_lock:
+            if self._retired.is_set():
+                return
+            self._retired.set()
+            if self._liveness_thread is not None:
+                self._liveness_thread.join(self.settings.redis_timeout_seconds)
+            if self.queue is None:
+                return
             try:
                 self.queue.retire()
-            except TransportError:
-                pass
-        return True
-
-    def stop_cold(self) -> bool:
-        self.stop_event.set()
-        if self.runner is not None and self.runner.current is not None:
-            try:
-                self.runner.hand_back_current()
             except TransportError as exc:
-                log.error("could not hand the job back (%s); the reaper will return it", exc)
-            os._exit(EXIT_HANDED_BACK)
-        return True
+                log.warning("could not retire (%s); the heartbeat expires and the reaper cleans up", exc)
 
     def _reload_if_unloaded(self) -> None:
         if self.unloaded:
@@ -185,15 +309,29 @@ class Service:
 
     # -- HTTP ----------------------------------------------------------------------------------
     def health(self) -> tuple[bool, dict[str, Any]]:
-        details = {"kind": self.handler.kind, "worker_id": self.worker_id, "busy": self.busy,
+        """200 only when ready to take jobs; ``state`` says what the worker is doing, ``error`` why not."""
+        state = self.state
+        details = {"kind": self.handler.kind, "worker_id": self.worker_id, "state": state, "busy": self.busy,
                    "queue": self.handler.queue.value,
                    "consuming": self.runner is not None and not self.stop_event.is_set(),
                    "jobs_done": self.runner.jobs_done if self.runner else 0}
-        if self.setup_error:
-            details["error"] = self.setup_error
-        elif not self.ready.is_set():
-            details["state"] = "loading"
-        return self.ready.is_set() and not self.stop_event.is_set(), details
+        error = self.tripped or self.setup_error
+        if error:
+            details["error"] = error
+        return state in ("ready", "busy", "unloaded"), details
+
+    @property
+    def state(self) -> str:
+        """loading, waiting for memory, ready, busy, unloaded (evicted; reloads on demand), tripped, stopping."""
+        if self.tripped is not None:
+            return "tripped"
+        if self.stop_event.is_set():
+            return "stopping"
+        if not self.ready.is_set():
+            return "waiting for memory" if self.setup_error else "loading"
+        if self.busy:
+            return "busy"
+        return "unloaded" if self.unloaded else "ready"
 
     def create_app(self) -> Flask:
         app = create_base_app(f"{self.handler.kind}-worker", self.health, self.metrics)
