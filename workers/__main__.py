@@ -26,6 +26,8 @@ from typing import Any, Callable, NoReturn
 
 from gunicorn.app.base import BaseApplication
 
+from common.serving import deadline_worker
+
 from common.exit_codes import ExitCode
 
 from .core.errors import ConfigError
@@ -85,7 +87,8 @@ class WorkerApplication(BaseApplication):
     def load_config(self) -> None:
         port = self.args.port or KINDS.get(self.args.kind, 7870)
         options = {
-            "bind": f"{self.args.host}:{port}", "workers": 1, "worker_class": "gthread",
+            "bind": f"{self.args.host}:{port}", "workers": 1,
+            "worker_class": deadline_worker(read_timeout=self.settings.http_read_timeout_seconds),
             "threads": self.args.threads, "timeout": 120, "graceful_timeout": int(self.args.grace + 15),
             "limit_request_line": 8190, "accesslog": None, "errorlog": "-", "loglevel": "info",
             "proc_name": f"worker-{self.args.kind}", "control_socket_disable": True,
