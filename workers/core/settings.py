@@ -59,9 +59,6 @@ class Settings:
     redis_timeout_seconds: float = 10.0
     callback_retry_seconds: float = 240.0
     callback_timeout_seconds: float = 15.0
-    # Worker life cycle (workers/core/service.py)
-    cold_stop_settle_seconds: float = 5.0   # WORKER_COLD_STOP_SETTLE_SECONDS: a cold stop waits for a settling job
-    job_timeout_grace_seconds: float = 30.0   # JOB_TIMEOUT_GRACE_SECONDS: past the deadline, then the watchdog
     outbox_interval_seconds: float = 10.0   # OUTBOX_INTERVAL_SECONDS: how often each worker re-sends owed callbacks
     # Worker life cycle (workers/core/service.py)
     cold_stop_settle_seconds: float = 5.0   # WORKER_COLD_STOP_SETTLE_SECONDS: a cold stop waits for a settling job
@@ -134,8 +131,6 @@ class Settings:
             redis_timeout_seconds=r.number("REDIS_TIMEOUT_SECONDS", 10.0, 0.5, 120),
             callback_retry_seconds=r.number("CALLBACK_RETRY_SECONDS", 240.0, 0, 3600),
             callback_timeout_seconds=r.number("CALLBACK_TIMEOUT_SECONDS", 15.0, 0.5, 120),
-            cold_stop_settle_seconds=r.number("WORKER_COLD_STOP_SETTLE_SECONDS", 5.0, 0, 60),
-            job_timeout_grace_seconds=r.number("JOB_TIMEOUT_GRACE_SECONDS", 30.0, 0.5, 3600),
             outbox_interval_seconds=r.number("OUTBOX_INTERVAL_SECONDS", 10.0, 0.1, 3600),
             cold_stop_settle_seconds=r.number("WORKER_COLD_STOP_SETTLE_SECONDS", 5.0, 0, 60),
             job_timeout_grace_seconds=r.number("JOB_TIMEOUT_GRACE_SECONDS", 30.0, 0.5, 3600),
