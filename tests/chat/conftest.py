@@ -1,11 +1,13 @@
 """Chat test fixtures: the tiny demo Qwen models, one resident ChatHandler, and its real Flask app served
 over loopback HTTP (werkzeug, threaded), built the way the service builds it: ``create_base_app`` + the
-handler's ``register_routes(app, service)``."""
+handler's ``register_routes(app, service)``; ``chat_worker`` starts a real ``python -m workers chat`` process
+(gunicorn) on the tiny models, for the faults that live in the process (sockets, eviction)."""
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -22,21 +24,28 @@ from workers.core.http import create_base_app
 from workers.core.job import Job, decode
 from workers.core.metrics import Metrics
 from workers.core.settings import Secret, Settings
-from workers.local.net import BackgroundServer
+from workers.local.net import BackgroundServer, free_port
+from tests.procs import WorkerProcess
 
 WAN_KEY = "test-wan-key"
 CHAT_KEY = "test-chat-key"
+ADMIN_KEY = "test-admin-key"
 AUTH = {"Authorization": f"Bearer {CHAT_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 @dataclass
 class FakeService:
-    """What ``register_routes`` reads from the lead's service: settings, metrics, busy, handler."""
+    """What ``register_routes`` reads from the lead's service: settings, metrics, busy, handler, and the
+    residency state the routes consult (``unloaded``, ``gpu_lock``, ``memory``: no memory manager here)."""
 
     settings: Settings
     handler: ChatHandler
     metrics: Metrics
     busy: bool = False
+    unloaded: bool = False
+    gpu_lock: Any = field(default_factory=threading.Lock)
+    memory: Any = None
 
 
 class Served:
@@ -64,6 +73,39 @@ def chat_settings(models: dict[str, Path], **overrides: Any) -> Settings:
                                   chat_worker_api_key=Secret(CHAT_KEY), chat_max_context_tokens=4096)
     values.update(overrides)
     return Settings(**values)
+
+
+def chat_process_env(models: dict[str, Path], **extra: str) -> dict[str, str]:
+    """The environment of a chat worker process on the tiny models: CPU, HTTP only (no queue), the test keys,
+    a memory manager address nothing listens on (unless ``MEMORY_MANAGER_URL`` is given)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("UPSTASH_", "REDIS_", "SUPABASE_", "CHAT_", "QWEN_", "MEMORY_"))}
+    env.update({"QWEN_INSTRUCT_PATH": str(models["qwen_instruct"]), "QWEN_BASE_PATH": str(models["qwen_base"]),
+                "DEVICE": "cpu", "CHAT_MAX_CONTEXT_TOKENS": "4096", "CHAT_WORKER_API_KEY": CHAT_KEY,
+                "WAN_WORKER_API_KEY": WAN_KEY, "WORKER_ADMIN_KEY": ADMIN_KEY, "HF_HUB_OFFLINE": "1",
+                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                "MEMORY_MANAGER_URL": f"http://127.0.0.1:{free_port()}", **extra})
+    return env
+
+
+@pytest.fixture
+def chat_worker(demo_models, tmp_path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start ``python -m workers chat`` (gunicorn, the slowed handler of slow.py) with extra env; waits for
+    /health 200. The log is kept in tmp_path and printed when a test fails."""
+    started: list[WorkerProcess] = []
+
+    def start(**extra: str) -> WorkerProcess:
+        log = tmp_path / f"chat-worker-{len(started)}.log"
+        worker = WorkerProcess(chat_process_env(demo_models, **extra), kind="chat",
+                               handler="tests.chat.slow:create_handler", log_path=log)
+        started.append(worker)
+        return worker.wait_healthy(timeout=180)
+
+    yield start
+    for worker in started:
+        worker.close()
+    for log in sorted(tmp_path.glob("chat-worker-*.log")):
+        print(f"--- {log.name}\n{log.read_text(errors='replace')[-4000:]}")
 
 
 def make_job(type: str, config: dict[str, Any] | None = None, prompt: str = "", **top: Any) -> Job:

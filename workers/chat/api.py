@@ -2,23 +2,29 @@
 
 Routes parse the body, call one ``ChatService`` method and shape the answer. Client routes need a Bearer key
 (``WAN_WORKER_API_KEY`` or ``CHAT_WORKER_API_KEY``; no header at all only with ``ALLOW_ANONYMOUS_API``).
-Errors: 400 bad input (naming the field), 401 bad key, 503 no model can serve, 504 timeout; never a trace.
+Generating routes first reload an evicted model (residency.py), then wait with the HTTP patience: the
+server-side deadline, the client's disconnect check (client.py), shed when the waiting line is full.
+Errors: 400 bad input (naming the field), 401 bad key, 503 no model can serve or at capacity (with
+Retry-After when retrying helps), 504 timeout, 499 the client went away; never a trace.
 """
 from __future__ import annotations
 
 from functools import wraps
 from typing import TYPE_CHECKING, Any, Callable
 
-from flask import jsonify
+from flask import jsonify, request as http_request
 
-from workers.core.errors import ErrorType, InvalidJob, WorkerError
+from workers.core.errors import InvalidJob, WorkerError
 from workers.core.http import ApiError, json_body, require_key
 
+from .client import ClientGone, disconnect_check
 from .openai import register_openai_routes
 from .request import (DEFAULT_MAX_TOKENS, ENHANCE_MAX_TOKENS, Fields, chat_request, enhance_request,
                       generate_request)
+from .residency import reload_if_evicted
 from .sampling import MAX_NEW_TOKENS
-from .service import Reply
+from .service import Patience, Reply
+from .statuses import CLIENT_GONE, retry_after, status_of
 
 if TYPE_CHECKING:
     from .handler import ChatHandler
@@ -34,24 +40,25 @@ def client_auth(service: Any) -> Callable:
 
 
 def api_errors(view: Callable) -> Callable:
-    """Map typed worker errors to client statuses (400 / 503 / 504 / 500) with their safe messages."""
+    """Map typed worker errors to client statuses (400 / 503 / 504 / 500 / 499) with their safe messages."""
     @wraps(view)
     def wrapper(*args, **kwargs):
         try:
             return view(*args, **kwargs)
+        except ClientGone as exc:
+            raise ApiError(CLIENT_GONE, str(exc)) from None
         except InvalidJob as exc:
             raise ApiError(400, exc.message) from None
         except WorkerError as exc:
-            raise ApiError(status_of(exc), exc.message) from None
+            status = status_of(exc)
+            return jsonify({"success": False, "error": exc.message}), status, retry_after(exc, status)
     return wrapper
 
 
-def status_of(exc: WorkerError) -> int:
-    if exc.error_type is ErrorType.TIMEOUT_ERROR:
-        return 504
-    if exc.error_type in (ErrorType.WORKER_UNAVAILABLE, ErrorType.MODEL_LOAD_ERROR, ErrorType.OOM_ERROR):
-        return 503
-    return 500
+
+def http_patience(handler: "ChatHandler") -> Patience:
+    """This request's: the deadline, a disconnect check on its socket, shed when the line is full."""
+    return handler.chat.http_patience(disconnect_check(http_request.environ))
 
 
 def reply_body(reply: Reply, **extra: Any) -> dict[str, Any]:
@@ -63,34 +70,42 @@ def register_routes(app: Any, service: Any) -> None:
     handler: "ChatHandler" = service.handler
     auth = client_auth(service)
 
-    def route(rule: str, methods: list[str]):
+    def reload() -> None:
+        reload_if_evicted(service, handler.default_models(), handler.settings.chat_reload_wait_seconds)
+
+    def route(rule: str, methods: list[str], generates: bool = False):
         def decorate(view: Callable) -> Callable:
-            return app.route(rule, methods=methods, endpoint=f"chat_{view.__name__}")(auth(api_errors(view)))
+            @wraps(view)
+            def generating(*args, **kwargs):
+                reload()
+                return view(*args, **kwargs)
+            inner = generating if generates else view
+            return app.route(rule, methods=methods, endpoint=f"chat_{view.__name__}")(auth(api_errors(inner)))
         return decorate
 
-    @route("/chat", ["POST"])
+    @route("/chat", ["POST"], generates=True)
     def chat():
-        return jsonify(reply_body(handler.chat.reply(chat_request(Fields(json_body())))))
+        return jsonify(reply_body(handler.chat.reply(chat_request(Fields(json_body())), http_patience(handler))))
 
-    @route("/chat/unrestricted", ["POST"])
+    @route("/chat/unrestricted", ["POST"], generates=True)
     def chat_unrestricted():
-        reply = handler.chat.reply(chat_request(Fields(json_body())), unrestricted=True)
+        reply = handler.chat.reply(chat_request(Fields(json_body())), http_patience(handler), unrestricted=True)
         return jsonify(reply_body(reply, unrestricted_mode=True))
 
-    @route("/enhance", ["POST"])
+    @route("/enhance", ["POST"], generates=True)
     def enhance():
         request, original = enhance_request(Fields(json_body()), handler.chat.instruction)
-        reply = handler.chat.reply(request)
+        reply = handler.chat.reply(request, http_patience(handler))
         enhanced = enhanced_text(reply.text)
         body = reply_body(reply, enhancement_empty=not enhanced)
         body.pop("response")
         return jsonify({"success": True, "enhanced_prompt": enhanced or original, "original_prompt": original,
                         "enhancement_source": reply.loaded.name.value, **body})
 
-    @route("/generate", ["POST"])
+    @route("/generate", ["POST"], generates=True)
     def generate():
         request = generate_request(json_body())
-        reply = handler.chat.reply(request)
+        reply = handler.chat.reply(request, http_patience(handler))
         body = reply_body(reply)
         if request.text is not None:
             body["generated_text"] = (request.text + reply.text) if request.return_full_text else reply.text
@@ -120,7 +135,7 @@ def register_routes(app: Any, service: Any) -> None:
     def debug_model():
         return jsonify({"success": True, **handler.status(detail=True)})
 
-    register_openai_routes(app, handler, auth, status_of)
+    register_openai_routes(app, handler, auth, reload, lambda: http_patience(handler))
 
 
 def enhanced_text(text: str) -> str:

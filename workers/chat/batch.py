@@ -4,6 +4,10 @@ New sequences are prefilled together (left padding, one forward) and merged into
 decode steps; finished rows are removed and the all-padding columns on the left trimmed away. Each row has
 its own position counter, so padding never shifts a sequence's rotary positions: a row decodes the same
 tokens alone or inside a batch (up to floating-point reduction order).
+
+Admission is atomic: the merged cache, mask and buffers are built aside and the first tokens chosen before
+anything is assigned, so a failure anywhere in it (an OOM in one layer's concatenation, in the prefill, in
+sampling) leaves the running rows exactly as they were. This is the path used under memory pressure.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from .models import LoadedModel
-from .sampling import RowParams, count, new_generator, next_tokens
+from .sampling import FAILED, RowParams, count, new_generator, next_tokens
 
 if TYPE_CHECKING:
     from .engine import GenerationRequest
@@ -28,7 +32,7 @@ class Row:
     generator: torch.Generator
     tokens: list[int] = field(default_factory=list)
     notified: int = 0                    # tokens already handed to the request's stream
-    finish: str | None = None            # "stop" | "length" once finished
+    finish: str | None = None            # "stop" | "length" once finished; "error": no token could be chosen
     admitted: float = field(default_factory=time.monotonic)
 
 
@@ -69,9 +73,10 @@ class DecodeBatch:
         rows = [Row(r, max(1, min(r.sampling.max_tokens, self.loaded.max_context - len(r.prompt_ids))),
                     new_generator(r.sampling.seed, device)) for r in requests]
         logits = out.logits[:, -1, :]
-        self._merge(cache, mask, mask.sum(dim=1), rows, torch.zeros(logits.shape, device=device))
-        first = next_tokens(logits, self._counts[-len(rows):],
-                            RowParams.build([r.request.sampling for r in rows], device), [r.generator for r in rows])
+        counts = torch.zeros(logits.shape, device=device)
+        first = next_tokens(logits, counts, RowParams.build([r.request.sampling for r in rows], device),
+                            [r.generator for r in rows])
+        self._commit(*self._merged(cache, mask, mask.sum(dim=1), counts), self.rows + rows)
         self._accept(first, offset=len(self.rows) - len(rows))
         return rows
 
@@ -112,33 +117,47 @@ class DecodeBatch:
         self._pending = self._pending.index_select(0, index)
         self._counts = self._counts.index_select(0, index)
 
-    def _merge(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor, rows: list[Row],
-               counts: torch.Tensor) -> None:
-        """Append prefilled rows, left-padding whichever side is shorter."""
+    def _merged(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor
+                ) -> tuple[DynamicCache, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor,
+                           torch.Tensor, torch.Tensor]:
+        """The running rows followed by the prefilled ones, left-padding whichever side is shorter: new tensors
+        only, nothing of the running batch is changed. Returns (cache, [(keys, values)] per layer, mask,
+        positions, pending, counts)."""
+        pending = torch.zeros_like(positions)
         if self._cache is None:
-            self._cache, self._mask, self._positions, self._counts = cache, mask, positions, counts
-            self._pending = torch.zeros(len(rows), dtype=torch.long, device=mask.device)
-            self.rows = list(rows)
-            return
+            return cache, [(layer.keys, layer.values) for layer in cache.layers], mask, positions, pending, counts
         width = max(self.width, mask.shape[1])
-        self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)])
-        for old, new in zip(self._cache.layers, cache.layers):
-            old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
-            old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)])
-        self._positions = torch.cat([self._positions, positions])
-        self._pending = torch.cat([self._pending, torch.zeros_like(positions)])
-        self._counts = torch.cat([self._counts, counts])
-        self.rows.extend(rows)
+        layers = [(torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)]),
+                   torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)]))
+                  for old, new in zip(self._cache.layers, cache.layers)]
+        return (self._cache, layers, torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)]),
+                torch.cat([self._positions, positions]), torch.cat([self._pending, pending]),
+                torch.cat([self._counts, counts]))
+
+    def _commit(self, cache: DynamicCache, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor,
+                positions: torch.Tensor, pending: torch.Tensor, counts: torch.Tensor, rows: list[Row]) -> None:
+        """Install a merged state: plain assignments only (nothing here can fail halfway)."""
+        for layer, (keys, values) in zip(cache.layers, layers):
+            layer.keys, layer.values = keys, values
+        self._cache, self._mask, self._positions, self._pending, self._counts = cache, mask, positions, pending, counts
+        self.rows = rows
         self._params = None
 
     def _accept(self, tokens: torch.Tensor, offset: int = 0) -> None:
-        """Record the chosen tokens of rows ``offset:``; a stop token ends a row without being kept."""
+        """Record the chosen tokens of rows ``offset:``; a stop token ends a row without being kept, ``FAILED``
+        ends it as an error (and is fed as token 0 until the row is removed, before the next step)."""
         rows = range(offset, len(self.rows))
+        chosen = tokens.tolist()
+        if FAILED in chosen:
+            tokens = tokens.clamp(min=0)
         self._pending[offset:] = tokens
         count(self._counts[offset:], tokens, [row.request.sampling for row in self.rows[offset:]])
         stop = self.loaded.stop_ids
-        for i, token in zip(rows, tokens.tolist()):
+        for i, token in zip(rows, chosen):
             row = self.rows[i]
+            if token == FAILED:
+                row.finish = "error"
+                continue
             if token in stop:
                 row.finish = "stop"
                 continue

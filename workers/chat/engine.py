@@ -7,7 +7,15 @@ requests join and leave a running batch continuously; no lock is held for a gene
 
 Each model's running rows live in a ``SlotBatch`` (static slot KV cache, decode step replayed as a CUDA graph
 per batch bucket on CUDA; slot_batch.py) when ``static_cache`` is on and the model allows it, else in a
-``DecodeBatch`` (DynamicCache, eager; batch.py). A batch that cannot get its cache falls back to the latter.
+``DecodeBatch`` (DynamicCache, eager; batch.py). A batch that cannot get its cache falls back to the latter,
+and the slot cache is tried again once the fallback is idle (``SLOT_RETRY_SECONDS``, doubling).
+
+Failures stay as small as they can: a row with non-finite scores or a failed sampling fails its request only
+(sampling.py); a failed admission fails the admitted group only; a failed batch set-up fails the group at once
+with a retryable 503; a failed decode step fails that batch's requests and drops the batch, whose memory is
+unreferenced before the next batch is measured. Waiting callers (``wait``) give up on their deadline or when
+their ``check`` raises (the HTTP client went away, the job was cancelled); their row leaves the batch before
+the next step. ``submit(shed=True)`` refuses at once when ``max_waiting`` requests already wait.
 
 Why not transformers' ``ContinuousBatchingManager`` / ``generate_batch`` (5.23): its per-request processors
 cover temperature, top-p and top-k only when the shared generation config enables them; greedy-or-sample
@@ -27,6 +35,7 @@ import torch
 
 from workers.core.errors import ErrorType, RetryableError, WorkerError
 
+from . import memory
 from .batch import DecodeBatch, Row
 from .models import LoadedModel, ModelName, ModelStore, ModelUnavailable
 from .sampling import SamplingParams
@@ -34,6 +43,22 @@ from .slot_batch import SlotBatch
 from .slots import SlotCache, unsupported_reason
 
 log = logging.getLogger(__name__)
+
+WAIT_SLICE_SECONDS = 0.5
+"""How often a waiting caller runs its ``check``: the most a gone client's row keeps decoding."""
+SLOT_RETRY_SECONDS = 30.0
+"""After the slot cache could not be set up: the first retry (then doubling, up to ``SLOT_RETRY_CAP_SECONDS``)."""
+SLOT_RETRY_CAP_SECONDS = 600.0
+RETRY_AFTER_SECONDS = 5.0
+"""What a shed request is told to wait (``Retry-After``): a few decode rounds free rows."""
+
+
+class Overloaded(RetryableError):
+    """The waiting line is full: refused at once (HTTP 503 + Retry-After) rather than queued behind it."""
+
+    def __init__(self, waiting: int):
+        super().__init__(f"the chat worker is at capacity ({waiting} requests waiting); retry shortly",
+                         ErrorType.WORKER_UNAVAILABLE, delay=RETRY_AFTER_SECONDS)
 
 
 @dataclass(eq=False)
@@ -64,9 +89,10 @@ class Generation:
 class Engine:
     def __init__(self, store: ModelStore, max_batch: int = 16, max_prefill_tokens: int = 16384,
                  static_cache: bool = True, cuda_graphs: bool = True, lean_decode: bool = True,
-                 compile_decode: bool = False):
+                 compile_decode: bool = False, max_waiting: int = 16):
         self.store = store
         self.max_batch = max_batch
+        self.max_waiting = max_waiting     # shed beyond this many waiting requests (``submit(shed=True)``)
         self.max_prefill_tokens = max_prefill_tokens
         self.static_cache = static_cache
         self.cuda_graphs = cuda_graphs     # only used on CUDA, with the static cache
@@ -78,7 +104,8 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._counters = {"steps": 0, "tokens": 0, "completed": 0, "failed": 0, "largest_batch": 0}
+        self._slot_retry: dict[ModelName, memory.Retry] = {}   # models decoding on a fallback, and when to retry
+        self._counters = {"steps": 0, "tokens": 0, "completed": 0, "failed": 0, "shed": 0, "largest_batch": 0}
         self._active = 0
 
     # ---------------------------------------------------------------- callers' side
@@ -98,28 +125,45 @@ class Engine:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    def submit(self, request: GenerationRequest) -> Future:
+    def submit(self, request: GenerationRequest, shed: bool = False) -> Future:
+        """Queue ``request`` for the next admission; with ``shed``, ``Overloaded`` when the line is full."""
         with self._wake:
             if not self.running:
                 raise ModelUnavailable("the chat engine is not running")
+            if shed and len(self._waiting) >= self.max_waiting:
+                self._counters["shed"] += 1
+                raise Overloaded(len(self._waiting))
             self._waiting.append(request)
             self._wake.notify_all()
         return request.future
 
-    def run(self, request: GenerationRequest, timeout: float) -> Generation:
-        """Submit and wait (see ``wait``)."""
-        self.submit(request)
-        return self.wait(request, timeout)
+    def run(self, request: GenerationRequest, timeout: float | None, check: Callable[[], None] | None = None,
+            shed: bool = False) -> Generation:
+        """Submit and wait (see ``submit`` and ``wait``)."""
+        self.submit(request, shed)
+        return self.wait(request, timeout, check)
 
-    def wait(self, request: GenerationRequest, timeout: float | None = None) -> Generation:
-        """The request's generation; on timeout it is cancelled and ``RetryableError(TIMEOUT_ERROR)`` raised."""
+    def wait(self, request: GenerationRequest, timeout: float | None = None,
+             check: Callable[[], None] | None = None) -> Generation:
+        """The request's generation, waited for in slices of ``WAIT_SLICE_SECONDS``; ``check()`` runs after each
+        and raises to give up. On any way out but the result (the deadline: ``RetryableError(TIMEOUT_ERROR)``,
+        ``check``'s exception) the request is cancelled: the loop drops its row before its next step."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            return request.future.result(timeout)
-        except TimeoutError:
-            request.cancel()
-            raise RetryableError(f"generation did not finish within {timeout:g} s", ErrorType.TIMEOUT_ERROR) from None
+            while True:
+                left = WAIT_SLICE_SECONDS if deadline is None else min(WAIT_SLICE_SECONDS, deadline - time.monotonic())
+                if left <= 0:
+                    raise RetryableError(f"generation did not finish within {timeout:g} s", ErrorType.TIMEOUT_ERROR)
+                try:
+                    return request.future.result(left)
+                except TimeoutError:
+                    if check is not None:
+                        check()
         except CancelledError:
             raise ModelUnavailable("the request was cancelled (model unloaded or worker stopping)") from None
+        except BaseException:
+            request.cancel()
+            raise
 
     def unload(self, name: ModelName) -> bool:
         """Unload a model from inside the loop, failing its running requests; returns whether it was loaded."""
@@ -150,8 +194,8 @@ class Engine:
                 try:
                     self._run_commands()
                     self._admit()
-                    for batch in list(self._batches.values()):
-                        self._step(batch)
+                    for name in list(self._batches):   # names: no reference to a batch outlives its step
+                        self._step(name)
                 except Exception:  # a bug must not kill the loop: fail what is running, carry on
                     log.exception("chat engine round failed")
                     self._drop_all(WorkerError("generation failed", ErrorType.INTERNAL_ERROR))
@@ -197,11 +241,17 @@ class Engine:
         if loaded is None:
             self._fail(requests, ModelUnavailable(f"{name.value} is not loaded"))
             return
-        batch = self._batch(loaded)
+        try:
+            batch = self._batch(loaded)
+        except Exception:  # no batch for this group (a CUDA error measuring memory, an OOM building it)
+            log.exception("setting up the decode batch of %s failed", name.value)
+            self._fail(requests, RetryableError(f"{name.value} cannot decode right now (its batch could not be set "
+                                                "up); retry shortly", ErrorType.WORKER_UNAVAILABLE, delay=1.0))
+            return
         try:
             rows = batch.admit(requests)
         except Exception as exc:  # a failed prefill fails its requests only; the running batch is untouched
-            self._fail(requests, _as_worker_error(exc, loaded.device))
+            self._fail(requests, _as_worker_error(exc))
             return
         self._active += len(rows)
         self._settle(batch)
@@ -214,17 +264,24 @@ class Engine:
             return _describe(self._batch(loaded))
 
     def _batch(self, loaded: LoadedModel) -> DecodeBatch | SlotBatch:
-        """The running batch of ``loaded``'s model, made (and warmed up) if there is none yet."""
+        """The running batch of ``loaded``'s model, made (and warmed up) if there is none yet, or made anew when
+        it is an idle fallback whose slot-cache retry is due."""
         batch = self._batches.get(loaded.name)
-        if batch is None or batch.loaded is not loaded:
-            batch = self._batches[loaded.name] = self._new_batch(loaded)
+        retry = self._slot_retry.get(loaded.name)
+        if batch is not None and batch.loaded is loaded and not (retry and retry.due and not batch.rows):
+            return batch
+        self._batches.pop(loaded.name, None)
+        del batch
+        batch = self._batches[loaded.name] = self._new_batch(loaded)
         return batch
 
     def _new_batch(self, loaded: LoadedModel) -> DecodeBatch | SlotBatch:
         reason = unsupported_reason(loaded.model) if self.static_cache else "off"
+        retry = reason is None   # only a fast path that could work is tried again later
         if reason is None and loaded.device.type == "cuda":
             need = SlotCache.bytes_needed(loaded.model.config, self.max_batch, loaded.max_context, loaded.dtype)
-            free, _ = torch.cuda.mem_get_info(loaded.device)
+            memory.release(loaded.device)   # a dropped batch held only by a reference cycle goes now
+            free = memory.free_bytes(loaded.device)
             if need > 0.8 * free:
                 reason = f"its {need / 1e9:.1f} GB KV cache does not fit the {free / 1e9:.1f} GB free"
         if reason is None:
@@ -233,32 +290,42 @@ class Engine:
                                   compile_decode=self.compile_decode)
                 batch.warm_up()
                 log.info("%s decodes on the slot cache (%s, %s step)", loaded.name.value, batch.path, batch.forward)
+                self._slot_retry.pop(loaded.name, None)
                 return batch
             except Exception as exc:  # noqa: BLE001 - the fast path must never take the worker down
                 reason = f"{type(exc).__name__} while setting it up"
                 log.warning("slot cache for %s failed", loaded.name.value, exc_info=True)
-                if loaded.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            memory.release(loaded.device)   # the half-built slot cache
+        if retry:
+            schedule = self._slot_retry.setdefault(loaded.name, memory.Retry(SLOT_RETRY_SECONDS, SLOT_RETRY_CAP_SECONDS))
+            schedule.failed()
+            reason += f"; the slot cache is tried again once idle, {schedule.next_at - time.monotonic():.0f} s from now"
         if reason != "off":
             log.warning("%s decodes on the DynamicCache path: %s", loaded.name.value, reason)
         return DecodeBatch(loaded)
 
-    def _step(self, batch: DecodeBatch | SlotBatch) -> None:
+    def _step(self, name: ModelName) -> None:
+        batch = self._batches[name]
         if not batch.rows:
             return
         try:
             batch.step()
         except Exception as exc:  # the batch's state is unknown now: fail its requests, start afresh
-            self._fail([r.request for r in batch.rows], _as_worker_error(exc, batch.loaded.device))
-            self._active -= len(batch.rows)
-            self._batches.pop(batch.loaded.name, None)
+            error = _as_worker_error(exc)
+        else:
+            self._counters["steps"] += 1
+            self._counters["largest_batch"] = max(self._counters["largest_batch"], len(batch.rows))
+            self._settle(batch)
             return
-        self._counters["steps"] += 1
-        self._counters["largest_batch"] = max(self._counters["largest_batch"], len(batch.rows))
-        self._settle(batch)
+        self._fail([r.request for r in batch.rows], error)
+        self._active -= len(batch.rows)
+        device = batch.loaded.device
+        del self._batches[name], batch   # the last references: its KV cache and graphs are free memory now
+        memory.release(device)
 
     def _settle(self, batch: DecodeBatch | SlotBatch) -> None:
-        """Hand new tokens to streams; complete finished rows, drop cancelled ones."""
+        """Hand new tokens to streams; complete finished rows, fail errored ones, drop cancelled ones (and any
+        whose future is already resolved: a request is answered once)."""
         done: list[Row] = []
         for row in batch.rows:
             request = row.request
@@ -271,7 +338,7 @@ class Engine:
                 except Exception:  # a broken stream consumer cancels its own request only
                     log.exception("stream callback failed; cancelling its request")
                     request.cancel()
-            if row.finish is not None or request.cancelled.is_set():
+            if row.finish is not None or request.cancelled.is_set() or request.future.done():
                 done.append(row)
         if not done:
             return
@@ -280,6 +347,12 @@ class Engine:
         now = time.monotonic()
         for row in done:
             request = row.request
+            if request.future.done():
+                continue
+            if row.finish == "error":
+                self._fail([request], RetryableError("generation failed for this request: the model's scores were "
+                                                     "not finite (NaN/inf) or could not be sampled"))
+                continue
             if row.finish is None:
                 request.future.cancel()
                 continue
@@ -303,10 +376,13 @@ class Engine:
                 request.future.set_exception(error)
 
     def _drop_all(self, error: Exception) -> None:
+        devices = {batch.loaded.device for batch in self._batches.values()}
         for batch in self._batches.values():
             self._fail([r.request for r in batch.rows], error)
         self._batches.clear()
         self._active = 0
+        for device in devices:
+            memory.release(device)
 
     def _shutdown(self) -> None:
         error = ModelUnavailable("the chat engine is stopping")
@@ -321,13 +397,13 @@ def _describe(batch: DecodeBatch | SlotBatch) -> dict[str, Any]:
     return batch.describe() if isinstance(batch, SlotBatch) else {"path": "dynamic_cache"}
 
 
-def _as_worker_error(exc: Exception, device: torch.device) -> WorkerError:
+def _as_worker_error(exc: Exception) -> WorkerError:
+    """The callers' error for a failed prefill or step (memory is released by the caller, once nothing refers
+    to the failed batch any more)."""
     if isinstance(exc, WorkerError):
         return exc
     if isinstance(exc, torch.OutOfMemoryError):
         log.error("out of memory during generation")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         return RetryableError("out of GPU memory during generation", ErrorType.OOM_ERROR, delay=1.0)
     log.exception("generation failed")
     return WorkerError("generation failed", ErrorType.INTERNAL_ERROR)

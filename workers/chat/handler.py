@@ -1,4 +1,9 @@
-"""The chat worker's Handler: models + engine + service, chat-queue jobs, memory control, status."""
+"""The chat worker's Handler: models + engine + service, chat-queue jobs, memory control, status.
+
+A chat job waits for its generation as long as the runner lets it: ``progress`` is called every wait slice
+and raises ``JobCancelled`` at the job's deadline (or when the app cancelled it); the engine request is then
+cancelled and the exception propagates. Jobs are never shed: they already waited in the queue.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -14,7 +19,7 @@ from .engine import Engine
 from .models import ModelName, ModelStore, ModelUnavailable
 from .request import Fields, chat_request, enhance_request
 from .sampling import MAX_NEW_TOKENS
-from .service import ChatService, Reply
+from .service import ChatService, Patience, Reply
 
 WHICH = {"instruct": (ModelName.INSTRUCT,), "base": (ModelName.BASE,), "all": tuple(ModelName),
          "qwen_instruct": (ModelName.INSTRUCT,), "qwen_base": (ModelName.BASE,)}
@@ -34,7 +39,8 @@ class ChatHandler:
         self.settings = settings
         self.store = ModelStore(settings)
         self.engine = Engine(self.store, max_batch=settings.chat_max_batch, static_cache=settings.chat_static_cache,
-                             cuda_graphs=settings.chat_cuda_graphs, compile_decode=settings.chat_compile_decode)
+                             cuda_graphs=settings.chat_cuda_graphs, compile_decode=settings.chat_compile_decode,
+                             max_waiting=settings.chat_max_waiting)
         self.chat = ChatService(settings, self.store, self.engine)
 
     # ---------------------------------------------------------------- lifecycle
@@ -63,21 +69,29 @@ class ChatHandler:
             raise InvalidJob(f"job type {job.type.value} does not belong to chat_queue")
         fields = job_fields(job)
         progress(0.0, "generating")
+        patience = Patience(timeout=None, check=lambda: progress(0.0, "generating"), shed=False)
         if job.type is JobType.CHAT_ENHANCE:
             request, original = enhance_request(fields, self.chat.instruction)
-            reply = self.chat.reply(request)
+            reply = self.chat.reply(request, patience)
             enhanced = api.enhanced_text(reply.text) or original
             return Result(outputs=[], metadata={**job_metadata(reply), "enhanced_prompt": enhanced,
                                                 "original_prompt": original,
                                                 "enhancement_source": reply.loaded.name.value})
         unrestricted = job.type is JobType.CHAT_UNRESTRICTED
-        reply = self.chat.reply(chat_request(fields), unrestricted=unrestricted)
+        reply = self.chat.reply(chat_request(fields), patience, unrestricted=unrestricted)
         metadata = job_metadata(reply)
         if unrestricted:
             metadata["unrestricted_mode"] = True
         return Result(outputs=[], metadata=metadata)
 
     # ---------------------------------------------------------------- memory control
+    def default_models(self) -> str:
+        """The ``which`` of the models ``setup`` loads: what an evicted chat reloads on demand."""
+        instruct, base = (self.store.configured(name) for name in ModelName)
+        if instruct and base and self.settings.qwen_base_preload:
+            return "all"
+        return "instruct" if instruct else "base"
+
     def load(self, which: str) -> str:
         done = []
         for name in _which(which):

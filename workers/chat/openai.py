@@ -13,9 +13,11 @@ from flask import Response, jsonify
 from workers.core.errors import InvalidJob, WorkerError
 from workers.core.http import ApiError, json_body
 
+from .client import ClientGone
 from .models import ModelName
 from .request import openai_request
-from .service import Reply
+from .service import Patience, Reply
+from .statuses import CLIENT_GONE, retry_after, status_of
 
 if TYPE_CHECKING:
     from .handler import ChatHandler
@@ -23,24 +25,29 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def register_openai_routes(app: Any, handler: "ChatHandler", auth: Callable,
-                           status_of: Callable[[WorkerError], int]) -> None:
+def register_openai_routes(app: Any, handler: "ChatHandler", auth: Callable, reload: Callable[[], None],
+                           patience: Callable[[], Patience]) -> None:
+    """``reload`` brings an evicted model back (api.py); ``patience`` is this request's way of waiting."""
     @app.post("/v1/chat/completions", endpoint="chat_openai_completions")
     @auth
     def completions():
         try:
             request, stream = openai_request(json_body())
+            reload()
             if stream:
                 events = handler.chat.stream(request)
                 return Response(_sse(events, _completion_id(), request.model.value), mimetype="text/event-stream",
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            reply = handler.chat.reply(request)
+            reply = handler.chat.reply(request, patience())
         except ApiError as exc:
             return _error(exc.status, exc.message)
+        except ClientGone as exc:
+            return _error(CLIENT_GONE, str(exc))
         except InvalidJob as exc:
             return _error(400, exc.message)
         except WorkerError as exc:
-            return _error(status_of(exc), exc.message, "server_error")
+            status = status_of(exc)
+            return (*_error(status, exc.message, "server_error"), retry_after(exc, status))
         return jsonify(_completion(reply))
 
     @app.get("/v1/models", endpoint="chat_openai_models")

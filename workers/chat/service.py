@@ -1,8 +1,11 @@
 """What the HTTP routes and the queue jobs call: pick a model, build the prompt, generate, filter.
 
-``reply(request)`` waits for the whole answer; ``stream(request)`` resolves and submits at once (so a bad
-request or a missing model fails before anything is sent) and returns an iterator of text deltas that ends
-with the ``Reply``.
+``reply(request, patience)`` waits for the whole answer, as ``patience`` says: an HTTP request until
+``CHAT_REQUEST_TIMEOUT_SECONDS`` or until its client disconnects, refused at once when the waiting line is
+full; a queue job for as long as the runner's ``progress`` lets it (its deadline). ``stream(request)``
+resolves and submits at once (so a bad request or a missing model fails before anything is sent) and returns
+an iterator of text deltas that ends with the ``Reply``; it ends with a timeout when no token came for
+``CHAT_REQUEST_TIMEOUT_SECONDS``, and is cancelled when a write to its client fails.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import queue
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from workers.core.errors import ConfigError, ErrorType, InvalidJob, RetryableError
 from workers.core.settings import Settings
@@ -23,6 +26,15 @@ from .request import ChatRequest
 from .sfw import WordFilter
 
 DEFAULT_INSTRUCTION = Path(__file__).with_name("enhance_system.txt")
+
+
+@dataclass(frozen=True)
+class Patience:
+    """How a caller waits for its generation (``Engine.run``'s ``timeout``, ``check`` and ``shed``)."""
+
+    timeout: float | None                    # its own deadline; None: none (a job: the runner's deadline rules)
+    check: Callable[[], None] | None = None  # run every wait slice; raises to give up (client gone, job cancelled)
+    shed: bool = True                        # refused at once (503 + Retry-After) when the waiting line is full
 
 
 @dataclass(frozen=True)
@@ -81,10 +93,15 @@ class ChatService:
             raise ModelUnavailable("no chat model is loaded that can serve this request")
         return loaded
 
-    def reply(self, request: ChatRequest, unrestricted: bool = False) -> Reply:
+    def http_patience(self, check: Callable[[], None] | None) -> Patience:
+        """An HTTP request's: the server-side deadline, its client's disconnect check, shed when full."""
+        return Patience(self.timeout, check, shed=True)
+
+    def reply(self, request: ChatRequest, patience: Patience, unrestricted: bool = False) -> Reply:
         start = time.monotonic()
         loaded, prompt = self._prepare(request)
-        generation = self.engine.run(GenerationRequest(loaded.name, prompt.ids, request.sampling), self.timeout)
+        generation = self.engine.run(GenerationRequest(loaded.name, prompt.ids, request.sampling),
+                                     patience.timeout, patience.check, patience.shed)
         text = loaded.decode(generation.token_ids)
         if request.text is None:
             text = text.strip()
@@ -98,7 +115,7 @@ class ChatService:
         loaded, prompt = self._prepare(request)
         tokens: queue.SimpleQueue[list[int] | None] = queue.SimpleQueue()
         job = GenerationRequest(loaded.name, prompt.ids, request.sampling, on_tokens=tokens.put)
-        future = self.engine.submit(job)
+        future = self.engine.submit(job, shed=True)
         future.add_done_callback(lambda _: tokens.put(None))
         return self._deltas(request, loaded, prompt, job, tokens, start)
 
@@ -107,7 +124,7 @@ class ChatService:
         decoder = IncrementalDecoder(loaded)
         text, sent, filtered = "", 0, 0
         try:
-            while (ids := self._next(tokens, start)) is not None:
+            while (ids := self._next(tokens)) is not None:
                 text += decoder.push(ids)
                 cut = self.words.stream_cut(text, sent) if request.sfw_mode else len(text)
                 if cut > sent:
@@ -124,11 +141,12 @@ class ChatService:
         finally:
             job.cancel()
 
-    def _next(self, tokens: "queue.SimpleQueue[list[int] | None]", start: float) -> list[int] | None:
+    def _next(self, tokens: "queue.SimpleQueue[list[int] | None]") -> list[int] | None:
+        """The next tokens of a stream; a stream that goes ``timeout`` seconds without any ends with a timeout."""
         try:
-            return tokens.get(timeout=max(0.0, start + self.timeout - time.monotonic()))
+            return tokens.get(timeout=self.timeout)
         except queue.Empty:
-            raise RetryableError(f"generation did not finish within {self.timeout:g} s",
+            raise RetryableError(f"no token was generated within {self.timeout:g} s",
                                  ErrorType.TIMEOUT_ERROR) from None
 
     def _filter(self, text: str, sfw_mode: bool) -> tuple[str, int]:

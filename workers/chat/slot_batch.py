@@ -31,7 +31,7 @@ from . import decode
 from .batch import Row
 from .graphs import DecodeGraphs
 from .models import LoadedModel
-from .sampling import RowParams, count, new_generator, next_tokens
+from .sampling import FAILED, RowParams, count, new_generator, next_tokens
 from .slots import SlotCache
 
 if TYPE_CHECKING:
@@ -254,13 +254,20 @@ class SlotBatch:
         self._positions[len(self.rows):] = 0
 
     def _accept(self, tokens: torch.Tensor, offset: int = 0) -> None:
-        """Record the chosen tokens of rows ``offset:``; a stop token ends a row without being kept."""
+        """Record the chosen tokens of rows ``offset:``; a stop token ends a row without being kept, ``FAILED``
+        ends it as an error (and is fed as token 0 until the row's slot is freed, before the next step)."""
         end = len(self.rows)
+        chosen = tokens.tolist()
+        if FAILED in chosen:
+            tokens = tokens.clamp(min=0)
         self._tokens[offset:end] = tokens
         count(self._counts[offset:end], tokens, [row.request.sampling for row in self.rows[offset:end]])
         stop = self.loaded.stop_ids
-        for i, token in zip(range(offset, end), tokens.tolist()):
+        for i, token in zip(range(offset, end), chosen):
             row = self.rows[i]
+            if token == FAILED:
+                row.finish = "error"
+                continue
             if token in stop:
                 row.finish = "stop"
                 continue
