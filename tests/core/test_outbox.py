@@ -8,12 +8,14 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import SUPABASE_TEST_CALLBACK_SECRET as SECRET, SUPABASE_TEST_SERVICE_KEY as KEY
 from tests.procs import WorkerProcess, runtime_env
 from workers.core import callbacks as cb
 from workers.core import keys
 from workers.core.callbacks import CallbackClient, Outbox, OutboxSender
-from workers.core.transport import RedisProtocolTransport
+from workers.core.transport import RedisProtocolTransport, UpstashRestTransport
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -60,8 +62,17 @@ def test_an_entry_whose_lease_owner_died_is_delivered_once_the_lease_expires(sup
     assert redis_client.hlen(keys.OUTBOX) == 0 and not redis_client.exists(keys.outbox_lease("orphan"))
 
 
-def test_outbox_calls_touch_only_their_own_lease_and_the_same_body(redis_client, redis_server):
-    transport = RedisProtocolTransport(redis_server.url, 5)
+@pytest.fixture(params=["redis", "upstash"])
+def transport(request, redis_server):
+    """Both transports over the same real redis-server (production uses Upstash REST)."""
+    if request.param == "redis":
+        yield RedisProtocolTransport(redis_server.url, 5)
+    else:
+        front = request.getfixturevalue("upstash_front")
+        yield UpstashRestTransport(front.url, front.token, 5)
+
+
+def test_outbox_calls_touch_only_their_own_lease_and_the_same_body(redis_client, transport):
     mine, theirs = Outbox(transport, "w1", 30), Outbox(transport, "w2", 30)
     redis_client.hset(keys.OUTBOX, "j", b"old")
     assert mine.claim("j") and not theirs.claim("j")
@@ -78,8 +89,8 @@ def test_outbox_calls_touch_only_their_own_lease_and_the_same_body(redis_client,
     assert not redis_client.exists(keys.outbox_lease("j")) and redis_client.hget(keys.OUTBOX, "j") == b"new"
 
 
-def test_a_rejected_body_is_kept_for_replay_and_leaves_the_outbox(redis_client, redis_server):
-    outbox = Outbox(RedisProtocolTransport(redis_server.url, 5), "w1", 30)
+def test_a_rejected_body_is_kept_for_replay_and_leaves_the_outbox(redis_client, transport):
+    outbox = Outbox(transport, "w1", 30)
     redis_client.hset(keys.OUTBOX, "j", b"body")
     assert outbox.claim("j")
     outbox.rejected("j", b"body")

@@ -326,7 +326,11 @@ class _Pinned:
             raise ConnectTimeoutError(self, f"connection to {self.host} timed out") from None
         except OSError as exc:
             raise NewConnectionError(self, f"failed to connect: {exc}") from None
-        fetch.watch(self, sock)
+        try:
+            fetch.watch(self, sock)
+        except OSError as exc:  # no descriptor left to watch it with: do not use an unwatched connection
+            sock.close()
+            raise NewConnectionError(self, f"failed to connect: {exc}") from None
         return sock
 
     def request(self, *args, **kwargs):  # a kept-alive connection is reused only inside a fetch, watched
