@@ -73,7 +73,7 @@ class CallbackClient:
         """One attempt: the outcome, or ``None`` for a failure worth retrying."""
         return self._attempt(body, timeout).value
 
-    def _attempt(self, body: bytes, timeout: float | None = None) -> retry.Answer:
+    def _attempt(self, body: bytes, timeout: float | None = None, terminal: bool = True) -> retry.Answer:
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self._key}",
                    "apikey": self._key, "X-Callback-Signature": sign(self._secret, body)}
         try:
@@ -88,9 +88,11 @@ class CallbackClient:
         if response.status_code == 429 or response.status_code >= 500:
             return retry.Answer(retry=True, retry_after=retry.retry_after(response.headers),
                                 problem=f"HTTP {response.status_code}")
-        # Final per the contract; logged here once (the body leaves the outbox for callbacks:rejected).
-        log.error("job-callback refused a callback with HTTP %d: %s", response.status_code,
-                  response.text[:300].replace("\n", " "))
+        answer = response.text[:300].replace("\n", " ")
+        if terminal:  # final per the contract; logged here once (the body goes to callbacks:rejected)
+            log.error("job-callback refused a callback with HTTP %d: %s", response.status_code, answer)
+        else:
+            log.warning("job-callback refused a progress callback with HTTP %d: %s", response.status_code, answer)
         return retry.Answer(Outcome.REJECTED)
 
     def deliver(self, body: bytes) -> Outcome:
@@ -102,7 +104,7 @@ class CallbackClient:
 
     def progress(self, body: bytes) -> None:
         """Best effort, in the background: one short try, never blocks or fails the job."""
-        threading.Thread(target=self.post_once, args=(body, 5.0), name="progress-callback",
+        threading.Thread(target=self._attempt, args=(body, 5.0, False), name="progress-callback",
                          daemon=True).start()
 
     def _count(self, status: str) -> None:
