@@ -7,7 +7,7 @@ orphans exactly as PID 1 would.
 """
 from __future__ import annotations
 
-import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -20,7 +20,9 @@ import pytest
 
 from common.exit_codes import ExitCode
 from orchestrator import child as child_mod
+from orchestrator.checks import check_health
 from orchestrator.child import Child
+from workers.local.net import free_port
 
 from .support import ROOT, all_running, fake_command, fleet_env, read_events, status, wait_for
 
@@ -38,7 +40,6 @@ def gone(pid: int) -> bool:
 
 
 def program_status(env: dict[str, str], name: str) -> dict:
-    import json
     return next(p for p in json.loads(status(env, "--json").stdout)["programs"] if p["name"] == name)
 
 
@@ -111,12 +112,12 @@ def test_children_are_spawned_without_preexec_fn(monkeypatch, events: Path) -> N
 
     monkeypatch.setattr(child_mod.subprocess, "Popen", Recording)
     spawned: list[Child] = []
-    from workers.local.net import free_port
-    command = fake_command("sdxl", events, port=free_port())
+    port = free_port()
+    command = fake_command("sdxl", events, port=port)
 
-    def spawn_then_end() -> None:
+    def spawn_then_end() -> None:  # ends once the program serves: its SIGTERM handler is installed by then
         spawned.append(Child("sdxl", command, dict(os.environ)))
-        wait_for(lambda: read_events(events), what="the program started (the wrapper's prctl is done)")
+        wait_for(lambda: check_health(f"http://127.0.0.1:{port}/health").ok, what="the program serving")
 
     spawner = threading.Thread(target=spawn_then_end)
     spawner.start()
