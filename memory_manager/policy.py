@@ -170,7 +170,7 @@ class MemoryPolicy:
         if reservation is not None:
             self.ledger.record("release", reservation.worker, reservation.gpu, reservation.gb,
                                f"id {reservation.id}")
-        else:
+        elif not reservation_id.endswith(f".{self.ledger.boot}"):  # issued by an earlier manager process
             with self._decide:
                 if self._watch.unheard:  # the census may still see it in a worker's document: never adopt it
                     self._watch.released_unknown.add(reservation_id)

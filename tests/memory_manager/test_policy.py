@@ -7,7 +7,9 @@ from __future__ import annotations
 import threading
 
 from memory_manager.client import Grant
-from memory_manager.ledger import Pressure
+from memory_manager.ledger import Ledger, Pressure
+from memory_manager.policy import MemoryPolicy
+from memory_manager.probe import FixedProbe
 
 from tests.orchestrator.support import wait_for
 
@@ -274,3 +276,19 @@ def test_a_worker_being_unloaded_is_not_asked_twice_and_the_refusal_says_why(man
         chat.unload_gate.set()
     first.join(15)
     assert wan.grant.outcome is Grant.GRANTED
+
+
+def test_the_census_adopts_what_is_held_but_never_an_id_released_before_it(manager) -> None:
+    """A new manager process (a new policy and ledger over the same workers) hears each worker once."""
+    sdxl, wan = manager.workers["sdxl"], manager.workers["wan"]
+    kept, released = sdxl.reserve(), wan.reserve(gb=30)
+    old = manager.policy
+    fresh = MemoryPolicy(Ledger(), FixedProbe(48.0), old.workers, old.control, old.settings)
+    assert fresh.release(released.id) is None      # wan's release reaches the new manager before its census
+    fresh.census()                                  # wan's document still names that id: not adopted
+    held = {r.worker: r for r in fresh.ledger.all()}
+    assert list(held) == ["sdxl"] and held["sdxl"].id == kept.id and held["sdxl"].instance == sdxl.client.instance
+    assert fresh.release(kept.id) is not None       # the adopted id is the worker's own: its release works
+    assert [e.kind for e in fresh.ledger.history] == ["adopt", "release"]
+    fresh.census()                                  # every worker heard once: never asked again
+    assert fresh.ledger.all() == []
