@@ -26,9 +26,8 @@ from typing import Any, Callable, NoReturn
 
 from gunicorn.app.base import BaseApplication
 
-from common.serving import deadline_worker
-
 from common.exit_codes import ExitCode
+from common.serving import deadline_worker
 
 from .core.errors import ConfigError
 from .core.service import Service, default_worker_id

@@ -231,6 +231,16 @@ def test_a_cold_stop_that_hands_a_job_back_exits_with_handed_back(procs, env, re
     assert redis_client.lrange(Q, 0, -1) == [element("long", sleep=30).encode()]
 
 
+def test_a_warm_stop_whose_grace_runs_out_hands_the_job_back_and_exits_with_handed_back(procs, env, redis_client,
+                                                                                        supabase_standin, tmp_path):
+    worker = start(procs, {**env, "TEST_GRACE": "1"}, tmp_path=tmp_path)
+    redis_client.rpush(Q, element("too-long", sleep=30))
+    supabase_standin.wait_for("too-long", status="processing", timeout=10)
+    assert worker.stop(signal.SIGTERM, timeout=20) == ExitCode.HANDED_BACK
+    assert redis_client.lrange(Q, 0, -1) == [element("too-long", sleep=30).encode()]
+    assert int(redis_client.hget(f"{Q}:attempts", "too-long") or 0) == 0
+
+
 # -- circuit breaker (#5) --------------------------------------------------------------------------------------
 def test_a_broken_worker_trips_its_breaker_instead_of_dead_lettering_the_queue(procs, env, redis_client,
                                                                                supabase_standin, tmp_path):
@@ -314,6 +324,7 @@ def test_health_reports_the_state(procs, env, redis_client, supabase_standin, tm
     supabase_standin.wait_for("busy-one", status="processing", timeout=10)
     assert health(worker)[1]["state"] == "busy"
     supabase_standin.wait_for("busy-one", timeout=10)
+    wait_until(lambda: health(worker)[1]["state"] == "ready", 5, "ready again once the job is acknowledged")
     unload = requests.post(f"{worker.url}/memory/unload", headers={"Authorization": "Bearer test-admin-key"})
     assert unload.status_code == 200
     status, body = health(worker)

@@ -139,7 +139,7 @@ class Service:
         while not self.stop_event.is_set():
             self.reservation = self.memory.reserve()
             if self.reservation.may_load:
-                return
+                break
             self.setup_error = f"waiting for GPU memory: {self.reservation.reason}"
             self.stop_event.wait(10.0)
         self.setup_error = None
