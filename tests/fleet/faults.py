@@ -4,21 +4,30 @@
   except that the ``job-callback`` path can be switched to answer 503 (``REFUSE``), to hold each request
   without ever answering or forwarding it (``HANG``: the caller's read timeout fires), or to forward it (the
   app has the callback) and then hold the answer (``LATE``: the caller's read timeout fires, so it cannot
-  know the callback arrived), until switched back.
+  know the callback arrived), until switched back. Every forwarded callback is kept as an :class:`Exchange`
+  (body, when it came, when and how it was answered), so a checker can tell a callback sent again because its
+  answer never came back (at-least-once) from one sent again after it was acknowledged (a duplicate).
+- :class:`ReplyDelayProxy`: a TCP proxy on loopback in front of redis-server for the workers that speak the
+  Redis protocol. ``hold(seconds)`` withholds every reply the server sends during the window (commands still
+  reach the server and run): a network stall or a fork pause on the way back, which outlasts the client's
+  socket timeout; the client gives up and closes, and the replies it never read are dropped.
 - :class:`TinyTmp`: a temporary-files directory that is (nearly) full: a tiny tmpfs when this process may
   mount one (root with CAP_SYS_ADMIN), else ``RLIMIT_FSIZE`` on the worker through ``tests.fleet.fsize``.
 """
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
+import time
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 import urllib3
 from flask import Flask, Response, request
 
-from workers.local.net import BackgroundServer
+from workers.local.net import LOOPBACK, BackgroundServer
 
 CALLBACK_PATH = "functions/v1/job-callback"
 NOT_FORWARDED = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
@@ -31,6 +40,20 @@ class Mode(str, Enum):
     LATE = "late"       # forward (the app records it), answer only once the mode changes: the answer is lost
 
 
+@dataclass(frozen=True)
+class Exchange:
+    """One job-callback POST that reached the app: its exact body, when it arrived and when (and with what
+    status) the front answered it (``time.time()``)."""
+    body: bytes
+    arrived: float
+    answered: float
+    status: int
+
+    def acknowledged(self, client_timeout: float) -> bool:
+        """Whether the caller got a 2xx before its read timeout: it knew the callback was delivered."""
+        return 200 <= self.status < 300 and self.answered - self.arrived < client_timeout
+
+
 class SupabaseFront(BackgroundServer):
     def __init__(self, upstream: str):
         self.upstream = upstream.rstrip("/")
@@ -38,6 +61,7 @@ class SupabaseFront(BackgroundServer):
         self.refused = 0
         self.hung = 0
         self.late = 0
+        self.exchanges: list[Exchange] = []
         self._changed = threading.Condition()
         self._http = urllib3.PoolManager(maxsize=64, retries=False, timeout=urllib3.Timeout(connect=5, read=60))
         app = Flask("supabase-front")
@@ -62,10 +86,14 @@ class SupabaseFront(BackgroundServer):
             if request.query_string:
                 url += "?" + request.query_string.decode("latin-1")
             headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED}
-            answer = self._http.request(request.method, url, body=request.get_data(), headers=headers)
+            arrived, body = time.time(), request.get_data()
+            answer = self._http.request(request.method, url, body=body, headers=headers)
             if late:
                 with self._changed:
                     self._changed.wait_for(lambda: self.mode is not Mode.LATE, timeout=600)
+            if path == CALLBACK_PATH:
+                with self._changed:
+                    self.exchanges.append(Exchange(body, arrived, time.time(), answer.status))
             return Response(answer.data, answer.status, content_type=answer.headers.get("Content-Type"))
 
         super().__init__(app, name="supabase-front")
@@ -78,6 +106,87 @@ class SupabaseFront(BackgroundServer):
     def stop(self) -> None:
         self.set_mode(Mode.PASS)
         super().stop()
+
+
+class ReplyDelayProxy:
+    """Loopback TCP proxy to ``127.0.0.1:upstream_port``; ``hold(seconds)`` delays server→client bytes."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self._listener = socket.create_server((LOOPBACK, 0))
+        self.port = self._listener.getsockname()[1]
+        self.url = f"redis://{LOOPBACK}:{self.port}/0"
+        self.held = 0                  # reply chunks withheld by a window (delivered late or dropped)
+        self._until = 0.0
+        self._changed = threading.Condition()
+        self._sockets: set[socket.socket] = set()
+        self._open = True
+        threading.Thread(target=self._accept, name="reply-delay-proxy", daemon=True).start()
+
+    def hold(self, seconds: float) -> None:
+        """Withhold replies for ``seconds`` from now (returns at once)."""
+        with self._changed:
+            self._until = time.monotonic() + seconds
+
+    def release(self) -> None:
+        with self._changed:
+            self._until = 0.0
+            self._changed.notify_all()
+
+    def _accept(self) -> None:
+        while self._open:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection((LOOPBACK, self.upstream_port), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()   # Redis is down: the client sees its connection closed, as with Redis itself
+                continue
+            self._sockets.update((client, upstream))
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if replies:
+                    self._wait_out_the_window()
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                _close(sock)
+                self._sockets.discard(sock)
+
+    def _wait_out_the_window(self) -> None:
+        with self._changed:
+            if time.monotonic() < self._until:
+                self.held += 1
+            while (left := self._until - time.monotonic()) > 0:
+                self._changed.wait(left)
+
+    def stop(self) -> None:
+        self._open = False
+        self.release()
+        self._listener.close()
+        for sock in list(self._sockets):
+            _close(sock)
+
+
+def _close(sock: socket.socket) -> None:
+    """Shut down first: that wakes the other pump thread blocked in ``recv`` on the same socket."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 class TinyTmp:

@@ -5,10 +5,11 @@ invariant checker (tests/fleet/soak/invariants.py).
 
 Injects, at random times: SIGKILL of a worker (its gunicorn worker process or its whole group), SIGINT to a
 worker's group (the cold stop), SIGSTOP/SIGCONT of redis-server for longer than the clients' timeout, a Redis
-SIGKILL + restart on the same AOF, job-callback 503 windows, hangs (never answered) and late answers (recorded,
-answer lost), storage 500 windows, a second pod (own RUNPOD_POD_ID, same Redis and Supabase) joining and
-leaving (SIGTERM: a pod drain), a producer re-push; all the time, the workers' Upstash REST front drops
-requests, loses replies after running them and holds replies past the client timeout.
+SIGKILL + restart on the same AOF, replies to the Redis-protocol workers held past their timeout, job-callback
+503 windows, hangs (never answered) and late answers (recorded, answer lost), half of them with the cold stop
+of a worker busy in the outage, storage 500 windows, a second pod (own RUNPOD_POD_ID, same Redis and
+Supabase) joining and leaving (SIGTERM: a pod drain), a producer re-push; all the time, the workers' Upstash
+REST front drops requests, loses replies after running them and holds replies past the client timeout.
 
 Asserts, after a settle period (reaper grace, outbox interval): every job exactly one terminal callback
 (identical re-deliveries counted apart), completed jobs' files in storage, nothing left in queues, processing
@@ -18,6 +19,7 @@ written to ``var/soak/<time>-seed<seed>/report.txt`` next to the fleet's logs.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import shutil
 import sys
@@ -33,12 +35,12 @@ from workers.local.supabase_standin import SupabaseStandin
 from workers.local.upstash_front import UpstashFront
 
 from .conftest import CALLBACK_SECRET, SERVICE_KEY, shared_memory_dir
-from .faults import SupabaseFront
+from .faults import ReplyDelayProxy, SupabaseFront
 from .jobs import QUEUES
 from .soak import plan, report
 from .soak.injector import Injector
 from .soak.invariants import Checker, RedisState
-from .soak.pods import Pod
+from .soak.pods import SOAK_FLEET_ENV, Pod
 from .soak.producer import Producer
 
 CONFIG = plan.SoakConfig.from_env(os.environ)
@@ -52,6 +54,7 @@ class Rig:
         self.out_dir = out_dir
         self.redis = RedisServer(persistence=True, data_dir=shared_memory_dir())
         self.client = self.redis.client()
+        self.redis_proxy = ReplyDelayProxy(self.redis.port)
         self.standin = SupabaseStandin(SERVICE_KEY, CALLBACK_SECRET)
         self.front = SupabaseFront(self.standin.url)
         self.worker_rest = UpstashFront(self.redis.url, REST_TOKEN, fault_seed=CONFIG.rng("rest").getrandbits(32))
@@ -59,11 +62,12 @@ class Rig:
         self.pods: list[Pod] = []
 
     def pod(self, name: str, role: str) -> Pod:
-        return Pod(name, role, self.out_dir / name, self.redis, self.front, self.worker_rest.url, REST_TOKEN)
+        return Pod(name, role, self.out_dir / name, self.redis, self.front, self.redis_proxy.url,
+                   self.worker_rest.url, REST_TOKEN)
 
     def close(self) -> list[int]:
         leftovers = [pid for pod in self.pods for pid in pod.close()]
-        for server in (self.worker_rest, self.producer_rest, self.front, self.standin):
+        for server in (self.worker_rest, self.producer_rest, self.front, self.standin, self.redis_proxy):
             server.stop()
         self.client.close()
         data_dir = self.redis.data_dir
@@ -124,7 +128,8 @@ def test_soak_under_random_faults_every_job_reaches_exactly_one_terminal_state(s
         pod = rig.pod(f"soak-b{n}", "b")
         rig.pods.append(pod)
         return pod
-    injector = Injector(rig.redis, rig.standin, rig.front, producer, pod_a, new_pod_b, clock, redis_lock)
+    injector = Injector(rig.redis, rig.redis_proxy, rig.standin, rig.front, producer, pod_a, new_pod_b, clock,
+                        redis_lock, CONFIG.rng("injector"))
     rate = CONFIG.rest_fault_rate
     rig.worker_rest.faults.set(drop=rate, lose=rate, hold=rate, hold_seconds=2.5)
     stop = threading.Event()
@@ -138,15 +143,24 @@ def test_soak_under_random_faults_every_job_reaches_exactly_one_terminal_state(s
             emit(f"{clock():.0f} s: {len(producer.jobs)} jobs pushed, {len(injector.events)} fault events")
     finally:
         stop.set()
+        rig.out_dir.mkdir(parents=True, exist_ok=True)
+        stacks = open(rig.out_dir / "stuck-threads.txt", "w")
+        faulthandler.dump_traceback_later(45, file=stacks)
         for thread in threads:
             thread.join(60)
+            if thread.is_alive():
+                emit(f"{clock():.0f} s: {thread.name} did not stop within 60 s")
         injector.finish()
+        faulthandler.cancel_dump_traceback_later()
+        stacks.close()
         rig.worker_rest.faults.off()
     run_end = clock()
+    emit(f"{run_end:.0f} s: faults over, settling")
     settle(rig, producer, emit)
 
     programs = {pod.name: pod.programs() for pod in rig.pods if pod.up}
-    checker = Checker(producer.jobs, rig.standin, rig.client, injector.events, injector.log_files(), epoch, run_end)
+    checker = Checker(producer.jobs, rig.standin, rig.client, injector.events, injector.log_files(), epoch, run_end,
+                      rig.front.exchanges, float(SOAK_FLEET_ENV["CALLBACK_TIMEOUT_SECONDS"]))
     verdict = checker.verdict()
     rest_faults = rig.worker_rest.faults.snapshot()
     full = report.render(CONFIG, producer.jobs, injector, rest_faults, verdict, programs, rig.out_dir, True)

@@ -11,6 +11,7 @@ from workers.core import keys
 from workers.core.callbacks import encode
 from workers.local.supabase_standin import sign
 
+from .faults import Exchange
 from .jobs import USER
 from .soak.injector import Event
 from .soak.invariants import Checker, job_id_of
@@ -94,6 +95,27 @@ def test_the_checker_flags_each_violation_with_its_evidence(redis_client, supaba
     twice_evidence = next(v.evidence for v in verdict.violations if v.kind == "run twice")
     assert [line.split(" by ")[0][-7:] for line in twice_evidence if line.startswith("callback")] == ["body #1",
                                                                                                      "body #2"]
+
+
+def test_a_callback_sent_again_after_its_acknowledgement_is_a_duplicate(redis_client, supabase_standin):
+    """The front's record of each POST decides: a copy sent again while no answer had come back within the
+    caller's timeout is an at-least-once re-delivery; a copy sent after a 2xx had come back is a duplicate."""
+    s = supabase_standin
+    unanswered, acked = job(1), job(2)
+    bodies = {j.id: completed(s, j, j.id[-12:]) for j in (unanswered, acked)}
+    for body in bodies.values():
+        post(s, body)
+        post(s, body)
+    now = time.time()
+    exchanges = [Exchange(bodies[unanswered.id], now, now + 5.0, 200),    # answered after the 2 s timeout
+                 Exchange(bodies[unanswered.id], now + 2.5, now + 2.6, 200),
+                 Exchange(bodies[acked.id], now, now + 0.1, 200),          # acknowledged at once
+                 Exchange(bodies[acked.id], now + 0.5, now + 0.6, 200)]
+    jobs = {unanswered.id: unanswered, acked.id: acked}
+    verdict = Checker(jobs, s, redis_client, [], [], now, 1.0, exchanges, client_timeout=2.0).verdict()
+    assert [(v.kind, v.job_id) for v in verdict.violations] == [("sent again after ack", acked.id)]
+    assert (verdict.redelivered_jobs, verdict.redelivered_posts) == (1, 1)
+    assert any(line.startswith("body #1 POSTed 2x: at ") for line in verdict.violations[0].evidence)
 
 
 def test_a_clean_run_passes_and_every_element_form_is_read(redis_client, supabase_standin):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import threading
 import time
@@ -21,16 +22,16 @@ from typing import Callable
 from workers.local.redis_server import RedisServer
 from workers.local.supabase_standin import SupabaseStandin
 
-from ..faults import Mode, SupabaseFront
+from ..faults import Mode, ReplyDelayProxy, SupabaseFront
 from .plan import Fault
 from .pods import Pod
 from .producer import Producer
 
 log = logging.getLogger("soak")
 
-RESOURCES = {"redis_pause": "redis", "redis_restart": "redis", "callback_refuse": "callback",
-             "callback_hang": "callback", "callback_late": "callback", "storage_500": "storage",
-             "pod_toggle": "pod"}
+RESOURCES = {"redis_pause": "redis", "redis_restart": "redis", "redis_slow_replies": "redis",
+             "callback_refuse": "callback", "callback_hang": "callback", "callback_late": "callback",
+             "storage_500": "storage", "pod_toggle": "pod"}
 CALLBACK_MODES = {"callback_refuse": Mode.REFUSE, "callback_hang": Mode.HANG, "callback_late": Mode.LATE}
 
 
@@ -46,6 +47,7 @@ class Event:
 @dataclass
 class Injector:
     redis_server: RedisServer
+    redis_proxy: ReplyDelayProxy        # the Redis-protocol workers' way to redis-server
     standin: SupabaseStandin
     front: SupabaseFront
     producer: Producer
@@ -53,6 +55,7 @@ class Injector:
     new_pod_b: Callable[[int], Pod]      # n → the n-th second pod (a new RUNPOD_POD_ID each time)
     clock: Callable[[], float]
     redis_lock: threading.Lock
+    rng: random.Random                   # choices made at injection time (which busy worker)
     events: list[Event] = field(default_factory=list)
     pods: list[Pod] = field(default_factory=list)     # every pod ever started, for the logs and teardown
 
@@ -76,10 +79,11 @@ class Injector:
             self._instant(fault)
             return
         with self._lock:
-            if resource in self._busy:
-                self._record(fault.kind, f"skipped: {resource} still busy ({fault.describe()})", done=False)
-                return
+            busy = resource in self._busy
             self._busy.add(resource)
+        if busy:
+            self._record(fault.kind, f"skipped: {resource} still busy ({fault.describe()})", done=False)
+            return
         thread = threading.Thread(target=self._lasting, args=(fault, resource), name=f"soak-{fault.kind}",
                                   daemon=True)
         self._threads.append(thread)
@@ -92,6 +96,7 @@ class Injector:
             thread.join(max(0.1, deadline - time.monotonic()))
         self.front.set_mode(Mode.PASS)
         self.standin.set_storage_failing(None)
+        self.redis_proxy.release()
         if not self.redis_server.running:
             self.redis_server.start()
 
@@ -137,6 +142,12 @@ class Injector:
 
     def _redis(self, fault: Fault) -> None:
         server = self.redis_server
+        if fault.kind == "redis_slow_replies":
+            seconds = fault.params["seconds"]
+            self._record(fault.kind, f"replies to the Redis-protocol workers held for {seconds:.1f} s")
+            self.redis_proxy.hold(seconds)
+            time.sleep(seconds)
+            return
         if fault.kind == "redis_pause":
             seconds = fault.params["seconds"]
             pid = server.pid
@@ -156,14 +167,33 @@ class Injector:
             self.producer.client.connection_pool.disconnect()
 
     def _callback(self, fault: Fault) -> None:
-        seconds = fault.params["seconds"]
+        """A callback outage; with ``cold_stop_after``, a worker busy at that moment in the window (most likely
+        inside its callback delivery) gets the cold stop: the orchestrator's grace running out mid-outage."""
+        seconds, stop_after = fault.params["seconds"], fault.params.get("cold_stop_after")
         mode = CALLBACK_MODES[fault.kind]
-        self._record(fault.kind, f"job-callback {mode.value} for {seconds:.1f} s")
+        self._record(fault.kind, f"job-callback {mode.value} for {seconds:.1f} s"
+                     + (f", cold stop of a busy worker after {stop_after:.1f} s" if stop_after else ""))
         self.front.set_mode(mode)
         try:
-            time.sleep(seconds)
+            if stop_after:
+                time.sleep(stop_after)
+                self._cold_stop_a_busy_worker()
+                time.sleep(seconds - stop_after)
+            else:
+                time.sleep(seconds)
         finally:
             self.front.set_mode(Mode.PASS)
+
+    def _cold_stop_a_busy_worker(self) -> None:
+        busy = [(pod, kind) for pod in (self.pod_a, self.pod_b) if pod is not None and pod.up
+                for kind in pod.busy_kinds()]
+        if not busy:
+            self._record("worker_cold_stop", "skipped: no worker busy in the callback outage", done=False)
+            return
+        pod, kind = self.rng.choice(busy)
+        pid = pod.signal_group(kind, signal.SIGINT)
+        self._record("worker_cold_stop", f"SIGINT to the process group of busy {pod.name}/{kind} "
+                     f"({pod.transport(kind)}) in the callback outage, leader {pid}", pid is not None)
 
     def _storage(self, fault: Fault) -> None:
         seconds = fault.params["seconds"]

@@ -1,9 +1,11 @@
 """What must hold once the soak's fleet has settled, and the evidence of every violation.
 
 Per job (the callbacks the stand-in recorded): exactly one terminal callback. None is a lost job. Several
-are split by their bytes: the same bytes again are an at-least-once re-delivery (the worker or the outbox sent
-a callback whose answer it never saw: reported apart, not a failure); different bytes are a second *run* of the
-job (the fake handler puts a fresh ``run`` token and its pid in every completed callback), a duplicate.
+are split by their bytes. Different bytes are a second *run* of the job (the fake handler puts a fresh ``run``
+token and its pid in every completed callback): a duplicate. The same bytes again are judged by the front's
+record of each POST (:class:`~tests.fleet.faults.Exchange`): sent again after an earlier copy had been answered
+2xx within the caller's timeout, it is a duplicate delivery (e.g. several outbox senders); sent again when no
+copy had been acknowledged yet, it is an at-least-once re-delivery, reported apart and not a failure.
 A completed job's assets must all be in storage (the count it asked for, each object with the size the
 callback states); a job told to fail must never be reported completed.
 
@@ -25,6 +27,7 @@ import redis
 from workers.core import keys
 from workers.local.supabase_standin import ReceivedCallback, SupabaseStandin
 
+from ..faults import Exchange
 from ..jobs import QUEUES, TERMINAL
 from .injector import Event
 from .producer import SoakJob
@@ -123,8 +126,13 @@ class RedisState:
 
 class Checker:
     def __init__(self, jobs: dict[str, SoakJob], standin: SupabaseStandin, client: redis.Redis,
-                 events: list[Event], log_files: Iterable[Path], epoch: float, run_end: float):
+                 events: list[Event], log_files: Iterable[Path], epoch: float, run_end: float,
+                 exchanges: Iterable[Exchange] = (), client_timeout: float = 2.0):
         self.jobs = jobs
+        self.exchanges: dict[bytes, list[Exchange]] = defaultdict(list)
+        for exchange in sorted(exchanges, key=lambda e: e.arrived):
+            self.exchanges[exchange.body].append(exchange)
+        self.client_timeout = client_timeout
         self.objects = standin.objects
         self.callbacks: dict[str, list[ReceivedCallback]] = defaultdict(list)
         for cb in standin.callbacks():
@@ -150,9 +158,13 @@ class Checker:
             first = terminal[0].body
             outcomes[(job.behaviour, first["status"] if first["status"] == "completed"
                       else f"failed {first['metadata'].get('error_type')}")] += 1
-            if len(terminal) > len(distinct):
+            benign, after_ack = self.resent(distinct, len(terminal))
+            if benign:
                 redelivered_jobs += 1
-                redelivered_posts += len(terminal) - len(distinct)
+                redelivered_posts += benign
+            if after_ack:
+                violations.append(Violation("sent again after ack", job.id, f"{after_ack} more POSTs of a terminal "
+                                                                            f"callback already acknowledged"))
             if len(distinct) > 1:
                 statuses = "/".join(json.loads(raw)["status"] for raw in distinct)
                 violations.append(Violation("run twice", job.id, f"{len(distinct)} different terminal callbacks "
@@ -176,7 +188,7 @@ class Checker:
             return Check(name, n == 0, "ok" if n == 0 else ", ".join(f"{kinds[b]} {b}" for b in bad if kinds[b]))
         stale_attempts = sum(1 for a in self.state.attempts.values() for j in a if self.terminal(j))
         checks = [
-            check("every job exactly one terminal callback", "lost", "run twice"),
+            check("every job exactly one terminal callback", "lost", "run twice", "sent again after ack"),
             check("completed jobs' files all in storage", "files missing"),
             check("no success reported for a job told to fail", "false success"),
             check("queues empty", "left waiting"),
@@ -189,6 +201,21 @@ class Checker:
             Check("claims left", None, str(len(self.state.claims))),
         ]
         return Verdict(checks, violations, outcomes, redelivered_jobs, redelivered_posts)
+
+    def resent(self, bodies: list[bytes], received: int) -> tuple[int, int]:
+        """(re-sent copies no sender knew were delivered, copies sent after one was acknowledged). Without the
+        front's record (no exchanges), every extra copy counts as a re-delivery."""
+        benign = after_ack = 0
+        for body in bodies:
+            posts = self.exchanges.get(body, [])
+            for k, post in enumerate(posts[1:], start=1):
+                if any(p.acknowledged(self.client_timeout) and p.answered <= post.arrived for p in posts[:k]):
+                    after_ack += 1
+                else:
+                    benign += 1
+        if not self.exchanges:
+            benign = received - len(bodies)
+        return benign, after_ack
 
     def terminal(self, job_id: str) -> list[ReceivedCallback]:
         return [c for c in self.callbacks.get(job_id, []) if c.status in TERMINAL]
@@ -214,7 +241,8 @@ class Checker:
             found += [Violation("left waiting", j, f"still waiting in {queue}") for j in ids]
         for key, ids in self.state.processing.items():
             found += [Violation("stranded in processing", j, f"still in {key}") for j in ids]
-        found += [Violation("stranded in outbox", j, "terminal callback still in the outbox") for j in self.state.outbox]
+        found += [Violation("stranded in outbox", j, "terminal callback still in the outbox")
+                  for j in self.state.outbox]
         for queue, ids in self.state.dead.items():
             for job_id in ids:
                 statuses = [c.status for c in self.terminal(job_id or "")]
@@ -238,6 +266,12 @@ class Checker:
                 copy = f" body #{raws.setdefault(cb.raw, len(raws) + 1)}"
             lines.append(f"callback at {cb.at - self.epoch:.1f} s: {cb.status}{copy} by {cb.body.get('worker_id')}"
                          + "".join(f" {k}={meta[k]}" for k in ("attempt", "pid", "run", "error_type") if k in meta))
+        for raw, number in raws.items():
+            posts = self.exchanges.get(raw, [])
+            if posts:
+                lines.append(f"body #{number} POSTed {len(posts)}x: " + ", ".join(
+                    f"at {p.arrived - self.epoch:.1f} s answered {p.status} after {p.answered - p.arrived:.1f} s"
+                    for p in posts[:6]))
         lines += [f"redis: {where}" for where in self.state.where(job_id)]
         if job is not None:
             last = max([cb.at - self.epoch for cb in self.callbacks.get(job_id, [])] or [self.run_end])
@@ -249,7 +283,9 @@ class Checker:
         """The first log lines of every pod (rotated files oldest first) that name each of ``job_ids``:
         one pass over the logs, however many jobs are asked for."""
         found: dict[str, list[str]] = defaultdict(list)
-        for path in sorted(self.log_files, key=lambda p: (p.parent, -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)):
+        def oldest_first(path: Path) -> tuple:   # orchestrator.log.2 is older than .1, which is older than .log
+            return path.parent, -int(path.suffix[1:]) if path.suffix[1:].isdigit() else 0
+        for path in sorted(self.log_files, key=oldest_first):
             try:
                 with open(path, errors="replace") as f:
                     for line in f:

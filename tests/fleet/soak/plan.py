@@ -20,6 +20,7 @@ FAULT_WEIGHTS = {
     "worker_cold_stop": 2,   # SIGINT to one worker's process group (the orchestrator's cold stop)
     "redis_pause": 2,        # SIGSTOP redis-server longer than the clients' timeout, then SIGCONT
     "redis_restart": 1,      # SIGKILL redis-server, then start it again on the same append-only file
+    "redis_slow_replies": 2,  # replies to the Redis-protocol workers held past their timeout (commands run)
     "callback_refuse": 2,    # job-callback answers 503 for a while
     "callback_hang": 1,      # job-callback never answers (nothing reaches the app) for a while
     "callback_late": 1,      # job-callback reaches the app, the answer is held past the caller's timeout
@@ -48,7 +49,8 @@ class SoakConfig:
         ``SOAK_REST_FAULT_RATE``, ``SOAK_OUT``: each bounded; a bad value is one ``ConfigError`` line."""
         r = _Reader(env)
         given = r.raw("SOAK_SEED")
-        seed = int(r.number("SOAK_SEED", 0, 0, 2**32 - 1)) if given is not None else random.SystemRandom().randrange(2**32)
+        seed = (int(r.number("SOAK_SEED", 0, 0, 2**32 - 1)) if given is not None
+                else random.SystemRandom().randrange(2**32))
         return cls(minutes=r.number("SOAK_MINUTES", default_minutes, 0.2, 1440),
                    seed=seed,
                    jobs_per_second=r.number("SOAK_JOBS_PER_SECOND", 1.5, 0.1, 20),
@@ -103,10 +105,13 @@ def _params(kind: str, rng: random.Random, redis_client_timeout: float) -> dict[
         if kind == "worker_sigkill":
             params["target"] = rng.choice(("process", "group"))
         return params
-    if kind == "redis_pause":
+    if kind in ("redis_pause", "redis_slow_replies"):
         return {"seconds": rng.uniform(1.5, 3.0) * redis_client_timeout}
     if kind == "redis_restart":
         return {"down_seconds": rng.uniform(0.5, 3.0)}
     if kind in WINDOW_SECONDS:
-        return {"seconds": rng.uniform(*WINDOW_SECONDS[kind])}
+        seconds = rng.uniform(*WINDOW_SECONDS[kind])
+        if kind.startswith("callback_") and rng.random() < 0.5:
+            return {"seconds": seconds, "cold_stop_after": rng.uniform(0.4, 0.8) * seconds}
+        return {"seconds": seconds}
     return {}

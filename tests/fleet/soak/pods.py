@@ -1,7 +1,8 @@
 """A pod of the soak: one ``python -m orchestrator`` fleet (memory manager, router, the three model workers with
 the fake handler), with its own ``RUNPOD_POD_ID``, ports and log directory, sharing Redis and Supabase with the
 other pods. Each pod consumes some queues over Upstash REST (through the faulty front) and the others over the
-Redis protocol, so every family is served over both transports while two pods run.
+Redis protocol (through the reply-delaying proxy), so every family is served over both transports while two
+pods run.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 from pathlib import Path
 
 import psutil
+import requests
 
 from workers.local.redis_server import RedisServer
 
@@ -36,24 +38,27 @@ class Pod:
     """One fleet. ``name`` is its ``RUNPOD_POD_ID`` (the workers' ids start with it)."""
 
     def __init__(self, name: str, role: str, tmp: Path, redis_server: RedisServer, front: SupabaseFront,
-                 rest_url: str, rest_token: str):
+                 redis_url: str, rest_url: str, rest_token: str):
         self.name = name
         self.role = role
         self.rest_kinds = REST_KINDS[role]
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
-        commands = {f"FLEET_COMMAND_{kind.upper()}": self._command(kind, queue, rest_url, rest_token)
+        commands = {f"FLEET_COMMAND_{kind.upper()}": self._command(kind, queue, redis_url, rest_url, rest_token)
                     for kind, queue in FAKE_QUEUES.items()}
         env = rig_env(redis_server, front, free_ports(), tmp, **{**fake_fleet_env(tmp / "no-models"), **commands,
                                                                   **SOAK_FLEET_ENV, "RUNPOD_POD_ID": name})
         self.fleet = Fleet(env, tmp / "fleet.log")
         self.log_dir = tmp / "logs"
         self.up = False
+        self._session = requests.Session()
+        self._session.trust_env = False
 
-    def _command(self, kind: str, queue: str, rest_url: str, rest_token: str) -> str:
+    def _command(self, kind: str, queue: str, redis_url: str, rest_url: str, rest_token: str) -> str:
         transport = (f"-u REDIS_URL UPSTASH_REDIS_REST_URL={rest_url} UPSTASH_REDIS_REST_TOKEN={rest_token} "
-                     if kind in self.rest_kinds else "")
-        return f"env {transport}FAKE_QUEUE={queue} {{python}} -m workers {kind} --port {{port}} --handler {FAKE_HANDLER}"
+                     if kind in self.rest_kinds else f"REDIS_URL={redis_url} ")
+        return (f"env {transport}FAKE_QUEUE={queue} {{python}} -m workers {kind} --port {{port}} "
+                f"--handler {FAKE_HANDLER}")
 
     def transport(self, kind: str) -> str:
         return "rest" if kind in self.rest_kinds else "redis"
@@ -104,6 +109,17 @@ class Pod:
         except ProcessLookupError:
             return None
         return leader
+
+    def busy_kinds(self) -> list[str]:
+        """The model workers of this pod running a job now (their ``/status``), in a fixed order."""
+        busy = []
+        for kind in FAKE_QUEUES:
+            try:
+                if self._session.get(f"{self.fleet.url(kind)}/status", timeout=2).json().get("busy"):
+                    busy.append(kind)
+            except (requests.RequestException, ValueError):
+                continue
+        return busy
 
     def programs(self) -> dict[str, dict]:
         return self.fleet.programs()
