@@ -37,7 +37,8 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 @dataclass
 class FakeService:
     """What ``register_routes`` reads from the lead's service: settings, metrics, busy, handler, and the
-    residency state the routes consult (``unloaded``, ``gpu_lock``, ``memory``: no memory manager here)."""
+    residency state the routes consult (``unloaded``, ``gpu_lock``, ``memory``: no memory manager here, and
+    ``_load``, which the real service runs after reserving)."""
 
     settings: Settings
     handler: ChatHandler
@@ -46,11 +47,18 @@ class FakeService:
     unloaded: bool = False
     gpu_lock: Any = field(default_factory=threading.Lock)
     memory: Any = None
+    loads: list[str] = field(default_factory=list)
+
+    def _load(self, which: str) -> str:
+        message = self.handler.load(which)
+        self.unloaded = False
+        self.loads.append(which)
+        return message
 
 
 class Served:
     def __init__(self, handler: ChatHandler, settings: Settings):
-        service = FakeService(settings, handler, Metrics())
+        service = self.service = FakeService(settings, handler, Metrics())
         app = create_base_app("chat-worker", lambda: (handler.engine.running, {}), service.metrics)
         handler.register_routes(app, service)
         self.server = BackgroundServer(app, name="chat-test-http")

@@ -297,7 +297,8 @@ class Engine:
                 log.warning("slot cache for %s failed", loaded.name.value, exc_info=True)
             memory.release(loaded.device)   # the half-built slot cache
         if retry:
-            schedule = self._slot_retry.setdefault(loaded.name, memory.Retry(SLOT_RETRY_SECONDS, SLOT_RETRY_CAP_SECONDS))
+            schedule = self._slot_retry.setdefault(loaded.name,
+                                                   memory.Retry(SLOT_RETRY_SECONDS, SLOT_RETRY_CAP_SECONDS))
             schedule.failed()
             reason += f"; the slot cache is tried again once idle, {schedule.next_at - time.monotonic():.0f} s from now"
         if reason != "off":

@@ -14,10 +14,11 @@ from workers.core.http import ApiError
 from workers.core.job import Job, JobType, Queue
 from workers.core.settings import Settings
 
-from . import api
+from . import api, memory
 from .engine import Engine
-from .models import ModelName, ModelStore, ModelUnavailable
+from .models import ModelName, ModelStore, ModelUnavailable, model_dtype
 from .request import Fields, chat_request, enhance_request
+from .residency import LazyLoads
 from .sampling import MAX_NEW_TOKENS
 from .service import ChatService, Patience, Reply
 
@@ -41,7 +42,8 @@ class ChatHandler:
         self.engine = Engine(self.store, max_batch=settings.chat_max_batch, static_cache=settings.chat_static_cache,
                              cuda_graphs=settings.chat_cuda_graphs, compile_decode=settings.chat_compile_decode,
                              max_waiting=settings.chat_max_waiting)
-        self.chat = ChatService(settings, self.store, self.engine)
+        self.lazy = LazyLoads(self.store, self.reservation_gb)
+        self.chat = ChatService(settings, self.store, self.engine, load_lazily=self.lazy.load)
 
     # ---------------------------------------------------------------- lifecycle
     def setup(self) -> None:
@@ -107,8 +109,20 @@ class ChatHandler:
         return "; ".join(done)
 
     def unload(self, which: str) -> str:
-        return "; ".join(f"{name.value} {'unloaded' if self.engine.unload(name) else 'was not loaded'}"
-                         for name in _which(which))
+        done = []
+        for name in _which(which):
+            unloaded = self.engine.unload(name)
+            self.lazy.unloaded(name)
+            done.append(f"{name.value} {'unloaded' if unloaded else 'was not loaded'}")
+        return "; ".join(done)
+
+    def reservation_gb(self, name: ModelName) -> float:
+        """What ``name`` needs reserved while served here: weights + its slot KV cache + a prefill (memory.py)."""
+        path = self.store.path(name)
+        if path is None:
+            raise ModelUnavailable(f"{name.value} is not configured on this worker")
+        return memory.reservation_gb(path, model_dtype(self.store.device), self.engine.max_batch,
+                                     self.store.max_context, self.engine.max_prefill_tokens)
 
     # ---------------------------------------------------------------- status
     def models_available(self) -> dict[str, dict[str, bool]]:
@@ -127,6 +141,7 @@ class ChatHandler:
                            "max_batch": self.engine.max_batch}}
 
     def register_routes(self, app: Any, service: Any) -> None:
+        self.lazy.memory = service.memory   # first-use loads reserve with the service's memory client
         api.register_routes(app, service)
 
 

@@ -91,12 +91,17 @@ class LoadedModel:
                 "chat_template": self.has_chat_template}
 
 
+def model_dtype(device: torch.device) -> torch.dtype:
+    """What the models are loaded in: bf16 on CUDA, fp32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def load_model(name: ModelName, path: Path, device: torch.device, max_context: int) -> LoadedModel:
     """Load one model folder offline: bf16 on CUDA, fp32 on CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = model_dtype(device)
     kwargs: dict[str, Any] = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, **kwargs)
     model = model.to(device).eval()
@@ -141,6 +146,10 @@ class ModelStore:
 
     def configured(self, name: ModelName) -> bool:
         return self._paths[name] is not None
+
+    def path(self, name: ModelName) -> Path | None:
+        """The model's folder (never shown to clients: it is a filesystem path)."""
+        return self._paths[name]
 
     def failed(self, name: ModelName) -> bool:
         """Whether the last load of this model failed (it is then loaded again only when asked explicitly)."""

@@ -9,6 +9,7 @@ an iterator of text deltas that ends with the ``Reply``; it ends with a timeout 
 """
 from __future__ import annotations
 
+import logging
 import queue
 import time
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from .models import LoadedModel, ModelName, ModelStore, ModelUnavailable
 from .prompt import Prompt, chat_prompt, prompt_budget, text_prompt
 from .request import ChatRequest
 from .sfw import WordFilter
+
+log = logging.getLogger(__name__)
 
 DEFAULT_INSTRUCTION = Path(__file__).with_name("enhance_system.txt")
 
@@ -71,22 +74,25 @@ def load_instruction(path: Path | None) -> str:
 
 
 class ChatService:
-    def __init__(self, settings: Settings, store: ModelStore, engine: Engine):
+    def __init__(self, settings: Settings, store: ModelStore, engine: Engine,
+                 load_lazily: Callable[[ModelName], LoadedModel] | None = None):
         self.store = store
         self.engine = engine
+        self.load_lazily = load_lazily or store.load   # the base model's first-use load (the handler reserves)
         self.timeout = settings.chat_request_timeout_seconds
         self.words = WordFilter.from_file(settings.chat_sfw_words_path)
         self.instruction = load_instruction(settings.chat_enhance_template_path)
 
     def resolve(self, requested: ModelName) -> LoadedModel:
-        """The requested model; the base model loads on first use; else the other loaded model (reported as
-        a fallback in model_info); else ``ModelUnavailable``."""
+        """The requested model; the base model loads on first use (``load_lazily``); else the other loaded model
+        (reported as a fallback in model_info); else ``ModelUnavailable``."""
         loaded = self.store.get(requested)
         if loaded is None and requested is ModelName.BASE and self.store.configured(requested) \
                 and not self.store.failed(requested):
             try:
-                loaded = self.store.load(requested)
-            except ModelUnavailable:
+                loaded = self.load_lazily(requested)
+            except ModelUnavailable as exc:
+                log.warning("%s not loaded on demand (%s); falling back", requested.value, exc.message)
                 loaded = None
         loaded = loaded or self.store.get(requested.other)
         if loaded is None:
