@@ -12,7 +12,9 @@ restarts a healthy process (review #15; #11 for the same starvation by long requ
 - **Reading is not serving.** Each connection is read by a thread of its own (the pool holds one per
   connection, up to gunicorn's ``worker_connections``), and the body is read up to the app's own limit
   (Flask's ``MAX_CONTENT_LENGTH``, + 1 byte so the app can still answer 413) before the app sees the request.
-  A slow body therefore never occupies the app, nor, through the router, an upstream worker.
+  A slow body therefore never occupies the app, nor, through the router, an upstream worker. A body without
+  ``Content-Length`` (chunked) that goes past the limit is refused here with a JSON 413: werkzeug would hand
+  the app such a stream cut at the limit, without an error, and the router would forward it truncated.
 - **The app's concurrency is bounded separately.** At most ``threads`` requests run in the app at once;
   requests for ``health_paths`` skip that bound, so neither load nor slow clients make a process look dead.
 - **Connections are closed where they were served.** A closing connection lingers up to 2 s to drain unread
@@ -40,13 +42,20 @@ from gunicorn.workers.gthread import _DEFER, DEFAULT_WORKER_DATA_TIMEOUT, Thread
 #: Body bytes read ahead when the app states no limit of its own (every fleet app does: create_base_app).
 DEFAULT_MAX_BODY = 1024 * 1024
 
-_TIMEOUT_BODY = json.dumps({"success": False, "error": "request not received in time"}).encode()
-_TIMEOUT_ANSWER = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: application/json\r\n"
-                   b"Content-Length: %d\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY))
-
 
 class RequestTimeout(Exception):
     """The request (line, headers and body) did not arrive within the read deadline."""
+
+
+class BodyTooLarge(Exception):
+    """A body without Content-Length went past the app's limit."""
+
+
+def _json_answer(status: str, error: str) -> bytes:
+    """A whole HTTP/1.1 answer that closes the connection, with the fleet's JSON error body."""
+    body = json.dumps({"success": False, "error": error}).encode()
+    return (b"HTTP/1.1 %s\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (status.encode(), len(body), body))
 
 
 class _DeadlineSocket:
@@ -146,6 +155,8 @@ class DeadlineWorker(ThreadWorker):
             conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             req._expected_100_continue = False
         head = req.body.read(self._max_body + 1)
+        if len(head) > self._max_body and all(name != "CONTENT-LENGTH" for name, _ in req.headers):
+            raise BodyTooLarge()  # a declared length over the limit is the app's 413, without reading on
         req.body = Body(_ReadAhead(head, req.body))
 
     def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
@@ -156,13 +167,18 @@ class DeadlineWorker(ThreadWorker):
             return False
 
     def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: BaseException) -> None:
-        if not isinstance(exc, RequestTimeout):
+        if isinstance(exc, RequestTimeout):
+            self.log.warning("request from %s not received within %g s (HTTP_READ_TIMEOUT_SECONDS): 408, closed",
+                             (addr or ("?",))[0], self.read_timeout)
+            answer = _json_answer("408 Request Timeout", "request not received in time")
+        elif isinstance(exc, BodyTooLarge):
+            answer = _json_answer("413 Request Entity Too Large",
+                                  f"request body is larger than {self._max_body} bytes")
+        else:
             super().handle_error(req, client, addr, exc)
             return
-        self.log.warning("request from %s not received within %g s (HTTP_READ_TIMEOUT_SECONDS): 408, closed",
-                         (addr or ("?",))[0], self.read_timeout)
         try:
-            util.write_nonblock(client, _TIMEOUT_ANSWER)
+            util.write_nonblock(client, answer)
         except OSError:
             pass
 

@@ -180,7 +180,7 @@ def start_router(tmp_path: Path, sdxl_port: int, wan_port: int, **extra: str) ->
 
 @pytest.fixture
 def router(tmp_path: Path, backend: Backend) -> Iterator[str]:
-    proc, url = start_router(tmp_path, backend.server.port, free_port())
+    proc, url = start_router(tmp_path, backend.server.port, free_port(), ROUTER_MAX_BODY_MB="1")
     yield url
     proc.terminate()
     proc.wait(20)
@@ -189,13 +189,33 @@ def router(tmp_path: Path, backend: Backend) -> Iterator[str]:
 def test_router_health_answers_while_slow_clients_are_cut_at_the_deadline(router: str, backend: Backend) -> None:
     port = int(router.rsplit(":", 1)[1])
     clients = pin(port, THREADS + 1, give_up=DEADLINE + 8)
+    # a kept-alive connection: one whole request, then the next one dripped (its own deadline, from its start)
+    kept_alive = SlowClient(port, b"GET /router/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" + SLOW_HEADERS,
+                            give_up=DEADLINE + 8)
+    kept_alive.start()
     prober = Prober([f"{router}/router/health", f"{router}/health"], duration=DEADLINE + 3).run()
     assert prober.slow_or_failed() == []
-    assert_cut_at_the_deadline(clients)
+    assert_cut_at_the_deadline(clients + [kept_alive])
     assert all(c.answer.startswith(b"HTTP/1.1 408") for c in clients), {c.answer[:40] for c in clients}
+    assert kept_alive.answer.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in kept_alive.answer
     assert backend.seen == []  # a slow body is cut before any upstream call
     answer = SESSION.post(f"{router}/sdxl/generate", json={"prompt": "x"}, timeout=10)
     assert answer.status_code == 200 and backend.seen == ["/generate"]  # and the router still forwards
+
+
+def test_a_chunked_body_over_the_limit_is_413_not_forwarded_cut_short(router: str, backend: Backend) -> None:
+    """A body without Content-Length is read ahead like any other; past the limit (1 MiB here) it is refused,
+    never handed on truncated (werkzeug alone cuts such a stream at the limit without an error)."""
+    size = 1024 * 1024 + 4096
+    request = (b"POST /sdxl/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n%x\r\n{%s}\r\n0\r\n\r\n" % (size, b" " * (size - 2)))
+    with socket.create_connection(("127.0.0.1", int(router.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(request)
+        answer = sock.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and b"application/json" in head, answer[:300]
+    assert "larger than" in json.loads(body)["error"]
+    assert backend.seen == []
 
 
 def test_router_health_fan_out_does_not_queue_callers_behind_a_hung_worker(tmp_path: Path, backend: Backend,
