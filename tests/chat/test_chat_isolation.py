@@ -11,13 +11,11 @@ chat`` process under gunicorn with slowed decode steps (slow.py).
 from __future__ import annotations
 
 import dataclasses
-import gc
 import itertools
-import socket
 import json
+import socket
 import threading
 import time
-import types
 import weakref
 from typing import Any, Callable
 

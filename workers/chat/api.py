@@ -55,7 +55,6 @@ def api_errors(view: Callable) -> Callable:
     return wrapper
 
 
-
 def http_patience(handler: "ChatHandler") -> Patience:
     """This request's: the deadline, a disconnect check on its socket, shed when the line is full."""
     return handler.chat.http_patience(disconnect_check(http_request.environ))
