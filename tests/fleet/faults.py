@@ -4,7 +4,8 @@
   except that the ``job-callback`` path can be switched to answer 503 (``REFUSE``), to hold each request
   without ever answering or forwarding it (``HANG``: the caller's read timeout fires), or to forward it (the
   app has the callback) and then hold the answer (``LATE``: the caller's read timeout fires, so it cannot
-  know the callback arrived), until switched back. Every forwarded callback is kept as an :class:`Exchange`
+  know the callback arrived), or to forward each one only after a delay (``SLOW``: a slow app, answered within
+  the caller's timeout), until switched back. Every forwarded callback is kept as an :class:`Exchange`
   (body, when it came, when and how it was answered), so a checker can tell a callback sent again because its
   answer never came back (at-least-once) from one sent again after it was acknowledged (a duplicate).
 - :class:`ReplyDelayProxy`: a TCP proxy on loopback in front of redis-server for the workers that speak the
@@ -16,6 +17,7 @@
 """
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import threading
@@ -38,6 +40,7 @@ class Mode(str, Enum):
     REFUSE = "refuse"   # 503 at once
     HANG = "hang"       # accept, never answer (until the mode changes; then 504 to a caller long gone)
     LATE = "late"       # forward (the app records it), answer only once the mode changes: the answer is lost
+    SLOW = "slow"       # forward after ``delay`` seconds (a slow app, still within the caller's timeout)
 
 
 @dataclass(frozen=True)
@@ -58,18 +61,21 @@ class SupabaseFront(BackgroundServer):
     def __init__(self, upstream: str):
         self.upstream = upstream.rstrip("/")
         self.mode = Mode.PASS
+        self.delay = 0.0
         self.refused = 0
         self.hung = 0
         self.late = 0
         self.exchanges: list[Exchange] = []
+        self._senders: list[tuple[float, str]] = []    # (time.monotonic(), worker_id) of terminal callbacks
         self._changed = threading.Condition()
         self._http = urllib3.PoolManager(maxsize=64, retries=False, timeout=urllib3.Timeout(connect=5, read=60))
         app = Flask("supabase-front")
 
         @app.route("/<path:path>", methods=["GET", "POST", "PUT", "DELETE"])
         def forward(path: str) -> Response:
-            late = False
+            arrived, late = time.time(), False
             if path == CALLBACK_PATH:
+                self._note_sender(request.get_data())
                 with self._changed:
                     mode = self.mode
                     if mode is Mode.REFUSE:
@@ -82,11 +88,14 @@ class SupabaseFront(BackgroundServer):
                     if mode is Mode.LATE:
                         self.late += 1
                         late = True
+                    delay = self.delay if mode is Mode.SLOW else 0.0
+                if delay:
+                    time.sleep(delay)
             url = f"{self.upstream}/{path}"
             if request.query_string:
                 url += "?" + request.query_string.decode("latin-1")
             headers = {k: v for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED}
-            arrived, body = time.time(), request.get_data()
+            body = request.get_data()
             answer = self._http.request(request.method, url, body=body, headers=headers)
             if late:
                 with self._changed:
@@ -98,9 +107,27 @@ class SupabaseFront(BackgroundServer):
 
         super().__init__(app, name="supabase-front")
 
-    def set_mode(self, mode: Mode) -> None:
+    def _note_sender(self, body: bytes) -> None:
+        try:
+            sent = json.loads(body)
+        except ValueError:
+            return
+        if isinstance(sent, dict) and sent.get("status") in ("completed", "failed"):
+            with self._changed:
+                self._senders.append((time.monotonic(), str(sent.get("worker_id"))))
+                del self._senders[:-200]
+
+    def terminal_senders(self, within: float) -> set[str]:
+        """Worker ids that POSTed a terminal callback (in any mode) in the last ``within`` seconds: in an
+        outage, the workers now inside their callback delivery."""
+        since = time.monotonic() - within
         with self._changed:
-            self.mode = mode
+            return {worker for at, worker in self._senders if at >= since}
+
+    def set_mode(self, mode: Mode, delay: float = 0.0) -> None:
+        """Switch the job-callback path to ``mode`` (``delay``: seconds before forwarding, ``SLOW`` only)."""
+        with self._changed:
+            self.mode, self.delay = mode, delay
             self._changed.notify_all()
 
     def stop(self) -> None:

@@ -31,7 +31,7 @@ def test_reply_delay_proxy_runs_the_command_but_the_reply_comes_too_late(redis_s
 
 def test_late_callbacks_reach_the_app_and_their_answers_come_after_the_caller_gave_up(supabase_standin):
     front = SupabaseFront(supabase_standin.url)
-    body = json.dumps({"job_id": "j-late", "status": "completed"}).encode()
+    body = json.dumps({"job_id": "j-late", "status": "completed", "worker_id": "pod-sdxl-0"}).encode()
     headers = {"Authorization": f"Bearer {supabase_standin.service_key}", "apikey": supabase_standin.service_key,
                "Content-Type": "application/json", "X-Callback-Signature": sign(body, supabase_standin.callback_secret)}
     try:
@@ -45,5 +45,22 @@ def test_late_callbacks_reach_the_app_and_their_answers_come_after_the_caller_ga
         late, prompt = sorted(front.exchanges, key=lambda e: e.arrived)
         assert (late.body, late.status, late.acknowledged(0.5)) == (body, 200, False)
         assert prompt.acknowledged(0.5) and front.late == 1
+        assert front.terminal_senders(within=60) == {"pod-sdxl-0"}
+    finally:
+        front.stop()
+
+
+def test_slow_callbacks_are_answered_within_the_callers_timeout_after_the_delay(supabase_standin):
+    front = SupabaseFront(supabase_standin.url)
+    body = json.dumps({"job_id": "j-slow", "status": "failed", "worker_id": "pod-wan-0"}).encode()
+    headers = {"Authorization": f"Bearer {supabase_standin.service_key}", "apikey": supabase_standin.service_key,
+               "Content-Type": "application/json", "X-Callback-Signature": sign(body, supabase_standin.callback_secret)}
+    try:
+        front.set_mode(Mode.SLOW, delay=0.6)
+        assert requests.post(f"{front.url}/functions/v1/job-callback", data=body, headers=headers,
+                             timeout=5).status_code == 200
+        (exchange,) = front.exchanges
+        assert exchange.acknowledged(5.0) and not exchange.acknowledged(0.5)   # it took the delay, no less
+        assert [c.raw for c in supabase_standin.callbacks("j-slow")] == [body]
     finally:
         front.stop()

@@ -31,8 +31,10 @@ log = logging.getLogger("soak")
 
 RESOURCES = {"redis_pause": "redis", "redis_restart": "redis", "redis_slow_replies": "redis",
              "callback_refuse": "callback", "callback_hang": "callback", "callback_late": "callback",
+             "callback_slow": "callback",
              "storage_500": "storage", "pod_toggle": "pod"}
-CALLBACK_MODES = {"callback_refuse": Mode.REFUSE, "callback_hang": Mode.HANG, "callback_late": Mode.LATE}
+CALLBACK_MODES = {"callback_refuse": Mode.REFUSE, "callback_hang": Mode.HANG, "callback_late": Mode.LATE,
+                  "callback_slow": Mode.SLOW}
 
 
 @dataclass
@@ -170,10 +172,11 @@ class Injector:
         """A callback outage; with ``cold_stop_after``, a worker busy at that moment in the window (most likely
         inside its callback delivery) gets the cold stop: the orchestrator's grace running out mid-outage."""
         seconds, stop_after = fault.params["seconds"], fault.params.get("cold_stop_after")
-        mode = CALLBACK_MODES[fault.kind]
+        mode, delay = CALLBACK_MODES[fault.kind], fault.params.get("delay", 0.0)
         self._record(fault.kind, f"job-callback {mode.value} for {seconds:.1f} s"
+                     + (f", each call {delay:.1f} s" if delay else "")
                      + (f", cold stop of a busy worker after {stop_after:.1f} s" if stop_after else ""))
-        self.front.set_mode(mode)
+        self.front.set_mode(mode, delay)
         try:
             if stop_after:
                 time.sleep(stop_after)
@@ -185,15 +188,20 @@ class Injector:
             self.front.set_mode(Mode.PASS)
 
     def _cold_stop_a_busy_worker(self) -> None:
+        """Prefer a worker that POSTed a terminal callback in the last seconds (it is inside its delivery, the
+        window of review findings #1 and #7); else any busy one."""
         busy = [(pod, kind) for pod in (self.pod_a, self.pod_b) if pod is not None and pod.up
                 for kind in pod.busy_kinds()]
+        senders = self.front.terminal_senders(within=3.0)
+        delivering = [(pod, kind) for pod, kind in busy if any(w.startswith(f"{pod.name}-{kind}") for w in senders)]
         if not busy:
             self._record("worker_cold_stop", "skipped: no worker busy in the callback outage", done=False)
             return
-        pod, kind = self.rng.choice(busy)
+        pod, kind = self.rng.choice(delivering or busy)
         pid = pod.signal_group(kind, signal.SIGINT)
-        self._record("worker_cold_stop", f"SIGINT to the process group of busy {pod.name}/{kind} "
-                     f"({pod.transport(kind)}) in the callback outage, leader {pid}", pid is not None)
+        self._record("worker_cold_stop", f"SIGINT to the process group of {pod.name}/{kind} ({pod.transport(kind)}), "
+                     f"{'inside its callback delivery' if delivering else 'busy'} in the outage, leader {pid}",
+                     pid is not None)
 
     def _storage(self, fault: Fault) -> None:
         seconds = fault.params["seconds"]

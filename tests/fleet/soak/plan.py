@@ -24,12 +24,13 @@ FAULT_WEIGHTS = {
     "callback_refuse": 2,    # job-callback answers 503 for a while
     "callback_hang": 1,      # job-callback never answers (nothing reaches the app) for a while
     "callback_late": 1,      # job-callback reaches the app, the answer is held past the caller's timeout
+    "callback_slow": 1,      # job-callback answers each call only after 1-1.8 s (inside the caller's 2 s)
     "storage_500": 2,        # Supabase Storage answers 500 to every upload for a while
     "pod_toggle": 1,         # the second pod (own RUNPOD_POD_ID, same Redis and Supabase) joins or leaves
     "producer_repush": 1,    # the producer pushes a job it already pushed (a retried RPUSH)
 }
 WINDOW_SECONDS = {"callback_refuse": (2.0, 12.0), "callback_hang": (2.0, 8.0), "callback_late": (2.0, 6.0),
-                  "storage_500": (1.0, 8.0)}
+                  "callback_slow": (4.0, 15.0), "storage_500": (1.0, 8.0)}
 KINDS = ("sdxl", "chat", "wan")
 
 
@@ -110,8 +111,10 @@ def _params(kind: str, rng: random.Random, redis_client_timeout: float) -> dict[
     if kind == "redis_restart":
         return {"down_seconds": rng.uniform(0.5, 3.0)}
     if kind in WINDOW_SECONDS:
-        seconds = rng.uniform(*WINDOW_SECONDS[kind])
-        if kind.startswith("callback_") and rng.random() < 0.5:
-            return {"seconds": seconds, "cold_stop_after": rng.uniform(0.4, 0.8) * seconds}
-        return {"seconds": seconds}
+        params = {"seconds": rng.uniform(*WINDOW_SECONDS[kind])}
+        if kind == "callback_slow":
+            params["delay"] = rng.uniform(1.0, 1.8)
+        elif kind.startswith("callback_") and rng.random() < 0.5:
+            params["cold_stop_after"] = rng.uniform(0.4, 0.8) * params["seconds"]
+        return params
     return {}
