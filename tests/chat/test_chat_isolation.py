@@ -437,6 +437,20 @@ def test_a_full_waiting_line_is_refused_at_once_with_503_and_retry_after(fresh_h
         served.stop()
 
 
+def test_requests_that_free_rows_can_take_are_never_shed(engines, endless):
+    """The line counts only requests that must wait for a row: with 4 rows and CHAT_MAX_WAITING 0, four
+    requests submitted at once all run; a fifth, with every row taken, is refused."""
+    engine = engines(True, max_waiting=0)
+    burst = [request(endless, 20 + i, 200) for i in range(4)]
+    for r in burst:
+        engine.submit(r, shed=True)
+    with pytest.raises(RetryableError) as caught:
+        engine.submit(request(endless, 30, 5), shed=True)
+    assert caught.value.error_type is ErrorType.WORKER_UNAVAILABLE and caught.value.delay > 0
+    assert [len(engine.wait(r, 60).token_ids) for r in burst] == [200] * 4
+    assert engine.stats()["shed"] == 1
+
+
 def test_a_chat_job_stops_decoding_when_the_runner_cancels_it(fresh_handler, slow_steps):
     """#11/#4: a chat job polls the runner's progress while it waits; ``JobCancelled`` from progress (its
     deadline) cancels the engine request and propagates. Today progress is called once, before generating, and

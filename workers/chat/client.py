@@ -5,7 +5,8 @@ row decoding to ``max_tokens``. The waiting thread peeks at the request's socket
 The socket is the WSGI server's: ``gunicorn.socket`` (gunicorn sets it in every worker's environ) or
 ``werkzeug.socket`` (the development server the tests use). While the app handles a request nobody else
 reads that socket, so a peek is safe: readable with zero bytes (EOF) or a reset means the client closed its
-side; readable with data is a pipelined next request, not a disconnect.
+side; readable with data is a pipelined next request, not a disconnect. (A client that half-closes its
+sending side right after its request, legal but rare, reads as gone too.)
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ Failures stay as small as they can: a row with non-finite scores or a failed sam
 with a retryable 503; a failed decode step fails that batch's requests and drops the batch, whose memory is
 unreferenced before the next batch is measured. Waiting callers (``wait``) give up on their deadline or when
 their ``check`` raises (the HTTP client went away, the job was cancelled); their row leaves the batch before
-the next step. ``submit(shed=True)`` refuses at once when ``max_waiting`` requests already wait.
+the next step. ``submit(shed=True)`` refuses at once when ``max_waiting`` requests already wait for a row.
 
 Why not transformers' ``ContinuousBatchingManager`` / ``generate_batch`` (5.23): its per-request processors
 cover temperature, top-p and top-k only when the shared generation config enables them; greedy-or-sample
@@ -107,6 +107,7 @@ class Engine:
         self._slot_retry: dict[ModelName, memory.Retry] = {}   # models decoding on a fallback, and when to retry
         self._counters = {"steps": 0, "tokens": 0, "completed": 0, "failed": 0, "shed": 0, "largest_batch": 0}
         self._active = 0
+        self._admitting = 0     # taken out of the waiting line, being prefilled (neither waiting nor active)
 
     # ---------------------------------------------------------------- callers' side
     def start(self) -> None:
@@ -130,12 +131,17 @@ class Engine:
         with self._wake:
             if not self.running:
                 raise ModelUnavailable("the chat engine is not running")
-            if shed and len(self._waiting) >= self.max_waiting:
+            if shed and self._line() >= self.max_waiting:
                 self._counters["shed"] += 1
                 raise Overloaded(len(self._waiting))
             self._waiting.append(request)
             self._wake.notify_all()
         return request.future
+
+    def _line(self) -> int:
+        """Requests that will wait for a row: the waiting ones beyond the rows free now (a burst that arrives
+        during a long prefill is not shed while rows are free)."""
+        return len(self._waiting) - max(0, self.max_batch - self._active - self._admitting)
 
     def run(self, request: GenerationRequest, timeout: float | None, check: Callable[[], None] | None = None,
             shed: bool = False) -> Generation:
@@ -232,9 +238,11 @@ class Engine:
                     self._waiting.append(request)   # next round
                 else:
                     group.append(request)
+            self._admitting = sum(len(group) for group in groups.values())
         for name, group in groups.items():
             if group:
                 self._prefill(name, group)
+                self._admitting -= len(group)
 
     def _prefill(self, name: ModelName, requests: list[GenerationRequest]) -> None:
         loaded = self.store.get(name)
@@ -381,7 +389,7 @@ class Engine:
         for batch in self._batches.values():
             self._fail([r.request for r in batch.rows], error)
         self._batches.clear()
-        self._active = 0
+        self._active = self._admitting = 0
         for device in devices:
             memory.release(device)
 
