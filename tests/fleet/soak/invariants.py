@@ -33,6 +33,7 @@ from .injector import Event
 from .producer import SoakJob
 
 BUCKET = "workspace-temp"
+SLOW_SECONDS = 30.0   # a job this long from push to terminal callback sat somewhere (reported, not a failure)
 LOG_LINES_PER_JOB = 14
 JOB_ID = re.compile(r"soak-[a-z]+-\d{5}-[0-9a-f]{8}")  # producer.py's job ids
 
@@ -59,6 +60,7 @@ class Verdict:
     outcomes: Counter        # (behaviour, outcome) → jobs
     redelivered_jobs: int
     redelivered_posts: int
+    slow: list[Violation] = field(default_factory=list)   # informational: jobs slower than SLOW_SECONDS
 
     @property
     def failed(self) -> bool:
@@ -148,6 +150,8 @@ class Checker:
         violations: list[Violation] = []
         outcomes: Counter = Counter()
         redelivered_jobs = redelivered_posts = 0
+        latencies: list[float] = []
+        slow: list[Violation] = []
         for job in self.jobs.values():
             terminal = self.terminal(job.id)
             distinct = list(dict.fromkeys(c.raw for c in terminal))
@@ -156,6 +160,10 @@ class Checker:
                 outcomes[(job.behaviour, "none")] += 1
                 continue
             first = terminal[0].body
+            took = terminal[0].at - self.epoch - job.pushed_at
+            latencies.append(took)
+            if took > SLOW_SECONDS:
+                slow.append(Violation("slow", job.id, f"{took:.0f} s from push to its terminal callback"))
             outcomes[(job.behaviour, first["status"] if first["status"] == "completed"
                       else f"failed {first['metadata'].get('error_type')}")] += 1
             benign, after_ack = self.resent(distinct, len(terminal))
@@ -178,8 +186,8 @@ class Checker:
                     if missing:
                         violations.append(Violation("files missing", job.id, "; ".join(missing)))
         violations += self.redis_violations()
-        logs = self.log_index({v.job_id for v in violations})
-        for violation in violations:
+        logs = self.log_index({v.job_id for v in violations + slow})
+        for violation in violations + slow:
             violation.evidence = self.evidence(violation.job_id) + [f"log: {line}" for line in logs[violation.job_id]]
         kinds = Counter(v.kind for v in violations)
 
@@ -199,8 +207,10 @@ class Checker:
                   f"{redelivered_jobs} jobs, {redelivered_posts} extra POSTs"),
             Check("attempt counters left for finished jobs", None, str(stale_attempts)),
             Check("claims left", None, str(len(self.state.claims))),
+            Check("push → first terminal callback", None, _spread(latencies)
+                  + f"; {len(slow)} jobs over {SLOW_SECONDS:g} s"),
         ]
-        return Verdict(checks, violations, outcomes, redelivered_jobs, redelivered_posts)
+        return Verdict(checks, violations, outcomes, redelivered_jobs, redelivered_posts, slow)
 
     def resent(self, bodies: list[bytes], received: int) -> tuple[int, int]:
         """(re-sent copies no sender knew were delivered, copies sent after one was acknowledged). Without the
@@ -295,3 +305,11 @@ class Checker:
             except OSError:
                 continue
         return found
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "no terminal callbacks"
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return f"p50 {pick(0.5):.1f} s, p99 {pick(0.99):.1f} s, max {ordered[-1]:.1f} s"

@@ -51,6 +51,11 @@ def render(config: SoakConfig, jobs: dict[str, SoakJob], injector: Injector, res
         for violation in shown:
             lines.append(f"  {violation.kind}: {violation.job_id}: {violation.summary}")
             lines += [f"      {e}" for e in violation.evidence]
+    if verdict.slow:
+        lines.append(f"slow jobs (informational): {len(verdict.slow)}")
+        for violation in (verdict.slow if all_violations else verdict.slow[:5]):
+            lines.append(f"  {violation.job_id}: {violation.summary}")
+            lines += [f"      {e}" for e in violation.evidence]
     lines.append("fault timeline")
     lines += [f"  {e.at:7.1f} s  {e.kind:<18} {e.detail}" for e in injector.events]
     return "\n".join(lines)
@@ -64,4 +69,5 @@ def write(out_dir: Path, text: str, verdict: Verdict, config: SoakConfig) -> Non
         "seed": config.seed, "minutes": config.minutes,
         "outcomes": [{"behaviour": b, "outcome": o, "jobs": n} for (b, o), n in verdict.outcomes.items()],
         "checks": [asdict(c) for c in verdict.checks], "violations": [asdict(v) for v in verdict.violations],
+        "slow": [asdict(v) for v in verdict.slow],
     }, indent=1))
