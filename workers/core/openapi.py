@@ -213,7 +213,7 @@ def _operation(op: Op) -> dict[str, Any]:
 
 
 _REASONS = {400: "bad input (the message names the field)", 401: "missing or invalid key", 409: "busy",
-            413: "request body too large", 502: "backend unreachable", 503: "no model can serve (or loading)",
+            413: "request body too large", 502: "backend unreachable", 503: "no model can serve, loading, or at capacity (Retry-After says when to retry)",
             504: "timed out"}
 
 
