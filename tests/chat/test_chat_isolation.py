@@ -388,7 +388,7 @@ def test_gpu_a_failed_capture_of_one_bucket_keeps_the_others(demo_models, monkey
 def test_the_request_deadline_defaults_under_the_proxy_limit():
     """#11: non-streaming requests get a server-side deadline below RunPod's 100 s proxy limit (was 300 s)."""
     assert Settings.from_env({}).chat_request_timeout_seconds == 60.0
-    assert Settings.from_env({}).chat_max_waiting == 16
+    assert Settings.from_env({}).chat_max_waiting == 8
 
 
 @pytest.fixture

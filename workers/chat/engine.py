@@ -89,7 +89,7 @@ class Generation:
 class Engine:
     def __init__(self, store: ModelStore, max_batch: int = 16, max_prefill_tokens: int = 16384,
                  static_cache: bool = True, cuda_graphs: bool = True, lean_decode: bool = True,
-                 compile_decode: bool = False, max_waiting: int = 16):
+                 compile_decode: bool = False, max_waiting: int = 8):
         self.store = store
         self.max_batch = max_batch
         self.max_waiting = max_waiting     # shed beyond this many waiting requests (``submit(shed=True)``)

@@ -63,6 +63,12 @@ class Settings:
     # Worker life cycle (workers/core/service.py)
     cold_stop_settle_seconds: float = 5.0   # WORKER_COLD_STOP_SETTLE_SECONDS: a cold stop waits for a settling job
     job_timeout_grace_seconds: float = 30.0   # JOB_TIMEOUT_GRACE_SECONDS: past the deadline, then the watchdog
+    # The job loop (workers/core/runner.py): each job type's deadline, and the circuit breaker
+    job_timeout_sdxl_seconds: float = 300.0        # JOB_TIMEOUT_SDXL_SECONDS
+    job_timeout_wan_video_seconds: float = 1200.0  # JOB_TIMEOUT_WAN_VIDEO_SECONDS
+    job_timeout_wan_image_seconds: float = 300.0   # JOB_TIMEOUT_WAN_IMAGE_SECONDS
+    job_timeout_chat_seconds: float = 120.0        # JOB_TIMEOUT_CHAT_SECONDS
+    worker_breaker_threshold: int = 5   # infrastructure failures in a row that stop the worker
     # HTTP auth
     wan_worker_api_key: Secret | None = None
     chat_worker_api_key: Secret | None = None
@@ -103,7 +109,7 @@ class Settings:
     chat_max_batch: int = 16
     chat_max_context_tokens: int = 8192
     chat_request_timeout_seconds: float = 60.0   # CHAT_REQUEST_TIMEOUT_SECONDS: HTTP deadline (RunPod cuts at 100 s)
-    chat_max_waiting: int = 16             # CHAT_MAX_WAITING: requests waiting for a row before HTTP sheds (503)
+    chat_max_waiting: int = 8              # CHAT_MAX_WAITING: requests waiting for a row before HTTP sheds (503)
     chat_reload_wait_seconds: float = 30.0   # CHAT_RELOAD_WAIT_SECONDS: an HTTP request's wait for the GPU lock
     chat_sfw_words_path: Path | None = None
     chat_enhance_template_path: Path | None = None
@@ -134,6 +140,11 @@ class Settings:
             outbox_interval_seconds=r.number("OUTBOX_INTERVAL_SECONDS", 10.0, 0.1, 3600),
             cold_stop_settle_seconds=r.number("WORKER_COLD_STOP_SETTLE_SECONDS", 5.0, 0, 60),
             job_timeout_grace_seconds=r.number("JOB_TIMEOUT_GRACE_SECONDS", 30.0, 0.5, 3600),
+            job_timeout_sdxl_seconds=r.number("JOB_TIMEOUT_SDXL_SECONDS", 300.0, 1, 86400),
+            job_timeout_wan_video_seconds=r.number("JOB_TIMEOUT_WAN_VIDEO_SECONDS", 1200.0, 1, 86400),
+            job_timeout_wan_image_seconds=r.number("JOB_TIMEOUT_WAN_IMAGE_SECONDS", 300.0, 1, 86400),
+            job_timeout_chat_seconds=r.number("JOB_TIMEOUT_CHAT_SECONDS", 120.0, 1, 86400),
+            worker_breaker_threshold=int(r.number("WORKER_BREAKER_THRESHOLD", 5, 2, 1000)),
             wan_worker_api_key=r.secret("WAN_WORKER_API_KEY"),
             chat_worker_api_key=r.secret("CHAT_WORKER_API_KEY"),
             worker_admin_key=r.secret("WORKER_ADMIN_KEY"),
@@ -169,7 +180,7 @@ class Settings:
             chat_max_batch=int(r.number("CHAT_MAX_BATCH", 16, 1, 256)),
             chat_max_context_tokens=int(r.number("CHAT_MAX_CONTEXT_TOKENS", 8192, 64, 1_048_576)),
             chat_request_timeout_seconds=r.number("CHAT_REQUEST_TIMEOUT_SECONDS", 60.0, 1, 3600),
-            chat_max_waiting=int(r.number("CHAT_MAX_WAITING", 16, 0, 100_000)),
+            chat_max_waiting=int(r.number("CHAT_MAX_WAITING", 8, 0, 100_000)),
             chat_reload_wait_seconds=r.number("CHAT_RELOAD_WAIT_SECONDS", 30.0, 0, 600),
             chat_sfw_words_path=r.path("CHAT_SFW_WORDS_PATH"),
             chat_enhance_template_path=r.path("CHAT_ENHANCE_TEMPLATE_PATH"),
@@ -179,6 +190,9 @@ class Settings:
         )
         if settings.poll_min_seconds > settings.poll_max_seconds:
             raise ConfigError("QUEUE_POLL_MIN_SECONDS must not exceed QUEUE_POLL_MAX_SECONDS")
+        if settings.worker_breaker_threshold <= settings.max_attempts:
+            # else one poison job's failures alone would trip the breaker and restart the worker
+            raise ConfigError("WORKER_BREAKER_THRESHOLD must exceed JOB_MAX_ATTEMPTS")
         if settings.upstash_url and not settings.upstash_token and not settings.redis_url:
             raise ConfigError("UPSTASH_REDIS_REST_TOKEN is required with UPSTASH_REDIS_REST_URL")
         return settings
