@@ -2,6 +2,7 @@
 sender's lease expires, and 4xx-refused bodies are kept in ``callbacks:rejected`` for a manual replay.
 
 Everything runs against the real redis-server and the loopback Supabase stand-in."""
+import json
 import logging
 import shlex
 import threading
@@ -154,3 +155,27 @@ def test_three_worker_processes_sharing_the_outbox_deliver_each_entry_once(redis
     finally:
         for worker in workers:
             worker.close()
+
+
+def test_a_worker_whose_callbacks_are_refused_keeps_every_terminal_body(redis_server, redis_client,
+                                                                        supabase_standin, tmp_path):
+    """Review #18 at process level: a worker with a secret the app does not accept (401 on every callback)
+    still acknowledges its job (a 4xx is final), and the terminal body waits in callbacks:rejected."""
+    env = runtime_env(redis_server.url, supabase_standin, tmp_path / "storage", JOB_CALLBACK_SECRET="rotated")
+    worker = WorkerProcess(env, log_path=tmp_path / "worker.log")
+    job = {"id": "refused-job", "type": "sdxl_image_fast", "prompt": "p", "user_id": "user-1", "config": {}}
+    try:
+        worker.wait_healthy()
+        redis_client.rpush("sdxl_queue", json.dumps([json.dumps(job)]))
+        deadline = time.monotonic() + 30
+        while not redis_client.hexists(keys.REJECTED, "refused-job") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        kept = json.loads(redis_client.hget(keys.REJECTED, "refused-job") or b"null")
+        assert kept is not None and kept["job_id"] == "refused-job" and kept["status"] == "completed", kept
+        assert redis_client.llen("sdxl_queue") == 0 and redis_client.hlen(keys.OUTBOX) == 0
+        assert not [k for k in redis_client.keys("sdxl_queue:processing:*") if redis_client.llen(k)]
+        assert supabase_standin.callbacks() == []  # nothing was accepted
+        log = (tmp_path / "worker.log").read_text()
+        assert log.count("refused a callback with HTTP 401") == 1 and "rotated" not in log
+    finally:
+        worker.close()
