@@ -3,7 +3,7 @@ import json
 import pytest
 
 from workers.core import keys
-from workers.core.queue import ReliableQueue
+from workers.core.queue import Claim, ReliableQueue, Settled, Skipped
 from workers.core.transport import TransportError, UpstashRestTransport
 
 Q = "sdxl_queue"
@@ -34,44 +34,107 @@ def test_right_side_for_lpush_producers(transport, redis_client):
     assert [q.fetch(0.1).raw for _ in range(3)] == [job(n) for n in range(3)]
 
 
-def test_fetched_job_sits_in_processing_until_finished(transport, redis_client):
+def test_fetched_job_sits_in_processing_until_settled(transport, redis_client):
     redis_client.rpush(Q, job(1))
     q = make(transport)
     delivery = q.fetch(0.1)
     assert redis_client.llen(Q) == 0  # ops' LLEN shows waiting jobs only
     assert redis_client.lrange(keys.processing(Q, "w1"), 0, -1) == [job(1)]
-    assert q.count_attempt("job-1") == 1
-    q.finish(delivery, "job-1")
+    claim = q.begin(delivery, "job-1")
+    assert claim == Claim("job-1", 1, "w1:1")
+    assert redis_client.get(keys.claim("job-1")) == b"w1:1" and 0 < redis_client.ttl(keys.claim("job-1")) <= 90
+    assert q.settle(delivery, "job-1", b'{"job_id":"job-1"}', claim.token, 30.4) is Settled.SETTLED
     assert redis_client.llen(keys.processing(Q, "w1")) == 0
     assert redis_client.hget(keys.attempts(Q), "job-1") is None
-    assert q.already_done("job-1")
+    assert not redis_client.exists(keys.claim("job-1"))
     assert 0 < redis_client.ttl(keys.done("job-1")) <= keys.DONE_TTL_SECONDS
+    assert redis_client.hget(keys.OUTBOX, "job-1") == b'{"job_id":"job-1"}'
+    assert redis_client.get(keys.outbox_lease("job-1")) == b"w1" and 30 < redis_client.ttl(keys.outbox_lease("job-1")) <= 31
 
 
-def test_finish_to_outbox_is_one_step(transport, redis_client):
+def test_settle_can_dead_letter_in_the_same_step(transport, redis_client):
     redis_client.rpush(Q, job(1))
     q = make(transport)
-    q.finish_to_outbox(q.fetch(0.1), "job-1", b'{"job_id":"job-1"}')
-    assert redis_client.llen(keys.processing(Q, "w1")) == 0
-    assert redis_client.hget(keys.OUTBOX, "job-1") == b'{"job_id":"job-1"}'
+    delivery = q.fetch(0.1)
+    claim = q.begin(delivery, "job-1")
+    q.settle(delivery, "job-1", b"failed", claim.token, 10, dead_reason="INTERNAL_ERROR on the last attempt")
+    assert redis_client.lrange(keys.dead(Q), 0, -1) == [job(1)]
+    assert json.loads(redis_client.lindex(keys.dead_log(Q), 0))["reason"] == "INTERNAL_ERROR on the last attempt"
+    assert redis_client.hget(keys.OUTBOX, "job-1") == b"failed" and redis_client.exists(keys.done("job-1"))
 
 
-def test_hand_back_goes_to_the_head_and_does_not_count(transport, redis_client):
+def test_settle_writes_nothing_once_the_claim_is_not_ours(transport, redis_client):
+    redis_client.rpush(Q, job(1))
+    q = make(transport)
+    delivery = q.fetch(0.1)
+    claim = q.begin(delivery, "job-1")
+    redis_client.set(keys.claim("job-1"), "w2:2")   # taken over by another worker after ours lapsed
+    assert q.settle(delivery, "job-1", b"body", claim.token, 10) is Settled.FENCED
+    assert redis_client.hlen(keys.OUTBOX) == 0 and not redis_client.exists(keys.done("job-1"))
+    assert redis_client.get(keys.claim("job-1")) == b"w2:2"
+    assert redis_client.lrange(Q, 0, -1) == [job(1)]   # our copy is not stranded: back to the head
+
+
+def test_begin_drops_a_finished_jobs_copy_and_sends_a_claimed_one_to_the_tail(transport, redis_client):
+    redis_client.rpush(Q, job(1), job(2), job(3))
+    redis_client.set(keys.done("job-1"), 1)
+    redis_client.set(keys.claim("job-2"), "other-worker:1")
+    q = make(transport)
+    assert q.begin(q.fetch(0.1), "job-1") is Skipped.DONE
+    assert q.begin(q.fetch(0.1), "job-2") is Skipped.BUSY
+    assert redis_client.lrange(Q, 0, -1) == [job(3), job(2)]
+    assert redis_client.llen(keys.processing(Q, "w1")) == 0 and redis_client.hlen(keys.attempts(Q)) == 0
+    redis_client.set(keys.claim("job-3"), "w1:4")   # our own (a begin whose reply was lost): not a reason to wait
+    assert q.begin(q.fetch(0.1), "job-3") == Claim("job-3", 1, "w1:1")
+
+
+def test_begin_does_not_count_an_element_that_already_left(transport, redis_client):
+    redis_client.rpush(Q, job(1))
+    q = make(transport)
+    delivery = q.fetch(0.1)
+    assert q.hand_back(delivery, "job-1") is True   # a cold stop got there first
+    assert q.begin(delivery, "job-1") is Skipped.GONE
+    assert redis_client.hlen(keys.attempts(Q)) == 0 and not redis_client.exists(keys.claim("job-1"))
+
+
+def test_hand_back_goes_to_the_head_and_undoes_only_an_attempt_it_counted(transport, redis_client):
     redis_client.rpush(Q, job(1), job(2))
     q = make(transport)
     delivery = q.fetch(0.1)
-    q.count_attempt("job-1")
-    q.hand_back(delivery, "job-1")
+    claim = q.begin(delivery, "job-1")
+    assert q.hand_back(delivery, "job-1", claim.token) is True
     assert redis_client.lrange(Q, 0, -1) == [job(1), job(2)]
+    assert int(redis_client.hget(keys.attempts(Q), "job-1")) == 0 and not redis_client.exists(keys.claim("job-1"))
+    delivery = q.fetch(0.1)
+    assert q.hand_back(delivery, "job-1", None) is True   # never counted: nothing to undo
     assert int(redis_client.hget(keys.attempts(Q), "job-1")) == 0
+    delivery = q.fetch(0.1)
+    claim = q.begin(delivery, "job-1")
+    assert q.hand_back(delivery, "job-1", claim.token, count_attempt=True) is True
+    assert int(redis_client.hget(keys.attempts(Q), "job-1")) == 1
+    assert q.hand_back(delivery, "job-1", claim.token) is False   # gone already: nothing undone
+    assert int(redis_client.hget(keys.attempts(Q), "job-1")) == 1
+
+
+def test_a_claim_is_renewed_only_by_its_holder(transport, redis_client):
+    redis_client.rpush(Q, job(1))
+    q = make(transport, ttl=10)
+    claim = q.begin(q.fetch(0.1), "job-1")
+    redis_client.expire(keys.claim("job-1"), 5)
+    assert q.holds_claim("job-1", claim.token) and q.renew_claim("job-1", claim.token)
+    assert 25 < redis_client.ttl(keys.claim("job-1")) <= 30
+    assert not q.renew_claim("job-1", "w1:7") and not q.holds_claim("job-1", "w1:7")
 
 
 def test_dead_letter_keeps_the_raw_element_and_the_reason(transport, redis_client):
-    redis_client.rpush(Q, b"garbage")
+    redis_client.rpush(Q, b"garbage", b"\xff\xfe not UTF-8")
     q = make(transport)
-    q.dead_letter(q.fetch(0.1), "undecodable", None)
-    assert redis_client.lrange(keys.dead(Q), 0, -1) == [b"garbage"]
-    assert json.loads(redis_client.lindex(keys.dead_log(Q), 0))["reason"] == "undecodable"
+    q.dead_letter(q.fetch(0.1), "undecodable")
+    delivery = q.fetch(0.1)
+    assert delivery.raw == b"\xff\xfe not UTF-8"   # the exact bytes, over REST too
+    q.dead_letter(delivery, "not UTF-8")
+    assert redis_client.lrange(keys.dead(Q), 0, -1) == [b"garbage", b"\xff\xfe not UTF-8"]
+    assert json.loads(redis_client.lindex(keys.dead_log(Q), 1))["reason"] == "undecodable"
     assert redis_client.llen(keys.processing(Q, "w1")) == 0
 
 
@@ -112,11 +175,31 @@ def test_a_heartbeat_that_comes_back_within_the_grace_is_not_reaped(transport, r
     assert redis_client.llen(keys.processing(Q, "busy")) == 1
 
 
-def test_recover_own_after_a_restart(transport, redis_client):
-    redis_client.rpush(Q, job(1))
-    make(transport).fetch(0.1)
-    assert make(transport).recover_own() == 1
-    assert redis_client.lrange(Q, 0, -1) == [job(1)]
+def test_a_failed_move_is_followed_by_a_recovery_before_the_next_one(transport, redis_client):
+    class LostReply:   # the move runs on the server; its reply never arrives
+        def __init__(self, inner):
+            self.inner, self.can_block, self.lose = inner, inner.can_block, True
+
+        def blocking_move(self, *args):
+            moved = self.inner.blocking_move(*args)
+            if self.lose:
+                raise TransportError("redis: TimeoutError: Timeout reading from socket")
+            return moved
+
+        def command(self, *args):
+            reply = self.inner.command(*args)
+            if self.lose and args[0] == "LMOVE":
+                raise TransportError("upstash: ReadTimeout")
+            return reply
+    redis_client.rpush(Q, job(1), job(2))
+    lossy = LostReply(transport)
+    q = make(lossy)
+    with pytest.raises(TransportError):
+        q.fetch(0.1)
+    assert redis_client.lrange(keys.processing(Q, "w1"), 0, -1) == [job(1)]
+    lossy.lose = False
+    assert q.fetch(0.1).raw == job(1)   # returned to the head first, then taken again
+    assert redis_client.lrange(Q, 0, -1) == [job(2)]
 
 
 def test_heartbeat_has_a_ttl_and_retire_cleans_up(transport, redis_client):

@@ -130,17 +130,18 @@ def test_retryable_errors_retry_then_dead_letter(procs, env, redis_client, supab
     assert redis_client.llen(f"{Q}:dead") == 1
 
 
-def test_callback_receiver_down_then_up_acks_only_after_delivery(procs, env, redis_client, supabase_standin,
-                                                                 tmp_path):
+def test_callback_receiver_down_then_up_the_callback_is_durable_meanwhile_and_arrives_once(
+        procs, env, redis_client, supabase_standin, tmp_path):
     start(procs, env, tmp_path=tmp_path)
     supabase_standin.set_down(True)
     redis_client.rpush(Q, element("late-callback"))
     time.sleep(3)
     held = [k for k in redis_client.keys(f"{Q}:processing:*") if redis_client.llen(k)]
-    assert len(held) == 1  # not acked while the callback cannot be delivered
+    assert held == [] and redis_client.hexists(keys.OUTBOX, "late-callback")  # settled: owed in the outbox
     supabase_standin.set_down(False)
     supabase_standin.wait_for("late-callback", timeout=30)
     assert_drained(redis_client)
+    assert len(supabase_standin.callbacks("late-callback", "completed")) == 1
 
 
 def test_undeliverable_callback_goes_to_outbox_and_arrives_later(procs, env, redis_client, supabase_standin,

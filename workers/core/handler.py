@@ -12,7 +12,8 @@ from typing import Any, Callable, Protocol
 from .job import Job, Queue
 
 Progress = Callable[[float, str], None]
-"""``progress(fraction_done, message)``: best effort, never raises, never blocks the job."""
+"""``progress(fraction_done, message)``: best effort and never blocks the job; it raises only ``JobCancelled``
+(the job is past its deadline), which the handler lets propagate: the job's one cooperative cancellation point."""
 
 
 @dataclass(frozen=True)

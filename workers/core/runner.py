@@ -1,9 +1,19 @@
 """The one job loop (DESIGN "one extension point per axis"). It never branches on model kind.
 
-Recipe for each element: fetch → decode (undecodable → dead list) → skip if already done → count the
-attempt (past the limit → dead list + ``failed``) → ``processing`` callback → ``handler.run`` → upload →
-terminal callback → ack. Typed errors decide: ``InvalidJob``/``WorkerError`` fail the job now,
-``RetryableError`` and unexpected exceptions hand it back until the attempt limit.
+Recipe for each element (every queue step is one atomic script, see ``queue``):
+
+fetch → decode (undecodable → dead list; bad fields → ``failed``) → begin (a finished job's copy is dropped,
+a copy another worker runs goes to the tail; else the attempt is counted and the claim taken; past the limit
+→ dead list + ``failed``) → ``processing`` callback → ``handler.run`` (its ``progress`` raises
+``JobCancelled`` once the job's deadline passed) → is the claim still ours? (else the result is discarded) →
+upload → settle (done marker + the owed callback in the outbox under our lease, atomically with the element
+leaving the processing list) → deliver the callback → clear the outbox entry (or keep it for the sender).
+
+Typed errors decide: ``InvalidJob``/``WorkerError`` fail the job now; ``RetryableError``, a passed deadline
+and unexpected exceptions hand it back until the attempt limit. Failures that are not the job's fault
+(unexpected exceptions such as CUDA errors, OOM, model load errors) feed a circuit breaker: after
+``breaker_threshold`` of them in a row, or at once on ``FatalWorkerError``, the job goes back uncounted, the
+loop stops and ``trip(code, reason)`` tells the service (which reports unhealthy and exits).
 """
 from __future__ import annotations
 
@@ -12,16 +22,20 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Callable
 
+from common.exit_codes import ExitCode
+
 from . import callbacks as cb
-from .callbacks import CallbackClient, Outcome
-from .errors import ErrorType, InvalidJob, RetryableError, WorkerError
+from .callbacks import CallbackClient, Outbox, Outcome
+from .errors import ErrorType, FatalWorkerError, InvalidJob, JobCancelled, RetryableError, WorkerError
 from .handler import Handler, Result
-from .job import Job, decode
+from .job import Job, JobType, OutputKind, Queue, decode
 from .metrics import Metrics
-from .queue import Delivery, ReliableQueue
+from .queue import Claim, Delivery, ReliableQueue, Settled, Skipped
+from .settings import Settings
 from .storage import Storage, object_path
 from .transport import TransportError
 
@@ -30,6 +44,58 @@ log = logging.getLogger(__name__)
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 APP_OWNED_KEYS = frozenset({"destination", "scene_id", "character_id", "conversation_id", "project_id",
                             "user_id", "job_id", "status", "credits", "cost"})
+NOT_THE_JOBS_FAULT = frozenset({ErrorType.OOM_ERROR, ErrorType.MODEL_LOAD_ERROR})
+LEASE_MARGIN_SECONDS = 5.0   # the runner's outbox lease outlasts its own delivery budget by this much
+MAX_PAUSE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class JobTimeouts:
+    """Each job type's deadline in seconds (``JOB_TIMEOUT_*_SECONDS``), a little above the slowest expected
+    job; past it the job's next ``progress`` call raises ``JobCancelled`` and the job is retried."""
+
+    sdxl: float = 300.0
+    wan_video: float = 1200.0
+    wan_image: float = 300.0
+    chat: float = 120.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "JobTimeouts":
+        return cls(settings.job_timeout_sdxl_seconds, settings.job_timeout_wan_video_seconds,
+                   settings.job_timeout_wan_image_seconds, settings.job_timeout_chat_seconds)
+
+    def seconds_for(self, job_type: JobType) -> float:
+        if job_type.queue is Queue.SDXL:
+            return self.sdxl
+        if job_type.queue is Queue.CHAT:
+            return self.chat
+        return self.wan_video if job_type.output_kind is OutputKind.VIDEO else self.wan_image
+
+
+def _log_trip(code: ExitCode, reason: str) -> None:
+    log.error("the job loop stopped itself (%s): %s", code.name, reason)
+
+
+def _not_the_jobs_fault(exc: Exception) -> bool:
+    """Failures the breaker counts: anything unexpected (CUDA errors, a full disk, bugs), OOM, model loads."""
+    return not isinstance(exc, WorkerError) or (not isinstance(exc, JobCancelled)
+                                                and exc.error_type in NOT_THE_JOBS_FAULT)
+
+
+def _first_line(exc: Exception) -> str:
+    """For the operator (``/health``, the log): the exception's type and the first line of its text."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+
+
+def _retryable(exc: Exception) -> bool:
+    if isinstance(exc, JobCancelled):
+        return exc.reason == "deadline"
+    return isinstance(exc, RetryableError) or not isinstance(exc, WorkerError)
+
+
+class _Tripped(Exception):
+    """Unwinds ``process`` after the breaker opened: the job was handed back; the loop must stop."""
 
 
 class Runner:
@@ -37,7 +103,8 @@ class Runner:
                  metrics: Metrics, worker_id: str, max_attempts: int = 3,
                  gpu_lock: threading.Lock | None = None, before_job: Callable[[], None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic, *,
-                 trip: Callable[..., None] = lambda code, reason: log.error("trip %s: %s", code, reason)):
+                 trip: Callable[[ExitCode, str], None] = _log_trip, breaker_threshold: int = 5,
+                 breaker_pause: float = 1.0, timeouts: JobTimeouts = JobTimeouts()):
         self.handler = handler
         self.queue = queue
         self.callbacks = callbacks
@@ -48,146 +115,225 @@ class Runner:
         self.gpu_lock = gpu_lock or threading.Lock()
         self.before_job = before_job
         self.clock = clock
+        self.trip = trip
+        self.breaker_threshold = breaker_threshold
+        self.breaker_pause = breaker_pause
+        self.timeouts = timeouts
+        # The runner delivers each terminal callback itself within the client's budget; its lease covers that.
+        self.lease_seconds = callbacks.retry_seconds + callbacks.timeout + LEASE_MARGIN_SECONDS
+        self.outbox = Outbox(queue.transport, worker_id, self.lease_seconds)
         self.current: Delivery | None = None
         self.current_job: Job | None = None
+        self.deadline: float | None = None     # monotonic; the watchdog escalates past it (plus a grace)
+        self.settling = False                  # past the terminal step: the element is gone, the callback owed
         self.progress_state: dict[str, Any] = {}
         self.jobs_done = 0
-        self._orphaned = False
-        # Read by the service (workers/core/service.py): its trip callback (breaker / FatalWorkerError), the
-        # watchdog's deadline (monotonic, None when no job runs), the claim its heartbeat renews ((job id,
-        # token) or None), and `settling` (True from the terminal step until the job leaves: a cold stop waits
-        # for it instead of handing the job back).
-        self.trip = trip
-        self.deadline: float | None = None
-        self.claim: tuple[str, str] | None = None
-        self.settling = False
+        self.stopped = False                   # the breaker opened: the loop takes no more jobs
+        self._claim: Claim | None = None
+        self._infra_failures = 0
+        self._pause = 0.0
+        self._orphan: tuple[Delivery, str] | None = None
+
+    @property
+    def claim(self) -> tuple[str, str] | None:
+        """``(job_id, token)`` of the job running now, for ``queue.renew_claim`` from the heartbeat."""
+        held = self._claim
+        return (held.job_id, held.token) if held else None
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         failures = 0
-        while not stop.is_set():
+        while not stop.is_set() and not self.stopped:
+            if self._pause:
+                stop.wait(self._pause)
+                self._pause = 0.0
+                continue
             try:
-                if failures or self._orphaned:
-                    # Idle after a Redis outage: whatever is still in our processing list (a job taken just
-                    # before the outage, a move whose reply was lost) goes back to the head of its queue.
-                    self.queue.recover_own()
-                    self._orphaned = False
+                self._recover_orphan()
                 delivery = self.queue.fetch()
                 failures = 0
             except TransportError as exc:
+                # The queue returns whatever a failed move may have taken before its next fetch.
                 failures += 1
                 log.warning("queue unavailable (%s); retrying", exc)
                 stop.wait(min(30.0, 0.5 * 2 ** min(failures, 6)))
                 continue
-            if delivery is not None:
-                self.process(delivery)
+            if delivery is None:
+                continue
+            if stop.is_set():   # a move in flight when the stop came: the job is not ours to start any more
+                self._until_acknowledged(lambda: self.queue.hand_back(delivery))
+                continue
+            self.process(delivery)
 
     def process(self, delivery: Delivery) -> None:
         self.current, started = delivery, self.clock()
         try:
             self._process(delivery, started)
         except TransportError as exc:
-            # Only before the job ran (acks retry until Redis answers): the element stays in our processing
+            # Only at begin (every later step retries until Redis answers): the element stays in our processing
             # list and `run` returns it to the queue once Redis answers again. Nothing is lost.
-            log.error("queue unavailable before the job ran (%s); it will be returned to the queue", exc)
-            self._orphaned = True
+            log.error("queue unavailable before the job began (%s); it will be returned to the queue", exc)
+        except _Tripped:
+            self.stopped = True
         finally:
-            self.current, self.current_job, self.progress_state = None, None, {}
-            self.settling = False
+            self.current, self.current_job, self._claim, self.deadline = None, None, None, None
+            self.settling, self.progress_state = False, {}
 
     def _process(self, delivery: Delivery, started: float) -> None:
+        job = self._decode(delivery)
+        if job is None:
+            return
+        self.current_job = job
+        self._orphan = (delivery, job.id)   # until begin's reply arrives
+        begun = self.queue.begin(delivery, job.id)
+        self._orphan = None
+        if isinstance(begun, Skipped):
+            return self._skipped(job, begun)
+        self._claim = begun
+        self.deadline = self.clock() + self.timeouts.seconds_for(job.type)
+        if begun.attempt > self.max_attempts:
+            error = WorkerError(f"job failed {self.max_attempts} times; giving up", ErrorType.INTERNAL_ERROR)
+            return self._settle(delivery, job.id, job, self._failed_body(job.id, job, error), "dead",
+                                dead_reason=f"attempt limit ({self.max_attempts}) reached")
+        self.callbacks.progress(cb.encode(job.id, self.worker_id, "processing",
+                                          metadata={"job_type": job.type.value, "worker_id": self.worker_id,
+                                                    "attempt": begun.attempt}))
+        try:
+            self.before_job()
+            with self.gpu_lock:
+                result = self.handler.run(job, self._progress)
+            if not self._until_acknowledged(lambda: self.queue.holds_claim(job.id, begun.token)):
+                return self._discard(delivery, job, "its claim was taken over while it ran")
+            assets = self._store(job, result)
+        except Exception as exc:  # typed below: WorkerError subclasses decide, anything else retries
+            return self._on_error(delivery, job, exc, begun)
+        self._infra_failures = 0
+        metadata = self._job_metadata(job, result.metadata, started)
+        body = cb.encode(job.id, self.worker_id, "completed", assets, None, metadata)
+        self._settle(delivery, job.id, job, body, "completed", started=started)
+
+    def _decode(self, delivery: Delivery) -> Job | None:
+        """The job, or ``None`` once a bad element reached its terminal state (dead list, ``failed``)."""
         try:
             job = decode(delivery.raw)
             if job.queue.value != self.queue.queue:
                 raise InvalidJob(f"job type {job.type.value} belongs to {job.queue.value}, not {self.queue.queue}",
                                  job.id)
+            return job
         except InvalidJob as exc:
             if exc.job_id is None:
-                self.queue.dead_letter(delivery, f"undecodable: {exc.message}", None)
+                self._until_acknowledged(lambda: self.queue.dead_letter(delivery, f"undecodable: {exc.message}"))
                 self.metrics.jobs.labels("unknown", "dead").inc()
-                return
-            return self._finish(delivery, exc.job_id, None, self._failed_body(exc.job_id, None, exc), "invalid")
-        self.current_job = job
-        if self.queue.already_done(job.id):
-            log.info("job %s already reached its terminal state; dropping the duplicate", job.id)
-            self.queue.finish(delivery, None)
-            return
-        attempt = self.queue.count_attempt(job.id)
-        if attempt > self.max_attempts:
-            error = WorkerError(f"job failed {self.max_attempts} times; giving up", ErrorType.INTERNAL_ERROR)
-            return self._dead(delivery, job, error, f"attempt limit ({self.max_attempts}) reached")
-        self.callbacks.progress(cb.encode(job.id, self.worker_id, "processing",
-                                          metadata={"job_type": job.type.value, "worker_id": self.worker_id,
-                                                    "attempt": attempt}))
-        try:
-            self.before_job()
-            with self.gpu_lock:
-                result = self.handler.run(job, self._progress)
-            assets = self._store(job, result)
-        except Exception as exc:  # typed below: WorkerError subclasses decide, anything else retries
-            return self._on_error(delivery, job, exc, attempt)
-        metadata = self._job_metadata(job, result.metadata, started)
-        body = cb.encode(job.id, self.worker_id, "completed", assets, None, metadata)
-        self._finish(delivery, job.id, job, body, "completed", started)
+            else:
+                self._settle(delivery, exc.job_id, None, self._failed_body(exc.job_id, None, exc), "invalid")
+            return None
+
+    def _skipped(self, job: Job, skipped: Skipped) -> None:
+        log.info("job %s: %s", job.id, skipped.value)
+        self.metrics.jobs.labels(job.type.value, skipped.name.lower()).inc()
+        if skipped is Skipped.BUSY:
+            self._pause = self.queue.poll_max   # do not spin on a copy whose original is still running
 
     # -- outcomes ------------------------------------------------------------------------------
-    def _on_error(self, delivery: Delivery, job: Job, exc: Exception, attempt: int) -> None:
-        retry = isinstance(exc, RetryableError) or not isinstance(exc, WorkerError)
+    def _on_error(self, delivery: Delivery, job: Job, exc: Exception, claim: Claim) -> None:
+        if isinstance(exc, FatalWorkerError):
+            log.error("job %s (%s): fatal worker error: %s", job.id, job.type.value, exc)
+            return self._trip(delivery, job, ExitCode.FATAL_WORKER_ERROR, str(exc) or "fatal worker error")
+        retry = _retryable(exc)
+        infra = _not_the_jobs_fault(exc)
+        error = self._as_worker_error(job, exc)
+        if infra:
+            self._infra_failures += 1
+            if self._infra_failures >= self.breaker_threshold:
+                return self._trip(delivery, job, ExitCode.BREAKER_OPEN,
+                                  f"{self._infra_failures} jobs in a row failed for reasons not theirs "
+                                  f"(last: {_first_line(exc)})")
+        if not retry:
+            return self._settle(delivery, job.id, job, self._failed_body(job.id, job, error), "failed")
+        if claim.attempt >= self.max_attempts:
+            return self._settle(delivery, job.id, job, self._failed_body(job.id, job, error), "dead",
+                                dead_reason=f"{error.error_type.value} on the last attempt")
+        self._until_acknowledged(lambda: self.queue.hand_back(delivery, job.id, claim.token, count_attempt=True))
+        self.metrics.jobs.labels(job.type.value, "retried").inc()
+        # Pause before the next fetch, so the retry is likely taken by a healthy worker.
+        pause = max(getattr(exc, "delay", 0.0), self.breaker_pause * self._infra_failures if infra else 0.0)
+        self._pause = min(pause, MAX_PAUSE_SECONDS)
+
+    def _as_worker_error(self, job: Job, exc: Exception) -> WorkerError:
+        """The wire error for ``exc``, logged once; never a path, a stack trace or a secret on the wire."""
         if isinstance(exc, OSError) and exc.errno in DISK_FULL:
             # Any handler's temporary files (e.g. the MP4 encoder's): say so clearly; no path in the message.
             log.error("job %s (%s): the worker's disk is full: %s", job.id, job.type.value, exc)
-            exc = WorkerError(f"no space left on the worker's disk for temporary files ({os.strerror(exc.errno)})",
-                              ErrorType.INTERNAL_ERROR)
-        elif not isinstance(exc, WorkerError):
+            return WorkerError(f"no space left on the worker's disk for temporary files ({os.strerror(exc.errno)})",
+                               ErrorType.INTERNAL_ERROR)
+        if not isinstance(exc, WorkerError):
             log.exception("job %s (%s) raised an unexpected error", job.id, job.type.value)
-            exc = WorkerError("internal error while running the job", ErrorType.INTERNAL_ERROR)
-        else:
-            log.warning("job %s (%s) failed: %s %s", job.id, job.type.value, exc.error_type.value, exc.message)
-        if not retry:
-            return self._finish(delivery, job.id, job, self._failed_body(job.id, job, exc), "failed")
-        if attempt >= self.max_attempts:
-            return self._dead(delivery, job, exc, f"{exc.error_type.value} on the last attempt")
-        delay = getattr(exc, "delay", 0.0)
-        if delay:
-            time.sleep(min(delay, 30.0))
-        self._until_acknowledged(lambda: self.queue.hand_back(delivery, job.id, count_attempt=True))
-        self.metrics.jobs.labels(job.type.value, "retried").inc()
+            return WorkerError("internal error while running the job", ErrorType.INTERNAL_ERROR)
+        log.warning("job %s (%s) failed: %s %s", job.id, job.type.value, exc.error_type.value, exc.message)
+        return exc
 
-    def _dead(self, delivery: Delivery, job: Job, error: WorkerError, reason: str) -> None:
-        self.settling = True
-        self._until_acknowledged(lambda: self.queue.dead_letter(delivery, reason, job.id))
-        body = self._failed_body(job.id, job, error)
-        if self.callbacks.deliver(body) is Outcome.FAILED:
-            self._until_acknowledged(lambda: self.queue.record_callback(job.id, body))
-        self.metrics.jobs.labels(job.type.value, "dead").inc()
+    def _trip(self, delivery: Delivery, job: Job, code: ExitCode, reason: str) -> None:
+        """Not the job's fault: it goes back uncounted, the loop stops, and the service is told."""
+        claim = self._claim
+        self._until_acknowledged(lambda: self.queue.hand_back(delivery, job.id, claim.token if claim else None))
+        self.metrics.jobs.labels(job.type.value, "handed_back").inc()
+        self.trip(code, reason)
+        raise _Tripped()
 
-    def _finish(self, delivery: Delivery, job_id: str, job: Job | None, body: bytes, outcome: str,
-                started: float | None = None) -> None:
+    def _discard(self, delivery: Delivery, job: Job, why: str) -> None:
+        """Another worker holds the job now: no upload, no callback; return what is still ours."""
+        log.warning("job %s: %s; its result is discarded", job.id, why)
+        self.metrics.jobs.labels(job.type.value, "claim_lost").inc()
+        claim = self._claim
+        self._until_acknowledged(lambda: self.queue.hand_back(delivery, job.id, claim.token, count_attempt=True))
+
+    def _settle(self, delivery: Delivery, job_id: str, job: Job | None, body: bytes, outcome: str,
+                started: float | None = None, dead_reason: str | None = None) -> None:
+        """The terminal step, then the delivery of its callback (see the module docstring)."""
         self.settling = True
-        delivered = self.callbacks.deliver(body)
-        if delivered is Outcome.FAILED:
-            log.error("callback for job %s not delivered; kept in the outbox", job_id)
-            self._until_acknowledged(lambda: self.queue.finish_to_outbox(delivery, job_id, body))
-        else:
-            self._until_acknowledged(lambda: self.queue.finish(delivery, job_id))
+        claim = self._claim
+        settled = self._until_acknowledged(lambda: self.queue.settle(
+            delivery, job_id, body, claim.token if claim else None, self.lease_seconds, dead_reason))
         job_type = job.type.value if job else "unknown"
+        if settled is Settled.FENCED:
+            return self._discard(delivery, job, "its claim was taken over before its terminal step")
+        if settled is Settled.REAPED:
+            log.warning("job %s was reaped while it ran; its returned copy will be dropped as done", job_id)
+            self.metrics.jobs.labels(job_type, "reaped_while_running").inc()
+        self._deliver(job_id, body)
         self.metrics.jobs.labels(job_type, outcome).inc()
         if started is not None:
             self.metrics.job_seconds.labels(job_type).observe(self.clock() - started)
         self.jobs_done += 1
 
-    def _until_acknowledged(self, step: Callable[[], Any]) -> None:
-        """Leave the processing list even across a Redis outage: once the terminal callback is out, a lost
-        ack would run the job again (a second callback). Retry with backoff until Redis answers."""
+    def _deliver(self, job_id: str, body: bytes) -> None:
+        outcome = self.callbacks.deliver(body)
+        if outcome is Outcome.DELIVERED:
+            self._until_acknowledged(lambda: self.outbox.delivered(job_id, body))
+        elif outcome is Outcome.REJECTED:
+            self._until_acknowledged(lambda: self.outbox.rejected(job_id, body))
+        else:
+            log.error("callback for job %s not delivered; the outbox sender will retry it", job_id)
+            self._until_acknowledged(lambda: self.outbox.release(job_id))
+
+    def _until_acknowledged(self, step: Callable[[], Any]) -> Any:
+        """Run a queue step across a Redis outage, retrying with backoff until Redis answers: a lost terminal
+        step or hand-back would leave the job's fate unknown."""
         delay = 0.5
         while True:
             try:
-                step()
-                return
+                return step()
             except TransportError as exc:
                 log.warning("queue unavailable for an acknowledgement (%s); retrying in %.1f s", exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+    def _recover_orphan(self) -> None:
+        """A begin whose reply was lost may have taken the claim: hand the element back and drop the claim."""
+        if self._orphan is not None:
+            delivery, job_id = self._orphan
+            self.queue.hand_back(delivery, job_id)
+            self._orphan = None
 
     # -- pieces --------------------------------------------------------------------------------
     def _store(self, job: Job, result: Result) -> list[dict[str, Any]]:
@@ -215,16 +361,24 @@ class Runner:
         return cb.encode(job_id, self.worker_id, "failed", [], error.message, metadata)
 
     def _progress(self, fraction: float, message: str = "") -> None:
+        """The handler's progress report, and its one cooperative cancellation point (the deadline)."""
+        deadline = self.deadline
+        if deadline is not None and self.clock() >= deadline:
+            raise JobCancelled("the job ran past its deadline")
         try:
             self.progress_state = {"fraction": round(max(0.0, min(1.0, float(fraction))), 3), "message": message}
         except (TypeError, ValueError):
             pass
 
     def hand_back_current(self, count_attempt: bool = False) -> bool:
-        """Cold stop: return the job being run to the head of its queue (the attempt counts only if asked)."""
-        delivery, job = self.current, self.current_job
-        if delivery is None:
+        """Cold stop, watchdog: return the running job to the head of its queue (the attempt stays counted
+        only if asked; one this worker did not count is never undone). Nothing to return once the job is past
+        its terminal step. The job thread's result is then discarded (its claim is gone)."""
+        delivery, job, claim = self.current, self.current_job, self._claim
+        if delivery is None or self.settling:
             return False
-        self.queue.hand_back(delivery, job.id if job else None, count_attempt=count_attempt)
-        log.warning("handed job %s back to %s", job.id if job else "unknown", self.queue.queue)
-        return True
+        handed = self.queue.hand_back(delivery, job.id if job else None, claim.token if claim else None,
+                                      count_attempt)
+        if handed:
+            log.warning("handed job %s back to %s", job.id if job else "unknown", self.queue.queue)
+        return handed

@@ -37,7 +37,7 @@ from .handler import Handler
 from .http import ApiError, create_base_app, json_body, require_admin
 from .metrics import Metrics
 from .queue import ReliableQueue
-from .runner import Runner
+from .runner import JobTimeouts, Runner
 from .settings import Settings
 from .transport import TransportError
 from .watchdog import Watchdog
@@ -125,7 +125,8 @@ class Service:
         callbacks = CallbackClient.from_settings(s, self.metrics)
         self.runner = Runner(self.handler, self.queue, callbacks, storage_mod.from_settings(s), self.metrics,
                              self.worker_id, s.max_attempts, self.gpu_lock, self._reload_if_unloaded,
-                             trip=self.trip)
+                             trip=self.trip, breaker_threshold=s.worker_breaker_threshold,
+                             timeouts=JobTimeouts.from_settings(s))
         self._first_heartbeat()
         self._liveness_thread = self._spawn(self._liveness, "heartbeat")
         sender = OutboxSender(transport, callbacks, self.metrics, owner=f"{self.worker_id}:outbox")

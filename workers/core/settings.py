@@ -190,9 +190,6 @@ class Settings:
         )
         if settings.poll_min_seconds > settings.poll_max_seconds:
             raise ConfigError("QUEUE_POLL_MIN_SECONDS must not exceed QUEUE_POLL_MAX_SECONDS")
-        if settings.worker_breaker_threshold <= settings.max_attempts:
-            # else one poison job's failures alone would trip the breaker and restart the worker
-            raise ConfigError("WORKER_BREAKER_THRESHOLD must exceed JOB_MAX_ATTEMPTS")
         if settings.upstash_url and not settings.upstash_token and not settings.redis_url:
             raise ConfigError("UPSTASH_REDIS_REST_TOKEN is required with UPSTASH_REDIS_REST_URL")
         return settings

@@ -1,18 +1,23 @@
 """One small interface over two Redis transports (CONTRACT §1).
 
 ``RedisProtocolTransport`` speaks the Redis protocol (redis-py; blocking moves allowed);
-``UpstashRestTransport`` speaks Upstash REST through the official SDK (no blocking commands: the queue
-polls). Both return list elements as ``bytes`` and everything else as plain Python values, and raise
-``TransportError`` for any connection or server failure.
+``UpstashRestTransport`` speaks Upstash REST through the official SDK's HTTP client (no blocking commands:
+the queue polls). Both return bulk strings as the exact ``bytes`` Redis holds (a non-UTF-8 element included)
+and everything else as plain Python values, and raise ``TransportError`` for any connection or server
+failure, a reply that came too late included: the command may have run, so the caller must not read it as
+"nothing happened" (review #3).
 """
 from __future__ import annotations
 
 from typing import Any, Protocol
 
+import base64
+import binascii
+
 import httpx
 import redis
-from upstash_redis import Redis as UpstashRedis
 from upstash_redis.errors import UpstashError
+from upstash_redis.http import SyncHttpClient, make_headers
 
 from .errors import ConfigError
 from .settings import Settings
@@ -49,29 +54,36 @@ class RedisProtocolTransport:
             raise TransportError(f"redis: {type(exc).__name__}: {exc}") from None
 
     def blocking_move(self, source: str, destination: str, side: str, timeout: float) -> bytes | None:
-        # The socket timeout must outlast the server-side block.
-        try:
-            return self.client.execute_command("BLMOVE", source, destination, side.upper(), "RIGHT", timeout)
-        except redis.TimeoutError:
-            return None
-        except redis.RedisError as exc:
-            raise TransportError(f"redis: {type(exc).__name__}: {exc}") from None
+        # The socket timeout outlasts the server-side block, so a read timeout means a late reply, not an empty
+        # queue: the move may have happened, and ``command`` reports it as a TransportError.
+        return self.command("BLMOVE", source, destination, side.upper(), "RIGHT", timeout)
 
     def close(self) -> None:
         self.client.close()
 
 
 class UpstashRestTransport:
+    """Upstash REST through the SDK's HTTP client, with replies in ``Upstash-Encoding: base64`` decoded here
+    to bytes. The SDK's own decoding is strict UTF-8 text, so a non-UTF-8 element would come back as an
+    error after LMOVE had moved it, and would cycle between the queue and the processing list for ever
+    (review #10). The SDK's per-command reply shaping is skipped too: replies have the Redis shapes."""
+
     can_block = False
 
     def __init__(self, url: str, token: str, timeout: float):
-        self.client = UpstashRedis(url, token, rest_retries=0, allow_telemetry=False, read_your_writes=True)
+        self.url = url
+        self._headers = make_headers(token, "base64", allow_telemetry=False)
+        self._http = SyncHttpClient(encoding=None, retries=0, retry_interval=0, sync_token_cb=self._sync_token)
         # The SDK's HTTP client has no timeout; a hung request would stall the worker forever.
-        self.client._http._client = httpx.Client(timeout=httpx.Timeout(timeout))
+        self._http._client = httpx.Client(timeout=httpx.Timeout(timeout))
+
+    def _sync_token(self, token: str) -> None:
+        """Read-your-writes across Upstash replicas: send back the last sync token we were given."""
+        self._headers["Upstash-Sync-Token"] = token
 
     def command(self, *args: Any) -> Any:
         try:
-            return _to_bytes(self.client.execute([_to_text(a) for a in args]))
+            return _from_base64(self._http.execute(self.url, self._headers, [_to_text(a) for a in args]))
         except UpstashError as exc:
             raise TransportError(f"upstash: {exc}") from None
         except (httpx.HTTPError, ValueError, UnicodeDecodeError) as exc:
@@ -81,19 +93,27 @@ class UpstashRestTransport:
         raise TransportError("Upstash REST cannot block; poll with LMOVE")
 
     def close(self) -> None:
-        self.client.close()
+        self._http.close()
 
 
 def _to_text(value: Any) -> str:
-    # REST carries JSON text: elements travel as UTF-8 strings (a REST producer cannot store anything else).
+    # REST carries JSON text: arguments travel as UTF-8 strings. Scripts that must name a stored element that
+    # may not be text (ReliableQueue's) pass its SHA-1 instead of its bytes.
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _to_bytes(value: Any) -> Any:
+def _from_base64(value: Any) -> Any:
+    """A base64-encoded REST reply as Redis holds it: bulk strings as bytes; the one unencoded status reply,
+    ``OK``, as ``b"OK"`` ("OK" is not valid base64, so the two cannot be confused)."""
     if isinstance(value, str):
-        return value.encode("utf-8")
+        if value == "OK":
+            return b"OK"
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error:
+            return value.encode("utf-8")   # another status reply the server left unencoded
     if isinstance(value, list):
-        return [_to_bytes(v) for v in value]
+        return [_from_base64(v) for v in value]
     return value
 
 
