@@ -307,6 +307,19 @@ def test_a_wedged_job_past_its_deadline_and_grace_is_handed_back_counted_and_the
     assert supabase_standin.callbacks("wedged", "completed") == []
 
 
+def test_a_job_delivering_its_callback_past_its_deadline_is_left_alone(procs, env, redis_client, supabase_standin,
+                                                                       tmp_path):
+    """The deadline bounds the job's run, not its callback delivery: a slow app must not restart the worker."""
+    supabase_standin.on_callback = lambda callback: callback.status == "completed" and time.sleep(3.5)
+    env = {**env, "JOB_TIMEOUT_SDXL_SECONDS": "1", "JOB_TIMEOUT_GRACE_SECONDS": "1", "CALLBACK_TIMEOUT_SECONDS": "10"}
+    worker = start(procs, env, tmp_path=tmp_path)
+    redis_client.rpush(Q, element("slow-app", sleep=0.5))
+    supabase_standin.wait_for("slow-app", timeout=10)
+    wait_until(lambda: health(worker)[1]["state"] == "ready", 10, "the delivery finished")
+    assert worker.proc.poll() is None
+    assert redis_client.hlen(keys.OUTBOX) == 0 and len(supabase_standin.callbacks("slow-app", "completed")) == 1
+
+
 # -- heartbeat keeps a slow job's claim; /health state ---------------------------------------------------------
 def test_the_heartbeat_renews_the_claim_of_a_job_longer_than_its_ttl(procs, env, redis_client, supabase_standin,
                                                                      tmp_path):

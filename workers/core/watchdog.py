@@ -15,10 +15,12 @@ from .job import Job
 
 
 class Watched(Protocol):
-    """What the watchdog reads of the runner: the running job and its deadline (monotonic, or None)."""
+    """What the watchdog reads of the runner: the running job, its deadline (monotonic, or None) and whether it
+    is past its terminal step (then only its callback delivery runs, bounded by the callback budget)."""
 
     current_job: Job | None
     deadline: float | None
+    settling: bool
 
 
 class Watchdog:
@@ -31,9 +33,10 @@ class Watchdog:
         self.interval = min(1.0, max(0.05, grace / 4))
 
     def overdue(self) -> tuple[str, float] | None:
-        """(job id, deadline) of the running job if it is past its deadline and the grace, else None."""
+        """(job id, deadline) of the running job if it is past its deadline and the grace, else None. A job that
+        is settling is not overdue: its result is safe, and a callback outage must not restart the worker."""
         job, deadline = self.runner.current_job, self.runner.deadline
-        if job is None or deadline is None or self.clock() < deadline + self.grace:
+        if job is None or deadline is None or self.runner.settling or self.clock() < deadline + self.grace:
             return None
         return job.id, deadline
 
