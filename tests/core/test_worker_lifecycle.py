@@ -175,7 +175,18 @@ def test_sigterm_stops_taking_jobs_before_the_http_drain(procs, env, redis_clien
 
 
 # -- cold stop against an in-flight settle (#7) ----------------------------------------------------------------
-def test_cold_stop_while_the_terminal_callback_is_in_flight_sends_it_once(procs, env, redis_client,
+def cold_stop(worker: WorkerProcess, target: str, timeout: float = 20) -> int:
+    """SIGINT to the gunicorn master, or to its whole process group as the orchestrator sends it (the worker
+    process then gets SIGINT and, from the master, SIGQUIT while it is still handling the first)."""
+    if target == "group":
+        worker.signal_group(signal.SIGINT)
+    else:
+        worker.signal(signal.SIGINT)
+    return worker.proc.wait(timeout)
+
+
+@pytest.mark.parametrize("target", ["master", "group"])
+def test_cold_stop_while_the_terminal_callback_is_in_flight_sends_it_once(target, procs, env, redis_client,
                                                                           supabase_standin, tmp_path):
     """The app has the `completed` body and holds its 200 for 3 s; the worker gets a cold stop right then. The
     job is not handed back (it would run again), and its one callback is not sent again later."""
@@ -191,7 +202,7 @@ def test_cold_stop_while_the_terminal_callback_is_in_flight_sends_it_once(procs,
     worker = start(procs, env, tmp_path=tmp_path)
     redis_client.rpush(Q, element("settling"))
     assert arrived.wait(15)
-    code = worker.stop(signal.SIGINT, timeout=20)
+    code = cold_stop(worker, target)
     assert code == ExitCode.OK   # nothing was handed back: the job had finished
     assert redis_client.llen(Q) == 0 and held(redis_client) == {}
     assert redis_client.hlen(keys.OUTBOX) == 0   # delivered, so no sender re-sends it
@@ -222,12 +233,13 @@ def test_a_setup_failure_stops_the_whole_process_with_its_code(env, failure, cod
     assert done.returncode == code, done.stderr[-2000:]
 
 
-def test_a_cold_stop_that_hands_a_job_back_exits_with_handed_back(procs, env, redis_client, supabase_standin,
+@pytest.mark.parametrize("target", ["master", "group"])
+def test_a_cold_stop_that_hands_a_job_back_exits_with_handed_back(target, procs, env, redis_client, supabase_standin,
                                                                   tmp_path):
     worker = start(procs, env, tmp_path=tmp_path)
     redis_client.rpush(Q, element("long", sleep=30))
     supabase_standin.wait_for("long", status="processing", timeout=10)
-    assert worker.stop(signal.SIGINT, timeout=20) == ExitCode.HANDED_BACK
+    assert cold_stop(worker, target) == ExitCode.HANDED_BACK
     assert redis_client.lrange(Q, 0, -1) == [element("long", sleep=30).encode()]
 
 
