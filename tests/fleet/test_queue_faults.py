@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from workers.core import keys
+
 from .faults import Mode
 from .fleet import wait_for
 from .jobs import (COMPLETED, QUEUES, assert_drained, assert_exactly_once, dead_ids, fake_element, held,
@@ -133,10 +135,10 @@ def test_poison_message_is_dead_lettered_after_the_attempt_limit(fake_fleet):
 def test_callback_endpoint_503_then_hanging_for_two_minutes(fake_fleet, report):
     """Injects: the job-callback endpoint answers 503 for 60 s, then accepts connections and never answers
     for 60 s (the workers' 3 s read timeout fires), while one job per queue runs and one more waits on each
-    (CALLBACK_RETRY_SECONDS keeps its default, 240). Asserts: during the outage nothing is acknowledged (each
-    worker still holds its finished job in its processing list; the next jobs wait in their queues) and
-    nothing goes to the outbox; afterwards every job completes exactly once; queues, processing lists and
-    outbox end empty."""
+    (CALLBACK_RETRY_SECONDS keeps its default, 240). Asserts: during the outage each finished job is settled
+    durably (out of its processing list, its callback in the outbox under its own worker's lease, so no outbox
+    sender sends it meanwhile) while its worker keeps delivering it, and the next jobs wait in their queues;
+    afterwards every job completes exactly once; queues, processing lists and outbox end empty."""
     rig = fake_fleet
     first = {q: new_id(f"cb-first-{q.split('_')[0]}") for q in QUEUES}
     second = {q: new_id(f"cb-second-{q.split('_')[0]}") for q in QUEUES}
@@ -151,9 +153,10 @@ def test_callback_endpoint_503_then_hanging_for_two_minutes(fake_fleet, report):
                 time.sleep(2)
                 if time.monotonic() - started < 8:
                     continue
-                assert sorted(held(rig.client).values()) == [1, 1, 1], held(rig.client)
+                assert held(rig.client) == {}
                 assert all(rig.client.llen(q) == 1 for q in QUEUES)
-                assert rig.client.hlen("callbacks:outbox") == 0
+                assert sorted(rig.client.hkeys(keys.OUTBOX)) == sorted(j.encode() for j in first.values())
+                assert all(rig.client.exists(keys.outbox_lease(j)) for j in first.values())
                 assert not any(terminal(rig.standin, j) for j in [*first.values(), *second.values()])
     finally:
         rig.front.set_mode(Mode.PASS)
