@@ -63,6 +63,16 @@ def test_settle_can_dead_letter_in_the_same_step(transport, redis_client):
     assert redis_client.hget(keys.OUTBOX, "job-1") == b"failed" and redis_client.exists(keys.done("job-1"))
 
 
+def test_a_settle_retried_after_its_reply_was_lost_is_still_settled(transport, redis_client):
+    redis_client.rpush(Q, job(1))
+    q = make(transport)
+    delivery = q.fetch(0.1)
+    claim = q.begin(delivery, "job-1")
+    assert q.settle(delivery, "job-1", b"body", claim.token, 10) is Settled.SETTLED
+    assert q.settle(delivery, "job-1", b"body", claim.token, 10) is Settled.SETTLED   # the retry
+    assert redis_client.hget(keys.OUTBOX, "job-1") == b"body" and redis_client.llen(Q) == 0
+
+
 def test_settle_writes_nothing_once_the_claim_is_not_ours(transport, redis_client):
     redis_client.rpush(Q, job(1))
     q = make(transport)

@@ -89,9 +89,13 @@ return attempt
 """
 # KEYS processing, queue, attempts, done, claim, outbox, lease, dead, dead log; ARGV[3] job id, [4] claim
 # token ('' for a job that never began), [5] body, [6] done TTL, [7] lease TTL, [8] owner, [9] dead-log entry
-# ('' unless dead-lettered), [10] dead-log cap, [11] head push.
+# ('' unless dead-lettered), [10] dead-log cap, [11] head push. Returns 2 when this very settle already ran (a
+# retry after its reply was lost: the claim is gone, but the outbox holds our body under our lease).
 _SETTLE = _ELEMENT + """
 if ARGV[4] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[4] then
+  if redis.call('HGET', KEYS[6], ARGV[3]) == ARGV[5] and redis.call('GET', KEYS[7]) == ARGV[8] then
+    return 2
+  end
   local item = take(KEYS[1])
   if item then redis.call(ARGV[11], KEYS[2], item) end
   return -1
@@ -198,7 +202,7 @@ class Settled(str, Enum):
 
 
 _BEGIN_SKIPS = {-1: Skipped.DONE, -2: Skipped.BUSY, -3: Skipped.GONE}
-_SETTLE_CODES = {1: Settled.SETTLED, 0: Settled.REAPED, -1: Settled.FENCED}
+_SETTLE_CODES = {2: Settled.SETTLED, 1: Settled.SETTLED, 0: Settled.REAPED, -1: Settled.FENCED}
 
 
 class ReliableQueue:
