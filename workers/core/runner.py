@@ -95,7 +95,8 @@ def _retryable(exc: Exception) -> bool:
 
 
 class _Tripped(Exception):
-    """Unwinds ``process`` after the breaker opened: the job was handed back; the loop must stop."""
+    """Unwinds ``process`` once the breaker opened or a ``FatalWorkerError`` came: the job was handed back
+    uncounted and the service told; the loop must stop."""
 
 
 class Runner:
