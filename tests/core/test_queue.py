@@ -49,7 +49,8 @@ def test_fetched_job_sits_in_processing_until_settled(transport, redis_client):
     assert not redis_client.exists(keys.claim("job-1"))
     assert 0 < redis_client.ttl(keys.done("job-1")) <= keys.DONE_TTL_SECONDS
     assert redis_client.hget(keys.OUTBOX, "job-1") == b'{"job_id":"job-1"}'
-    assert redis_client.get(keys.outbox_lease("job-1")) == b"w1" and 30 < redis_client.ttl(keys.outbox_lease("job-1")) <= 31
+    assert redis_client.get(keys.outbox_lease("job-1")) == b"w1"
+    assert 30 < redis_client.ttl(keys.outbox_lease("job-1")) <= 31   # the lease's seconds, rounded up
 
 
 def test_settle_can_dead_letter_in_the_same_step(transport, redis_client):
@@ -165,6 +166,20 @@ def test_reaper_returns_a_dead_workers_jobs_to_the_head_in_order(transport, redi
     assert alive.reap() == 2
     assert redis_client.lrange(Q, 0, -1) == [job(1), job(2), job(3)]
     assert b"sdxl_queue|dead-worker" not in redis_client.smembers(keys.ACTIVE_WORKERS)
+
+
+def test_the_reaper_finds_a_processing_list_outside_the_registry(transport, redis_client):
+    """A move that landed after its worker retired (review #2): no heartbeat, no workers:active member."""
+    redis_client.rpush(keys.processing(Q, "retired"), job(1))
+    redis_client.rpush(keys.processing(Q, "alive-elsewhere"), job(2))
+    redis_client.set(keys.heartbeat("alive-elsewhere"), 1)
+    now = [0.0]
+    reaper = make(transport, "reaper", ttl=30, clock=lambda: now[0])
+    assert reaper.reap() == 0   # first sighting: the grace starts
+    now[0] += 30
+    assert reaper.reap() == 1
+    assert redis_client.lrange(Q, 0, -1) == [job(1)]
+    assert redis_client.lrange(keys.processing(Q, "alive-elsewhere"), 0, -1) == [job(2)]
 
 
 def test_a_heartbeat_that_comes_back_within_the_grace_is_not_reaped(transport, redis_client):

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 CLAIM_TTL_HEARTBEATS = 3   # a claim outlives three missed heartbeats: longer than the reaper's grace
 ORPHAN_SCAN_EVERY = 10     # reaps between SCANs for processing lists outside the registry
+SCAN_COUNT = 10_000        # keys per SCAN step: the 7-day done markers make the keyspace large
 
 # Every script: ARGV[1] names the element (its bytes, or their SHA-1 when ARGV[2] == 'sha1').
 _ELEMENT = """
@@ -357,7 +358,8 @@ class ReliableQueue:
         """``<queue>|<worker_id>`` of every non-empty processing list (SCAN; empty lists do not exist)."""
         owners, cursor = set(), 0
         while True:
-            cursor, found = self.transport.command("SCAN", cursor, "MATCH", keys.PROCESSING_PATTERN, "COUNT", 1000)
+            cursor, found = self.transport.command("SCAN", cursor, "MATCH", keys.PROCESSING_PATTERN,
+                                                   "COUNT", SCAN_COUNT)
             owners.update(keys.active_member(*keys.parse_processing(_text(k))) for k in found)
             if int(cursor) == 0:
                 return owners
