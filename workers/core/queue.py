@@ -197,6 +197,8 @@ class Skipped(str, Enum):
 
 
 class Settled(str, Enum):
+    """What ``settle`` did: only ``FENCED`` wrote nothing (the runner then discards the run's result)."""
+
     SETTLED = "settled"
     REAPED = "settled, but the element had already left the processing list (reaped while it ran)"
     FENCED = "not settled: the claim is not ours any more (nothing written)"
