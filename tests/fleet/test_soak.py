@@ -152,6 +152,8 @@ def test_soak_under_random_faults_every_job_reaches_exactly_one_terminal_state(s
         injector.finish()
         faulthandler.cancel_dump_traceback_later()
         stacks.close()
+        if not (rig.out_dir / "stuck-threads.txt").stat().st_size:
+            (rig.out_dir / "stuck-threads.txt").unlink()
         rig.worker_rest.faults.off()
     run_end = clock()
     emit(f"{run_end:.0f} s: faults over, settling")
