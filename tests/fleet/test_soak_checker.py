@@ -101,8 +101,8 @@ def test_a_callback_sent_again_after_its_acknowledgement_is_a_duplicate(redis_cl
     """The front's record of each POST decides: a copy sent again while no answer had come back within the
     caller's timeout is an at-least-once re-delivery; a copy sent after a 2xx had come back is a duplicate."""
     s = supabase_standin
-    unanswered, acked = job(1), job(2)
-    bodies = {j.id: completed(s, j, j.id[-12:]) for j in (unanswered, acked)}
+    unanswered, acked, killed = job(1), job(2), job(3)
+    bodies = {j.id: completed(s, j, j.id[-12:]) for j in (unanswered, acked, killed)}
     for body in bodies.values():
         post(s, body)
         post(s, body)
@@ -110,11 +110,14 @@ def test_a_callback_sent_again_after_its_acknowledgement_is_a_duplicate(redis_cl
     exchanges = [Exchange(bodies[unanswered.id], now, now + 5.0, 200),    # answered after the 2 s timeout
                  Exchange(bodies[unanswered.id], now + 2.5, now + 2.6, 200),
                  Exchange(bodies[acked.id], now, now + 0.1, 200),          # acknowledged at once
-                 Exchange(bodies[acked.id], now + 0.5, now + 0.6, 200)]
-    jobs = {unanswered.id: unanswered, acked.id: acked}
-    verdict = Checker(jobs, s, redis_client, [], [], now, 1.0, exchanges, client_timeout=2.0).verdict()
+                 Exchange(bodies[acked.id], now + 0.5, now + 0.6, 200),
+                 Exchange(bodies[killed.id], now + 10, now + 10.1, 200),   # answered, but its sender was killed
+                 Exchange(bodies[killed.id], now + 20, now + 20.1, 200)]   # before it could record that
+    events = [Event(10.05, "worker_sigkill", "SIGKILL", target="soak-a-sdxl-")]
+    jobs = {unanswered.id: unanswered, acked.id: acked, killed.id: killed}
+    verdict = Checker(jobs, s, redis_client, events, [], now, 1.0, exchanges, client_timeout=2.0).verdict()
     assert [(v.kind, v.job_id) for v in verdict.violations] == [("sent again after ack", acked.id)]
-    assert (verdict.redelivered_jobs, verdict.redelivered_posts) == (1, 1)
+    assert (verdict.redelivered_jobs, verdict.redelivered_posts) == (2, 2)
     assert any(line.startswith("body #1 POSTed 2x: at ") for line in verdict.violations[0].evidence)
 
 

@@ -39,11 +39,13 @@ CALLBACK_MODES = {"callback_refuse": Mode.REFUSE, "callback_hang": Mode.HANG, "c
 
 @dataclass
 class Event:
-    """One line of the fault timeline: when (run seconds), what, and what came of it."""
+    """One line of the fault timeline: when (run seconds), what, and what came of it. ``target``: the worker-id
+    prefix of the processes it ended (``soak-a-wan-``, or ``soak-b1-`` for a whole pod), if it ended any."""
     at: float
     kind: str
     detail: str
     done: bool = True        # False: skipped (resource busy, no such process)
+    target: str = ""
 
 
 @dataclass
@@ -129,7 +131,8 @@ class Injector:
         else:
             pid = pod.signal_group(kind, signal.SIGKILL)
             what = f"SIGKILL of the process group of {where}, leader {pid}"
-        self._record(fault.kind, what if pid else f"skipped: {where} not running", pid is not None)
+        self._record(fault.kind, what if pid else f"skipped: {where} not running", pid is not None,
+                     f"{pod.name}-{kind}-" if pid else "")
 
     # ------------------------------------------------------------------ lasting faults
     def _lasting(self, fault: Fault, resource: str) -> None:
@@ -201,7 +204,7 @@ class Injector:
         pid = pod.signal_group(kind, signal.SIGINT)
         self._record("worker_cold_stop", f"SIGINT to the process group of {pod.name}/{kind} ({pod.transport(kind)}), "
                      f"{'inside its callback delivery' if delivering else 'busy'} in the outage, leader {pid}",
-                     pid is not None)
+                     pid is not None, f"{pod.name}-{kind}-" if pid else "")
 
     def _storage(self, fault: Fault) -> None:
         seconds = fault.params["seconds"]
@@ -215,9 +218,10 @@ class Injector:
     def _pod(self, fault: Fault) -> None:
         if self.pod_b is not None and self.pod_b.up:
             pod = self.pod_b
-            self._record(fault.kind, f"pod {pod.name} leaves (SIGTERM to its orchestrator: a pod drain)")
+            self._record(fault.kind, f"pod {pod.name} leaves (SIGTERM to its orchestrator: a pod drain)",
+                         target=f"{pod.name}-")
             code = pod.stop()
-            self._record("pod_left", f"pod {pod.name} gone (orchestrator exit {code})")
+            self._record("pod_left", f"pod {pod.name} gone (orchestrator exit {code})", target=f"{pod.name}-")
             return
         pod = self.new_pod_b(len(self.pods))
         self.pods.append(pod)
@@ -226,8 +230,8 @@ class Injector:
         pod.start()
         self._record("pod_joined", f"pod {pod.name} running")
 
-    def _record(self, kind: str, detail: str, done: bool = True) -> None:
-        event = Event(round(self.clock(), 2), kind, detail, done)
+    def _record(self, kind: str, detail: str, done: bool = True, target: str = "") -> None:
+        event = Event(round(self.clock(), 2), kind, detail, done, target)
         with self._lock:
             self.events.append(event)
         log.info("soak fault at %.1f s: %s: %s", event.at, kind, detail)

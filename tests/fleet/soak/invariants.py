@@ -4,8 +4,9 @@ Per job (the callbacks the stand-in recorded): exactly one terminal callback. No
 are split by their bytes. Different bytes are a second *run* of the job (the fake handler puts a fresh ``run``
 token and its pid in every completed callback): a duplicate. The same bytes again are judged by the front's
 record of each POST (:class:`~tests.fleet.faults.Exchange`): sent again after an earlier copy had been answered
-2xx within the caller's timeout, it is a duplicate delivery (e.g. several outbox senders); sent again when no
-copy had been acknowledged yet, it is an at-least-once re-delivery, reported apart and not a failure.
+2xx within the caller's timeout to a sender that then lived long enough to record it (not killed, cold-stopped
+or drained within ``RECORD_SECONDS`` of the answer), it is a duplicate delivery (e.g. several outbox senders);
+otherwise no sender knew of the delivery: an at-least-once re-delivery, reported apart and not a failure.
 A completed job's assets must all be in storage (the count it asked for, each object with the size the
 callback states); a job told to fail must never be reported completed.
 
@@ -35,6 +36,7 @@ from .producer import SoakJob
 BUCKET = "workspace-temp"
 SLOW_SECONDS = 30.0   # a job this long from push to terminal callback sat somewhere (reported, not a failure)
 LOG_LINES_PER_JOB = 14
+RECORD_SECONDS = 2.0  # how long a sender that got its 2xx may take to record the delivery in Redis
 JOB_ID = re.compile(r"soak-[a-z]+-\d{5}-[0-9a-f]{8}")  # producer.py's job ids
 
 
@@ -135,6 +137,7 @@ class Checker:
         for exchange in sorted(exchanges, key=lambda e: e.arrived):
             self.exchanges[exchange.body].append(exchange)
         self.client_timeout = client_timeout
+        self.deaths = _deaths(events, epoch)
         self.objects = standin.objects
         self.callbacks: dict[str, list[ReceivedCallback]] = defaultdict(list)
         for cb in standin.callbacks():
@@ -219,13 +222,23 @@ class Checker:
         for body in bodies:
             posts = self.exchanges.get(body, [])
             for k, post in enumerate(posts[1:], start=1):
-                if any(p.acknowledged(self.client_timeout) and p.answered <= post.arrived for p in posts[:k]):
+                if any(p.acknowledged(self.client_timeout) and p.answered <= post.arrived and not self.sender_died(p)
+                       for p in posts[:k]):
                     after_ack += 1
                 else:
                     benign += 1
         if not self.exchanges:
             benign = received - len(bodies)
         return benign, after_ack
+
+    def sender_died(self, post: Exchange) -> bool:
+        """Whether the process that sent ``post`` was ended before it could have recorded the answer."""
+        try:
+            sender = str(json.loads(post.body).get("worker_id"))
+        except (ValueError, AttributeError):
+            return False
+        return any(sender.startswith(prefix) and start <= post.answered + RECORD_SECONDS and end >= post.arrived
+                   for start, end, prefix in self.deaths)
 
     def terminal(self, job_id: str) -> list[ReceivedCallback]:
         return [c for c in self.callbacks.get(job_id, []) if c.status in TERMINAL]
@@ -305,6 +318,23 @@ class Checker:
             except OSError:
                 continue
         return found
+
+
+def _deaths(events: Iterable[Event], epoch: float) -> list[tuple[float, float, str]]:
+    """(from, to, worker-id prefix) in ``time.time()`` seconds: when injected faults ended which processes. A kill
+    or cold stop is an instant; a pod drain lasts from its SIGTERM until its orchestrator is gone."""
+    found, leaving = [], {}
+    for event in events:
+        if not (event.done and event.target):
+            continue
+        if event.kind == "pod_toggle":
+            leaving[event.target] = event.at
+        elif event.kind == "pod_left":
+            found.append((epoch + leaving.pop(event.target, event.at), epoch + event.at, event.target))
+        else:
+            found.append((epoch + event.at, epoch + event.at, event.target))
+    found += [(epoch + at, float("inf"), prefix) for prefix, at in leaving.items()]  # still draining at the end
+    return found
 
 
 def _spread(values: list[float]) -> str:
