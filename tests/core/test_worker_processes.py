@@ -126,6 +126,10 @@ def test_retryable_errors_retry_then_dead_letter(procs, env, redis_client, supab
     redis_client.rpush(Q, element("flaky", retryable=True))
     failed = supabase_standin.wait_for("flaky", status="failed", timeout=30).body
     assert failed["metadata"]["error_type"] == "STORAGE_ERROR"
+    # "processing" callbacks go out on a background thread: the last may land just after the terminal one.
+    deadline = time.monotonic() + 5
+    while len(supabase_standin.callbacks("flaky", "processing")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(supabase_standin.callbacks("flaky", "processing")) == 3
     assert redis_client.llen(f"{Q}:dead") == 1
 

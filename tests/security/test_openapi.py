@@ -61,12 +61,16 @@ def test_documents_are_served_live(fleet_a):
         assert "SEKRET" not in answer.text and "/tmp/" not in answer.text
 
 
+def _never_exits(code):
+    raise AssertionError(f"the app under inspection tried to exit the process with {code}")
+
+
 def _worker_app(kind: str, demo_models):
     settings = Settings(qwen_instruct_path=demo_models["qwen_instruct"], qwen_base_path=demo_models["qwen_base"],
                         wan_model_path=demo_models["wan"], sdxl_model_path=demo_models["sdxl"], device="cpu")
     module = __import__(f"workers.{kind}", fromlist=["create_handler"])
     handler = module.create_handler(settings)  # constructed, never set up: no model is loaded
-    return Service(settings, handler, f"openapi-{kind}").create_app()
+    return Service(settings, handler, f"openapi-{kind}", exit_process=_never_exits).create_app()
 
 
 def _routes(app) -> set[tuple[str, str]]:

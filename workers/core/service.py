@@ -82,6 +82,7 @@ class Service:
         self._stopper: threading.Thread | None = None
         self._stop_lock = threading.RLock()
         self._cold = False   # a cold stop ran: the exit that follows it waits for nothing
+        self._cold_stopper: threading.Thread | None = None
         self.started_at = time.time()
 
     @property
@@ -206,9 +207,20 @@ class Service:
 
     def stop_cold(self) -> None:
         """Hand the current job back now (uncounted) and exit ``HANDED_BACK``; with no job, retire and return.
-        Safe to re-enter (a second SIGINT/SIGQUIT arrives while the first one's handler waits)."""
+
+        The work runs on a thread of its own and the signal handler waits for it: a second signal (the
+        orchestrator's SIGINT to the group is followed by the arbiter's SIGQUIT) runs its handler *inside* the
+        first one on the main thread, and gunicorn ends that handler with ``sys.exit(0)``, which would cut the
+        first stop short between its hand-back and its exit. Every handler joins the same stop instead."""
         self._cold = True
         self.stop_event.set()
+        with self._stop_lock:
+            if self._cold_stopper is None:
+                self._cold_stopper = self._spawn(self._cold_stop, "cold-stop")
+            stopper = self._cold_stopper
+        stopper.join()
+
+    def _cold_stop(self) -> None:
         self._loop_ended(self.settings.poll_max_seconds + 1.0, or_busy=True)   # a move in flight has landed
         if self._hand_back(count_attempt=False):
             self._retire()
