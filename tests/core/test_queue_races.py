@@ -269,3 +269,24 @@ def test_a_non_utf8_element_over_upstash_rest_is_dead_lettered_and_the_queue_mov
     assert b"not UTF-8" in redis_client.lindex(keys.dead_log(Q), 0)
     wait_until(lambda: not redis_client.keys(f"{Q}:processing:*") and redis_client.llen(Q) == 0, 10,
                "the queue to drain")
+
+
+def test_a_claim_taken_or_renewed_within_half_its_ttl_is_known_without_asking(rig, redis_client):
+    """The check before upload costs no round trip while the claim cannot have expired (a live claim is never
+    taken over); past half its TTL, or once this worker handed the job back, Redis is asked again. The claim
+    key is overwritten by hand below only to show which answers come from Redis."""
+    now = [0.0]
+    queue = rig.queue("w1", clock=lambda: now[0])
+    redis_client.rpush(Q, element("j"))
+    delivery = queue.fetch(0.1)
+    claim = queue.begin(delivery, "j")
+    redis_client.set(keys.claim("j"), "w9:7")
+    assert queue.holds_claim("j", claim.token) is True          # known: taken just now
+    now[0] += queue.claim_ttl / 2
+    assert queue.holds_claim("j", claim.token) is False         # asked: Redis says w9
+    redis_client.set(keys.claim("j"), claim.token)
+    assert queue.renew_claim("j", claim.token) is True
+    redis_client.set(keys.claim("j"), "w9:7")
+    assert queue.holds_claim("j", claim.token) is True          # known again: renewed just now
+    assert queue.hand_back(delivery, "j", claim.token) is True
+    assert queue.holds_claim("j", claim.token) is False         # handed back: asked

@@ -42,6 +42,7 @@ from .transport import Transport, TransportError
 log = logging.getLogger(__name__)
 
 CLAIM_TTL_HEARTBEATS = 3   # a claim outlives three missed heartbeats: longer than the reaper's grace
+CLAIM_SURE_FRACTION = 0.5  # within half its TTL of being taken or renewed, a claim is known to be ours without asking
 ORPHAN_SCAN_EVERY = 10     # reaps between SCANs for processing lists outside the registry
 SCAN_COUNT = 10_000        # keys per SCAN step: the 7-day done markers make the keyspace large
 
@@ -231,6 +232,7 @@ class ReliableQueue:
         self._reaps = 0
         self._idle_polls = 0
         self._unsure = False                     # a move failed: it may have moved an element anyway
+        self._sure: tuple[str, float] | None = None   # (claim token, until when it surely still lives)
 
     # -- taking work ---------------------------------------------------------------------------
     def fetch(self, wait: float | None = None) -> Delivery | None:
@@ -263,21 +265,33 @@ class ReliableQueue:
 
     def begin(self, delivery: Delivery, job_id: str) -> Claim | Skipped:
         """Count the attempt and take the job's claim, unless the job is done or claimed by another worker."""
+        sent = self.clock()
         code = int(self._script(_BEGIN, delivery, [self.processing, self.queue, keys.attempts(self.queue),
                                                    keys.done(job_id), keys.claim(job_id)],
                                 [job_id, self.worker_id, self.claim_ttl, self._tail_push]))
         if code in _BEGIN_SKIPS:
             return _BEGIN_SKIPS[code]
-        return Claim(job_id, code, f"{self.worker_id}:{code}")
+        claim = Claim(job_id, code, f"{self.worker_id}:{code}")
+        self._sure = (claim.token, sent + CLAIM_SURE_FRACTION * self.claim_ttl)
+        return claim
 
     def holds_claim(self, job_id: str, token: str) -> bool:
         """Whether ``token`` still holds the job's claim (it was not taken over while the job ran)."""
+        sure = self._sure
+        if sure is not None and sure[0] == token and self.clock() < sure[1]:
+            # Taken or renewed (the clock read before the command was sent) less than its TTL ago: a live claim
+            # is never taken over (``begin`` refuses it), so no round trip is needed to know it is still ours.
+            return True
         held = self.transport.command("GET", keys.claim(job_id))
         return held is not None and _text(held) == token
 
     def renew_claim(self, job_id: str, token: str) -> bool:
         """Extend the claim by its TTL if it is still ours (the heartbeat calls this while a job runs)."""
-        return bool(self.transport.command("EVAL", _RENEW_CLAIM, 1, keys.claim(job_id), token, self.claim_ttl))
+        sent = self.clock()
+        renewed = bool(self.transport.command("EVAL", _RENEW_CLAIM, 1, keys.claim(job_id), token, self.claim_ttl))
+        if renewed:
+            self._sure = (token, sent + CLAIM_SURE_FRACTION * self.claim_ttl)
+        return renewed
 
     # -- leaving the processing list (each atomic) ---------------------------------------------
     def settle(self, delivery: Delivery, job_id: str, body: bytes, token: str | None, lease_seconds: float,
@@ -301,6 +315,7 @@ class ReliableQueue:
         """Return the job to the head of its queue and drop this worker's claim on it. The attempt stays
         counted if asked; otherwise it is undone, but only if ``token`` shows this worker counted it.
         False if the element was no longer in the processing list."""
+        self._sure = None   # the claim is dropped here: from now on only Redis can say who holds it
         return bool(self._script(_HAND_BACK, delivery, [self.processing, self.queue, keys.attempts(self.queue),
                                                         keys.claim(job_id or "-")],
                                  [job_id or "", token or "", "" if count_attempt else "1", self.worker_id,
