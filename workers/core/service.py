@@ -19,6 +19,7 @@ import logging
 import platform
 import secrets
 import socket
+import sys
 import threading
 import time
 from typing import Any, Callable, NoReturn
@@ -429,9 +430,11 @@ def _which() -> str:
 
 
 def device_memory() -> dict[str, Any]:
+    # A process that never imported torch holds no device memory; importing it just to say so costs seconds of
+    # CPU (the memory manager's census asks every worker once, the fake-handler test fleets included).
+    torch = sys.modules.get("torch")
     try:
-        import torch
-        if torch.cuda.is_available():
+        if torch is not None and torch.cuda.is_available():
             free, total = torch.cuda.mem_get_info()
             return {"type": "cuda", "name": torch.cuda.get_device_name(), "total_gb": round(total / 2**30, 2),
                     "free_gb": round(free / 2**30, 2),
