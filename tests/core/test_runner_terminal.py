@@ -288,6 +288,19 @@ def test_a_success_resets_the_breaker(rig, redis_client):
     assert calls == []
 
 
+def test_before_job_runs_under_the_gpu_lock_so_an_unload_cannot_slip_in_before_the_job(rig, redis_client,
+                                                                                       supabase_standin):
+    """#14: the reload check (``before_job``) and the job hold the GPU lock together, so `/memory/unload`
+    (which needs the lock) cannot unload between "the model is loaded" and the job using it."""
+    lock = threading.Lock()
+    seen = []
+    runner = rig.runner("w1", gpu_lock=lock, before_job=lambda: seen.append(lock.locked()))
+    redis_client.rpush(Q, element("j"))
+    runner.process(runner.queue.fetch(0.1))
+    assert supabase_standin.wait_for("j", timeout=5).body["status"] == "completed"
+    assert seen == [True]
+
+
 # -- #4, runner half: the per-job deadline -------------------------------------------------------------------
 def test_a_job_past_its_deadline_is_cancelled_at_its_next_progress_call_and_retried_then_dead(
         rig, redis_client, supabase_standin):

@@ -200,8 +200,8 @@ class Runner:
                                           metadata={"job_type": job.type.value, "worker_id": self.worker_id,
                                                     "attempt": begun.attempt}))
         try:
-            self.before_job()
-            with self.gpu_lock:
+            with self.gpu_lock:   # before_job too: an unload must not slip in between its check and the job
+                self.before_job()
                 result = self.handler.run(job, self._progress)
             if not self._until_acknowledged(lambda: self.queue.holds_claim(job.id, begun.token)):
                 return self._discard(delivery, job, "its claim was taken over while it ran")
