@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -46,11 +47,13 @@ class Mode(str, Enum):
 @dataclass(frozen=True)
 class Exchange:
     """One job-callback POST that reached the app: its exact body, when it arrived and when (and with what
-    status) the front answered it (``time.time()``)."""
+    status) the front answered it (``time.time()``), and the pid of the process that sent it (an outbox
+    sender in any worker process may send a callback another worker wrote)."""
     body: bytes
     arrived: float
     answered: float
     status: int
+    sender_pid: int | None = None
 
     def acknowledged(self, client_timeout: float) -> bool:
         """Whether the caller got a 2xx before its read timeout: it knew the callback was delivered."""
@@ -74,8 +77,10 @@ class SupabaseFront(BackgroundServer):
         @app.route("/<path:path>", methods=["GET", "POST", "PUT", "DELETE"])
         def forward(path: str) -> Response:
             arrived, late = time.time(), False
+            sender_pid = None
             if path == CALLBACK_PATH:
                 self._note_sender(request.get_data())
+                sender_pid = client_pid(int(request.environ.get("REMOTE_PORT") or 0))
                 with self._changed:
                     mode = self.mode
                     if mode is Mode.REFUSE:
@@ -102,7 +107,7 @@ class SupabaseFront(BackgroundServer):
                     self._changed.wait_for(lambda: self.mode is not Mode.LATE, timeout=600)
             if path == CALLBACK_PATH:
                 with self._changed:
-                    self.exchanges.append(Exchange(body, arrived, time.time(), answer.status))
+                    self.exchanges.append(Exchange(body, arrived, time.time(), answer.status, sender_pid))
             return Response(answer.data, answer.status, content_type=answer.headers.get("Content-Type"))
 
         super().__init__(app, name="supabase-front")
@@ -133,6 +138,27 @@ class SupabaseFront(BackgroundServer):
     def stop(self) -> None:
         self.set_mode(Mode.PASS)
         super().stop()
+
+
+def client_pid(port: int) -> int | None:
+    """The pid of the local process whose TCP socket (IPv4, loopback) has source port ``port``: its inode from
+    /proc/net/tcp, then the process holding that socket among /proc/*/fd. None if it is gone or not visible."""
+    suffix = f":{port:04X}"
+    try:
+        with open("/proc/net/tcp") as table:
+            inode = next((f[9] for f in map(str.split, table) if len(f) > 9 and f[1].endswith(suffix)), None)
+    except OSError:
+        return None
+    if inode is None:
+        return None
+    socket_link = f"socket:[{inode}]"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == socket_link for fd in os.listdir(f"/proc/{pid}/fd")):
+                return int(pid)
+        except OSError:
+            continue
+    return None
 
 
 class ReplyDelayProxy:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import redis
@@ -45,6 +46,7 @@ def test_late_callbacks_reach_the_app_and_their_answers_come_after_the_caller_ga
         late, prompt = sorted(front.exchanges, key=lambda e: e.arrived)
         assert (late.body, late.status, late.acknowledged(0.5)) == (body, 200, False)
         assert prompt.acknowledged(0.5) and front.late == 1
+        assert late.sender_pid == prompt.sender_pid == os.getpid()   # this process sent both
         assert front.terminal_senders(within=60) == {"pod-sdxl-0"}
     finally:
         front.stop()

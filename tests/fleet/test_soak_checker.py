@@ -109,11 +109,12 @@ def test_a_callback_sent_again_after_its_acknowledgement_is_a_duplicate(redis_cl
     now = time.time()
     exchanges = [Exchange(bodies[unanswered.id], now, now + 5.0, 200),    # answered after the 2 s timeout
                  Exchange(bodies[unanswered.id], now + 2.5, now + 2.6, 200),
-                 Exchange(bodies[acked.id], now, now + 0.1, 200),          # acknowledged at once
+                 Exchange(bodies[acked.id], now, now + 0.1, 200, 5151),    # acknowledged at once, by pid 5151
                  Exchange(bodies[acked.id], now + 0.5, now + 0.6, 200),
-                 Exchange(bodies[killed.id], now + 10, now + 10.1, 200),   # answered, but its sender was killed
-                 Exchange(bodies[killed.id], now + 20, now + 20.1, 200)]   # before it could record that
-    events = [Event(10.05, "worker_sigkill", "SIGKILL", target="soak-a-sdxl-")]
+                 Exchange(bodies[killed.id], now + 10, now + 10.1, 200, 4242),  # answered, but its sender was
+                 Exchange(bodies[killed.id], now + 20, now + 20.1, 200)]        # killed before it could record it
+    events = [Event(0.05, "worker_sigkill", "SIGKILL", target="soak-a-sdxl-", pids=(4242,)),  # not 5151
+              Event(10.05, "worker_sigkill", "SIGKILL", target="soak-a-sdxl-", pids=(4242,))]
     jobs = {unanswered.id: unanswered, acked.id: acked, killed.id: killed}
     verdict = Checker(jobs, s, redis_client, events, [], now, 1.0, exchanges, client_timeout=2.0).verdict()
     assert [(v.kind, v.job_id) for v in verdict.violations] == [("sent again after ack", acked.id)]

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from workers.local.redis_server import RedisServer
 from workers.local.supabase_standin import SupabaseStandin
@@ -40,12 +40,13 @@ CALLBACK_MODES = {"callback_refuse": Mode.REFUSE, "callback_hang": Mode.HANG, "c
 @dataclass
 class Event:
     """One line of the fault timeline: when (run seconds), what, and what came of it. ``target``: the worker-id
-    prefix of the processes it ended (``soak-a-wan-``, or ``soak-b1-`` for a whole pod), if it ended any."""
+    prefix of the processes it ended (``soak-a-wan-``, or ``soak-b1-`` for a whole pod), and their pids."""
     at: float
     kind: str
     detail: str
     done: bool = True        # False: skipped (resource busy, no such process)
     target: str = ""
+    pids: tuple[int, ...] = ()   # the processes it ended
 
 
 @dataclass
@@ -123,16 +124,16 @@ class Injector:
         kind = fault.params["kind"]
         where = f"{pod.name}/{kind} ({pod.transport(kind)})"
         if fault.kind == "worker_cold_stop":
-            pid = pod.signal_group(kind, signal.SIGINT)
-            what = f"SIGINT to the process group of {where}, leader {pid}"
+            pids = pod.signal_group(kind, signal.SIGINT)
+            what = f"SIGINT to the process group of {where}, pids {pids}"
         elif fault.params["target"] == "process":
-            pid = pod.kill_worker_process(kind)
-            what = f"SIGKILL of the gunicorn worker process of {where}, pid {pid}"
+            pids = pod.kill_worker_process(kind)
+            what = f"SIGKILL of the gunicorn worker process of {where}, pid {pids}"
         else:
-            pid = pod.signal_group(kind, signal.SIGKILL)
-            what = f"SIGKILL of the process group of {where}, leader {pid}"
-        self._record(fault.kind, what if pid else f"skipped: {where} not running", pid is not None,
-                     f"{pod.name}-{kind}-" if pid else "")
+            pids = pod.signal_group(kind, signal.SIGKILL)
+            what = f"SIGKILL of the process group of {where}, pids {pids}"
+        self._record(fault.kind, what if pids else f"skipped: {where} not running", bool(pids),
+                     f"{pod.name}-{kind}-" if pids else "", pids)
 
     # ------------------------------------------------------------------ lasting faults
     def _lasting(self, fault: Fault, resource: str) -> None:
@@ -201,10 +202,10 @@ class Injector:
             self._record("worker_cold_stop", "skipped: no worker busy in the callback outage", done=False)
             return
         pod, kind = self.rng.choice(delivering or busy)
-        pid = pod.signal_group(kind, signal.SIGINT)
+        pids = pod.signal_group(kind, signal.SIGINT)
         self._record("worker_cold_stop", f"SIGINT to the process group of {pod.name}/{kind} ({pod.transport(kind)}), "
-                     f"{'inside its callback delivery' if delivering else 'busy'} in the outage, leader {pid}",
-                     pid is not None, f"{pod.name}-{kind}-" if pid else "")
+                     f"{'inside its callback delivery' if delivering else 'busy'} in the outage, pids {pids}",
+                     bool(pids), f"{pod.name}-{kind}-" if pids else "", pids)
 
     def _storage(self, fault: Fault) -> None:
         seconds = fault.params["seconds"]
@@ -218,10 +219,12 @@ class Injector:
     def _pod(self, fault: Fault) -> None:
         if self.pod_b is not None and self.pod_b.up:
             pod = self.pod_b
+            pids = tuple(pod.pids())
             self._record(fault.kind, f"pod {pod.name} leaves (SIGTERM to its orchestrator: a pod drain)",
-                         target=f"{pod.name}-")
+                         target=f"{pod.name}-", pids=pids)
             code = pod.stop()
-            self._record("pod_left", f"pod {pod.name} gone (orchestrator exit {code})", target=f"{pod.name}-")
+            self._record("pod_left", f"pod {pod.name} gone (orchestrator exit {code})", target=f"{pod.name}-",
+                         pids=pids)
             return
         pod = self.new_pod_b(len(self.pods))
         self.pods.append(pod)
@@ -230,8 +233,9 @@ class Injector:
         pod.start()
         self._record("pod_joined", f"pod {pod.name} running")
 
-    def _record(self, kind: str, detail: str, done: bool = True, target: str = "") -> None:
-        event = Event(round(self.clock(), 2), kind, detail, done, target)
+    def _record(self, kind: str, detail: str, done: bool = True, target: str = "",
+                pids: Iterable[int] = ()) -> None:
+        event = Event(round(self.clock(), 2), kind, detail, done, target, tuple(pids))
         with self._lock:
             self.events.append(event)
         log.info("soak fault at %.1f s: %s: %s", event.at, kind, detail)

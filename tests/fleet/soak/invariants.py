@@ -232,13 +232,17 @@ class Checker:
         return benign, after_ack
 
     def sender_died(self, post: Exchange) -> bool:
-        """Whether the process that sent ``post`` was ended before it could have recorded the answer."""
+        """Whether the process that sent ``post`` was ended before it could have recorded the answer: known by
+        its pid; without one (not found at the time), by the worker id the body names."""
         try:
-            sender = str(json.loads(post.body).get("worker_id"))
+            named = str(json.loads(post.body).get("worker_id"))
         except (ValueError, AttributeError):
-            return False
-        return any(sender.startswith(prefix) and start <= post.answered + RECORD_SECONDS and end >= post.arrived
-                   for start, end, prefix in self.deaths)
+            named = ""
+        for start, end, prefix, pids in self.deaths:
+            if start <= post.answered + RECORD_SECONDS and end >= post.arrived:
+                if post.sender_pid in pids if post.sender_pid is not None else named.startswith(prefix):
+                    return True
+        return False
 
     def terminal(self, job_id: str) -> list[ReceivedCallback]:
         return [c for c in self.callbacks.get(job_id, []) if c.status in TERMINAL]
@@ -320,20 +324,21 @@ class Checker:
         return found
 
 
-def _deaths(events: Iterable[Event], epoch: float) -> list[tuple[float, float, str]]:
-    """(from, to, worker-id prefix) in ``time.time()`` seconds: when injected faults ended which processes. A kill
-    or cold stop is an instant; a pod drain lasts from its SIGTERM until its orchestrator is gone."""
+def _deaths(events: Iterable[Event], epoch: float) -> list[tuple[float, float, str, frozenset[int]]]:
+    """(from, to, worker-id prefix, pids) in ``time.time()`` seconds: when injected faults ended which processes.
+    A kill or cold stop is an instant; a pod drain lasts from its SIGTERM until its orchestrator is gone."""
     found, leaving = [], {}
     for event in events:
         if not (event.done and event.target):
             continue
         if event.kind == "pod_toggle":
-            leaving[event.target] = event.at
+            leaving[event.target] = event
         elif event.kind == "pod_left":
-            found.append((epoch + leaving.pop(event.target, event.at), epoch + event.at, event.target))
+            began = leaving.pop(event.target, event).at
+            found.append((epoch + began, epoch + event.at, event.target, frozenset(event.pids)))
         else:
-            found.append((epoch + event.at, epoch + event.at, event.target))
-    found += [(epoch + at, float("inf"), prefix) for prefix, at in leaving.items()]  # still draining at the end
+            found.append((epoch + event.at, epoch + event.at, event.target, frozenset(event.pids)))
+    found += [(epoch + e.at, float("inf"), e.target, frozenset(e.pids)) for e in leaving.values()]  # still draining
     return found
 
 

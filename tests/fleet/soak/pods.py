@@ -83,32 +83,42 @@ class Pod:
         program = self.fleet.programs().get(kind)
         return program["pid"] if program and program["state"] == "RUNNING" else None
 
-    def kill_worker_process(self, kind: str) -> int | None:
-        """SIGKILL the gunicorn worker process (the one that runs jobs) alone; gunicorn respawns it."""
+    def kill_worker_process(self, kind: str) -> list[int]:
+        """SIGKILL the gunicorn worker process (the one that runs jobs) alone; gunicorn respawns it. Returns
+        the pid killed ([] if the program is not running)."""
         leader = self.leader(kind)
         if leader is None:
-            return None
+            return []
         try:
             children = psutil.Process(leader).children()
         except psutil.NoSuchProcess:
-            return None
+            return []
         if not children:
-            return None
+            return []
         os.kill(children[0].pid, signal.SIGKILL)
         self.fleet.tree()
-        return children[0].pid
+        return [children[0].pid]
 
-    def signal_group(self, kind: str, sig: int) -> int | None:
-        """``sig`` to the worker program's whole process group (SIGKILL: a crash; SIGINT: a cold stop)."""
+    def signal_group(self, kind: str, sig: int) -> list[int]:
+        """``sig`` to the worker program's whole process group (SIGKILL: a crash; SIGINT: a cold stop).
+        Returns the group's pids, leader first ([] if the program is not running)."""
         leader = self.leader(kind)
         if leader is None:
-            return None
+            return []
+        try:
+            group = [leader, *(c.pid for c in psutil.Process(leader).children(recursive=True))]
+        except psutil.NoSuchProcess:
+            return []
         self.fleet.tree()
         try:
             os.killpg(leader, sig)
         except ProcessLookupError:
-            return None
-        return leader
+            return []
+        return group
+
+    def pids(self) -> list[int]:
+        """Every process of this pod now (the orchestrator first)."""
+        return [p.pid for p in self.fleet.tree()]
 
     def busy_kinds(self) -> list[str]:
         """The model workers of this pod running a job now (their ``/status``), in a fixed order."""
