@@ -12,3 +12,12 @@ def transport(request, redis_client, redis_server, upstash_front):
         t = UpstashRestTransport(upstash_front.url, upstash_front.token, timeout=5)
     yield t
     t.close()
+
+
+@pytest.fixture
+def procs():
+    """Worker processes a test started (``tests.procs.WorkerProcess``), killed at the end."""
+    started = []
+    yield started
+    for proc in started:
+        proc.close()

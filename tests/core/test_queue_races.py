@@ -20,14 +20,6 @@ def rig(redis_server, redis_client, supabase_standin, tmp_path):
     built.close()
 
 
-@pytest.fixture
-def procs():
-    started = []
-    yield started
-    for proc in started:
-        proc.close()
-
-
 # -- #2: a move in flight while the worker retires ----------------------------------------------------------
 def test_a_job_moved_by_a_blmove_in_flight_during_retire_is_returned_by_the_reaper(rig, redis_client):
     dying = rig.queue("dying", ttl=1)

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from common.exit_codes import ExitCode
-from tests.core.test_worker_processes import element, env, procs, start  # noqa: F401 (fixtures)
+from tests.core.test_worker_processes import element, env, start  # noqa: F401 (fixtures)
 from tests.fleet.jobs import FAKE_TYPES, fake_element
 from tests.procs import ROOT, WorkerProcess
 from workers.core import keys

@@ -20,14 +20,6 @@ def element(job_id, form="string", **config):
 
 
 @pytest.fixture
-def procs():
-    started = []
-    yield started
-    for proc in started:
-        proc.close()
-
-
-@pytest.fixture
 def env(redis_server, redis_client, supabase_standin, tmp_path):
     return runtime_env(redis_server.url, supabase_standin, tmp_path / "storage")
 
