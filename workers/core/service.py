@@ -16,10 +16,8 @@ job it took), and only then, holding nothing, retires its liveness keys. Three w
 from __future__ import annotations
 
 import logging
-import platform
 import secrets
 import socket
-import sys
 import threading
 import time
 from typing import Any, Callable, NoReturn
@@ -36,6 +34,7 @@ from .callbacks import CallbackClient, OutboxSender
 from .errors import ConfigError, ErrorType, InvalidJob, RetryableError, WorkerError
 from .handler import Handler
 from .http import ApiError, create_base_app, json_body, require_admin
+from .introspect import device_memory, versions
 from .metrics import Metrics
 from .queue import ReliableQueue
 from .runner import JobTimeouts, Runner
@@ -427,33 +426,3 @@ def _which() -> str:
     if not isinstance(which, str):
         raise ApiError(400, "'which' must be a string")
     return which
-
-
-def device_memory() -> dict[str, Any]:
-    # A process that never imported torch holds no device memory; importing it just to say so costs seconds of
-    # CPU (the memory manager's census asks every worker once, the fake-handler test fleets included).
-    torch = sys.modules.get("torch")
-    try:
-        if torch is not None and torch.cuda.is_available():
-            free, total = torch.cuda.mem_get_info()
-            return {"type": "cuda", "name": torch.cuda.get_device_name(), "total_gb": round(total / 2**30, 2),
-                    "free_gb": round(free / 2**30, 2),
-                    "allocated_gb": round(torch.cuda.memory_allocated() / 2**30, 2)}
-    except Exception:  # a broken CUDA runtime must not break the status route
-        log.exception("CUDA memory query failed")
-    return {"type": "cpu"}
-
-
-def versions() -> dict[str, Any]:
-    found: dict[str, Any] = {"python": platform.python_version()}
-    for name in ("torch", "diffusers", "transformers", "accelerate"):
-        try:
-            found[name] = __import__(name).__version__
-        except ImportError:
-            found[name] = None
-    try:
-        import torch
-        found["cuda"] = torch.version.cuda
-    except ImportError:
-        found["cuda"] = None
-    return found
