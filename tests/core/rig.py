@@ -38,6 +38,27 @@ def made_by(tag: str) -> Result:
                           {"width": 1, "height": 1})], {"made_by": tag})
 
 
+class Hold:
+    """A job that runs until the test lets it finish: ``started`` is set once it runs; set ``released`` to
+    let it return ``made_by(tag)`` (it gives up waiting after ``patience`` seconds)."""
+
+    def __init__(self, tag: str, patience: float = 10.0):
+        self.tag, self.patience = tag, patience
+        self.started, self.released = threading.Event(), threading.Event()
+
+    def __call__(self, job: Job, progress: Progress) -> Result:
+        self.started.set()
+        self.released.wait(self.patience)
+        return made_by(self.tag)
+
+
+def process_on_a_thread(runner: Runner) -> threading.Thread:
+    """Fetch one job and run it on a thread of its own, so the test can act while it runs."""
+    thread = threading.Thread(target=runner.process, args=(runner.queue.fetch(0.1),))
+    thread.start()
+    return thread
+
+
 class Scripted:
     """A handler that runs ``behaviour(job, progress)`` (default: a result made by ``tag``)."""
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.core.rig import Q, Rig, Scripted, element, held, made_by, wait_until
+from tests.core.rig import Hold, Q, Rig, Scripted, element, held, process_on_a_thread, wait_until
 from tests.procs import WorkerProcess, runtime_env
 from workers.core import keys
 from workers.core.transport import RedisProtocolTransport
@@ -121,17 +121,11 @@ def test_a_blmove_whose_reply_comes_late_does_not_strand_the_job(rig, redis_serv
 # -- #9: one claim per running job, fencing by attempt ------------------------------------------------------
 def test_a_second_copy_of_a_running_job_waits_at_the_tail_and_is_dropped_once_done(rig, redis_client,
                                                                                   supabase_standin):
-    gate, release = threading.Event(), threading.Event()
-
-    def slow(job, progress):
-        gate.set()
-        release.wait(10)
-        return made_by("w1")
-    w1 = rig.runner("w1", Scripted("w1", slow))
+    hold = Hold("w1")
+    w1 = rig.runner("w1", Scripted("w1", hold))
     redis_client.rpush(Q, element("j"), element("j"), element("other"))   # the producer's RPUSH was retried
-    first = threading.Thread(target=w1.process, args=(w1.queue.fetch(0.1),))
-    first.start()
-    gate.wait(5)
+    first = process_on_a_thread(w1)
+    hold.started.wait(5)
     commands = []
 
     class Counting:
@@ -158,7 +152,7 @@ def test_a_second_copy_of_a_running_job_waits_at_the_tail_and_is_dropped_once_do
     time.sleep(0.5)
     assert len(commands) - moves <= 10   # it pauses about poll_max between looks at the copy: no spinning
     assert w2_handler.runs == ["other"]  # the copy never started while w1's claim lived
-    release.set()
+    hold.released.set()
     first.join(10)
     wait_until(lambda: redis_client.llen(Q) == 0 and not held(redis_client, "w2"), 10, "the copy to be dropped")
     stop.set()
@@ -171,18 +165,12 @@ def test_a_worker_whose_claim_was_taken_over_neither_uploads_nor_sends_a_termina
     """#9(b): a worker cut off from Redis for longer than the claim's TTL while its GPU job goes on; another
     pod reaps and reruns the job. When the first worker comes back, its result is discarded."""
     rig.ttl = 1
-    gate, release = threading.Event(), threading.Event()
-
-    def partitioned(job, progress):
-        gate.set()
-        release.wait(10)
-        return made_by("w1")
-    w1 = rig.runner("w1", Scripted("w1", partitioned))
+    hold = Hold("w1")
+    w1 = rig.runner("w1", Scripted("w1", hold))
     w1.queue.heartbeat()
     redis_client.rpush(Q, element("j"))
-    first = threading.Thread(target=w1.process, args=(w1.queue.fetch(0.1),))
-    first.start()
-    gate.wait(5)
+    first = process_on_a_thread(w1)
+    hold.started.wait(5)
     redis_client.delete(keys.heartbeat("w1"))         # w1 can no longer beat (nor renew its claim)
     now = [0.0]
     w2_queue = rig.queue("w2", clock=lambda: now[0])
@@ -194,7 +182,7 @@ def test_a_worker_whose_claim_was_taken_over_neither_uploads_nor_sends_a_termina
     w2 = rig.runner("w2", queue=w2_queue)
     w2.process(w2_queue.fetch(0.1))
     assert supabase_standin.wait_for("j", timeout=5).body["worker_id"] == "w2"
-    release.set()                                     # w1 comes back with its result
+    hold.released.set()                                     # w1 comes back with its result
     first.join(10)
     time.sleep(0.3)
     assert [c.body["worker_id"] for c in supabase_standin.callbacks("j", "completed")] == ["w2"]
@@ -205,25 +193,19 @@ def test_a_worker_whose_claim_was_taken_over_neither_uploads_nor_sends_a_termina
 def test_a_job_reaped_while_it_ran_is_settled_once_by_its_live_claim_holder(rig, redis_client, supabase_standin):
     """A worker stalled past the reaper's grace but not past its claim: its copy goes back to the queue, the
     worker finishes, and the returned copy is dropped as done. The settle that removed nothing is counted."""
-    gate, release = threading.Event(), threading.Event()
-
-    def stalled(job, progress):
-        gate.set()
-        release.wait(10)
-        return made_by("w1")
-    w1 = rig.runner("w1", Scripted("w1", stalled))
+    hold = Hold("w1")
+    w1 = rig.runner("w1", Scripted("w1", hold))
     w1.queue.heartbeat()
     redis_client.rpush(Q, element("j"))
-    first = threading.Thread(target=w1.process, args=(w1.queue.fetch(0.1),))
-    first.start()
-    gate.wait(5)
+    first = process_on_a_thread(w1)
+    hold.started.wait(5)
     redis_client.delete(keys.heartbeat("w1"))
     now = [0.0]
     w2_queue = rig.queue("w2", clock=lambda: now[0])
     w2_queue.reap()
     now[0] += rig.ttl
     assert w2_queue.reap() == 1 and redis_client.lrange(Q, 0, -1) == [element("j")]
-    release.set()
+    hold.released.set()
     first.join(10)
     assert supabase_standin.wait_for("j", timeout=5).body["worker_id"] == "w1"
     assert w1.metrics.jobs.labels("sdxl_image_fast", "reaped_while_running")._value.get() == 1

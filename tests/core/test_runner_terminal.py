@@ -14,7 +14,7 @@ import pytest
 
 from common.exit_codes import ExitCode
 from tests.conftest import SUPABASE_TEST_CALLBACK_SECRET, SUPABASE_TEST_SERVICE_KEY
-from tests.core.rig import Q, Rig, Scripted, element, held, made_by, wait_until
+from tests.core.rig import Hold, Q, Rig, Scripted, element, held, made_by, process_on_a_thread, wait_until
 from tests.procs import WorkerProcess, runtime_env
 from workers.core import keys
 from workers.core.callbacks import CallbackClient, OutboxSender
@@ -182,20 +182,14 @@ def test_a_cold_stop_before_the_attempt_is_counted_does_not_decrement_it(rig, re
 def test_a_counted_hand_back_keeps_the_attempt_and_an_uncounted_one_undoes_it(rig, redis_client):
     for count, expected in ((True, 1), (False, 0)):
         redis_client.flushall()
-        gate, release = threading.Event(), threading.Event()
-
-        def behaviour(job, progress):
-            gate.set()
-            release.wait(5)
-            return made_by("w1")
-        runner = rig.runner("w1", Scripted("w1", behaviour))
+        hold = Hold("w1", patience=5)
+        runner = rig.runner("w1", Scripted("w1", hold))
         redis_client.rpush(Q, element("j"))
-        worker = threading.Thread(target=runner.process, args=(runner.queue.fetch(0.1),))
-        worker.start()
-        gate.wait(5)
+        worker = process_on_a_thread(runner)
+        hold.started.wait(5)
         assert runner.claim == ("j", "w1:1")
         assert runner.hand_back_current(count_attempt=count) is True
-        release.set()
+        hold.released.set()
         worker.join(5)
         assert int(redis_client.hget(keys.attempts(Q), "j")) == expected
         assert redis_client.lrange(Q, 0, -1) == [element("j")]
