@@ -65,6 +65,20 @@ def engines(endless) -> Any:
         engine.stop()
 
 
+def oom_once(monkeypatch, cls: type, method: str) -> list[bool]:
+    """Make ``cls.method`` raise a CUDA OOM on its first call only; the returned list is non-empty once it has."""
+    original, failed = getattr(cls, method), []
+
+    def failing(self, *args, **kwargs):
+        if not failed:
+            failed.append(True)
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, method, failing)
+    return failed
+
+
 def request(loaded: LoadedModel, seed: int, max_tokens: int = 40, temperature: float = 0.0,
             text: str = POEM) -> GenerationRequest:
     ids = chat_prompt(loaded, (Message(Role.USER, f"{text} {seed}"),), 1000).ids
@@ -215,15 +229,7 @@ def test_the_failed_batch_is_freed_before_the_next_one_is_built(engines, endless
     engine = engines(True)
     engine.run(request(endless, 8, 3), 30)
     ref = weakref.ref(engine._batches[INSTRUCT])
-    step, failed = SlotBatch.step, []
-
-    def oom_once(self):
-        if not failed:
-            failed.append(True)
-            raise torch.OutOfMemoryError("CUDA out of memory (test)")
-        step(self)
-
-    monkeypatch.setattr(SlotBatch, "step", oom_once)
+    oom_once(monkeypatch, SlotBatch, "step")
     alive_at_build: list[bool] = []
     build = engine._new_batch
 
@@ -244,15 +250,7 @@ def test_after_a_slot_cache_failure_the_engine_returns_to_the_slot_cache(engines
     """#13: a slot cache that cannot be set up once (OOM in its warm-up) serves that request on the DynamicCache
     path, and a later request gets the slot cache again. Today the fallback batch is kept for good."""
     monkeypatch.setattr(engine_module, "SLOT_RETRY_SECONDS", 0.0, raising=False)
-    warm_up, failed = SlotBatch.warm_up, []
-
-    def oom_once(self):
-        if not failed:
-            failed.append(True)
-            raise torch.OutOfMemoryError("CUDA out of memory (test)")
-        warm_up(self)
-
-    monkeypatch.setattr(SlotBatch, "warm_up", oom_once)
+    failed = oom_once(monkeypatch, SlotBatch, "warm_up")
     engine = engines(True)
     assert len(engine.run(request(endless, 11, 5), 30).token_ids) == 5
     assert failed and engine.stats()["decode"][INSTRUCT.value]["path"] == "dynamic_cache"
@@ -334,15 +332,7 @@ def test_gpu_after_an_oom_in_a_step_the_next_request_replays_graphs_again(demo_m
     engine.start()
     try:
         assert engine.prepare(INSTRUCT)["path"] == "cuda_graphs"
-        step, failed = SlotBatch.step, []
-
-        def oom_once(self):
-            if not failed:
-                failed.append(True)
-                raise torch.OutOfMemoryError("CUDA out of memory (test)")
-            step(self)
-
-        monkeypatch.setattr(SlotBatch, "step", oom_once)
+        oom_once(monkeypatch, SlotBatch, "step")
         with pytest.raises(RetryableError):
             engine.run(request(cuda, 1, 20), 60)
         assert len(engine.run(request(cuda, 2, 20), 60).token_ids) == 20
