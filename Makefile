@@ -21,7 +21,7 @@ redis:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
 models: install
-	$(PY) -m workers.demo_models --out var/models
+	$(PY) -m local.demo_models --out var/models
 
 test: install
 	$(PY) -m pytest -q
@@ -33,7 +33,7 @@ soak: install
 	SOAK_MINUTES=$(SOAK_MINUTES) $(PY) -m pytest -q -s -p no:cacheprovider tests/fleet/test_soak.py
 
 demo: install
-	$(PY) -m workers.local.demo
+	$(PY) -m local.demo
 
 # Known-vulnerability audit of the pins (pip-audit); skips with a message where its database is unreachable.
 audit: install

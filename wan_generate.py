@@ -115,8 +115,8 @@ class LocalOrRemoteFetcher:
 
 
 def settings_from(args: argparse.Namespace):
-    from workers.core.errors import ConfigError
-    from workers.core.settings import Settings
+    from common.errors import ConfigError
+    from common.settings import Settings
 
     try:
         settings = Settings.from_env(os.environ)

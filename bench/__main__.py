@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         library.disable_progress_bar()
     demo = args.demo
     if demo is None:
-        from workers.demo_models import build
+        from local.demo_models import build
 
         demo = Path(tempfile.mkdtemp(prefix="bench-demo-"))
         atexit.register(shutil.rmtree, demo, True)

@@ -129,7 +129,7 @@ class FleetRun:
         self.detail("setup", "gpu_count", self.gpu_count)
         demo = self.args.demo
         if demo is None:
-            from workers.demo_models import build
+            from local.demo_models import build
 
             demo = self.scratch / "demo"
             build(demo, {"sdxl", "wan", "qwen"})
@@ -146,8 +146,8 @@ class FleetRun:
                                                          for k, v in self.models.items()))
         if failed:
             raise RuntimeError(f"model build failed: {list(failed)}")
-        from workers.local.redis_server import RedisServer
-        from workers.local.supabase_standin import SupabaseStandin
+        from local.redis_server import RedisServer
+        from local.supabase_standin import SupabaseStandin
 
         self.redis = RedisServer()
         self.standin = SupabaseStandin(self.keys.service, self.keys.callback)
@@ -165,7 +165,7 @@ class FleetRun:
             "LOG_DIR": str(self.scratch / f"logs-{tag}"), "FLEET_STOP_GRACE_SECONDS": "20",
             "FLEET_KILL_AFTER_SECONDS": "5", "FLEET_UNHEALTHY_RESTART_CHECKS": "30",
             "FLEET_COMMAND_CHAT": "{python} -m workers chat --port {port} --host 127.0.0.1",
-            "FLEET_COMMAND_ROUTER": "{python} -m orchestrator.router --port {port} --host 127.0.0.1",
+            "FLEET_COMMAND_ROUTER": "{python} -m router --port {port} --host 127.0.0.1",
             "QUEUE_POLL_MAX_SECONDS": "0.5", "WORKER_HEARTBEAT_TTL_SECONDS": "10", "CALLBACK_TIMEOUT_SECONDS": "30",
         }
         if self.tiny:

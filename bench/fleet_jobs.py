@@ -20,7 +20,7 @@ import redis
 import requests
 
 from workers.core import keys
-from workers.local.supabase_standin import SupabaseStandin
+from local.supabase_standin import SupabaseStandin
 
 FAMILIES = ("sdxl", "wan", "chat")
 QUEUES = {"sdxl": "sdxl_queue", "wan": "wan_queue", "chat": "chat_queue"}

@@ -27,8 +27,8 @@ from typing import Any, Mapping
 import psutil
 import requests
 
-from workers.local import proctree
-from workers.local.net import free_port
+from local import proctree
+from local.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT_VARIABLES = {"memory_manager": "MEMORY_MANAGER_PORT", "router": "ROUTER_PORT", "sdxl": "SDXL_PORT",
@@ -66,7 +66,7 @@ def redis_binary(explicit: str | None) -> tuple[str, str]:
 
 
 def expose_redis(binary: str, scratch: Path) -> str:
-    """Make ``binary`` the ``redis-server`` that ``workers.local.redis_server`` finds on PATH; its version."""
+    """Make ``binary`` the ``redis-server`` that ``local.redis_server`` finds on PATH; its version."""
     shim = scratch / "redis-bin"
     shim.mkdir(parents=True, exist_ok=True)
     link = shim / "redis-server"

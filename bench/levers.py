@@ -1,7 +1,7 @@
 """Levers tried on the bare modules, side by side in one process, before any of them goes into a worker.
 
 - SDXL UNet, one CFG forward (batch 2 = one image; batch 12 = six) at the benchmark size, replayed as a CUDA
-  graph exactly as the worker does (workers/core/graphed.py): plain; with cuDNN autotuning
+  graph exactly as the worker does (workers/gpu/graphed.py): plain; with cuDNN autotuning
   (``torch.backends.cudnn.benchmark``); with fused q/k/v projections (diffusers' ``fuse_qkv_projections``);
   with the transformer blocks ``torch.compile``d (regional compilation: every ``BasicTransformerBlock`` shares
   one compiled graph per input shape, so the compile is seconds, not the whole UNet's minutes), static and
@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from workers.core import graphed, regional
+from workers.gpu import graphed, regional
 
 from . import models
 from .context import Context

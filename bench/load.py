@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from workers.chat.models import ModelName, ModelStore
-from workers.core.settings import Settings
+from common.settings import Settings
 from workers.sdxl import SdxlHandler
 from workers.sdxl import pipeline as sdxl_pipeline
 from workers.wan.handler import WanHandler

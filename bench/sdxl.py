@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers.core import png
+from workers.media import png
 from workers.core.job import decode
-from workers.core.settings import Settings
+from common.settings import Settings
 from workers.sdxl import SdxlHandler
 from workers.sdxl.pipeline import SdxlPipelines
 from workers.sdxl.request import TIER_DEFAULTS
@@ -181,7 +181,7 @@ def _after_last_step(ctx: Context, pipe) -> None:
     """What one image costs after its last denoising step, piece by piece, as the pipeline and handler do it:
     the VAE's cast to fp32 and back (``force_upcast``), the fp32 decode, PIL conversion, PNG and thumbnail;
     and for comparison the decode with a channels-last VAE (same math, other kernels), Pillow's one-core PNG
-    writer (what the handler used before workers/core/png.py), and the handler's encoding of 6 images."""
+    writer (what the handler used before workers/media/png.py), and the handler's encoding of 6 images."""
     from workers.core.storage import thumbnail
     from workers.sdxl.images import encode_outputs, to_pil
 

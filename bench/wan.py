@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers.core import graphed, regional
+from workers.gpu import graphed, regional
 from workers.core.job import decode
-from workers.core.settings import Settings
+from common.settings import Settings
 from workers.wan.handler import WanHandler
 from workers.wan.pipeline import WanModels, to_uint8
 from workers.wan.request import TIER_DEFAULTS

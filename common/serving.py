@@ -33,9 +33,10 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from gunicorn import util
+from gunicorn.app.base import BaseApplication
 from gunicorn.http.body import Body
 from gunicorn.workers.gthread import _DEFER, DEFAULT_WORKER_DATA_TIMEOUT, ThreadWorker
 
@@ -193,3 +194,37 @@ def deadline_worker(*, read_timeout: float, health_paths: Iterable[str] = ("/hea
     """A :class:`DeadlineWorker` with these settings, for gunicorn's ``worker_class`` option."""
     return type("DeadlineWorker", (DeadlineWorker,),
                 {"read_timeout": float(read_timeout), "health_paths": frozenset(health_paths)})
+
+
+class _Gunicorn(BaseApplication):
+    def __init__(self, factory: Callable[[], Any], options: dict[str, Any]):
+        self._factory = factory
+        self._options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        return self._factory()
+
+
+def serve(factory: Callable[[], Any], *, host: str, port: int, threads: int, name: str, read_timeout: float,
+          health_paths: Iterable[str] = ("/health",), graceful_timeout: float = 30.0) -> None:
+    """Run until SIGTERM (gunicorn's own graceful stop: in-flight requests finish, up to ``graceful_timeout``)."""
+    _Gunicorn(factory, {
+        "bind": f"{host}:{port}",
+        "workers": 1,
+        "worker_class": deadline_worker(read_timeout=read_timeout, health_paths=health_paths),
+        "threads": threads,
+        "graceful_timeout": int(graceful_timeout),
+        "timeout": 60,
+        "keepalive": 5,
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": "warning",
+        "proc_name": name,
+        "preload_app": False,
+        "control_socket_disable": True,
+    }).run()

@@ -14,11 +14,11 @@ import threading
 from flask import Flask
 
 from common.exit_codes import ExitCode
-from workers.core.errors import ConfigError
-from workers.core.settings import Settings
+from common.errors import ConfigError
+from common.settings import Settings
 
-from orchestrator.config import MODEL_WORKERS, FleetSettings
-from orchestrator.serving import serve
+from common.topology import MODEL_WORKERS, Topology
+from common.serving import serve
 
 from .app import MemoryDeps, create_app
 from .config import MemorySettings
@@ -44,8 +44,8 @@ def ticking(policy: MemoryPolicy, seconds: float) -> threading.Thread:
     return thread
 
 
-def build(settings: Settings, fleet: FleetSettings, memory: MemorySettings, visible_devices: str | None) -> Flask:
-    workers = seed_policies(memory, {w: fleet.url(w) for w in MODEL_WORKERS})
+def build(settings: Settings, topology: Topology, memory: MemorySettings, visible_devices: str | None) -> Flask:
+    workers = seed_policies(memory, {w: topology.url(w) for w in MODEL_WORKERS})
     policy = MemoryPolicy(Ledger(memory.history_size), make_probe(memory, visible_devices), workers,
                           WorkerControl(workers, settings.worker_admin_key, timeout=memory.worker_timeout_seconds),
                           memory)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_env(os.environ)
-        fleet = FleetSettings.from_env(os.environ)
+        topology = Topology.from_env(os.environ)
         memory = MemorySettings.from_env(os.environ)
     except ConfigError as exc:
         print(f"memory_manager: configuration error: {exc}", file=sys.stderr)
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if settings.worker_admin_key is None:
         log.warning("WORKER_ADMIN_KEY is not set: reservations and emergency operations are refused")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    serve(lambda: build(settings, fleet, memory, visible), host="127.0.0.1",
-          port=args.port or fleet.ports["memory_manager"], threads=8, name="memory_manager",
+    serve(lambda: build(settings, topology, memory, visible), host="127.0.0.1",
+          port=args.port or topology.ports["memory_manager"], threads=8, name="memory_manager",
           read_timeout=settings.http_read_timeout_seconds)
     return 0
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from flask import Flask, jsonify
 
-from workers.core.http import ApiError, create_base_app, json_body, require_admin
-from workers.core.settings import Secret
+from common.http import ApiError, create_base_app, json_body, require_admin
+from common.settings import Secret
 
 from .policy import InvalidRequest, MemoryPolicy, ReservationRequest
 

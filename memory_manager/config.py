@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from workers.core.errors import ConfigError
-from workers.core.settings import _Reader
+from common.errors import ConfigError
+from common.settings import Reader
 
-from orchestrator.config import MODEL_WORKERS, pairs
+from common.topology import MODEL_WORKERS, pairs
 
 DEFAULT_SIZES_GB = {"sdxl": 10.0, "chat": 15.0, "wan": 30.0}
 
@@ -30,7 +30,7 @@ class MemorySettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "MemorySettings":
-        r = _Reader(env)
+        r = Reader(env)
         count = r.raw("GPU_COUNT")
         settings = cls(
             probe=r.choice("MEMORY_PROBE", ("auto", "nvml", "torch", "capacity"), "auto"),

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import requests
 
-from workers.core.settings import Secret
+from common.settings import Secret
 
 from .ledger import WorkerPolicy
 

@@ -13,14 +13,15 @@ import signal
 import sys
 from typing import Mapping
 
-from workers.core.errors import ConfigError
-from workers.core.settings import Settings
+from common.errors import ConfigError
+from common.settings import Settings
 
 from common.exit_codes import ExitCode
 from registration.client import Service
 from registration.runner import Registrations
 
-from .checks import check_health, detect_gpus, startup_report
+from common.http import check_health
+from orchestrator.checks import detect_gpus, startup_report
 from .config import FleetSettings
 from .fleet import build_specs
 from .logs import setup_logging

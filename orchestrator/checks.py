@@ -1,4 +1,4 @@
-"""Checks: a program's ``/health``, and the start-up report (warnings, never pins).
+"""Checks: the start-up report (warnings, never pins).
 
 The start-up report says what the orchestrator found — settings valid, model paths present, torch build,
 GPUs with their free memory — and warns about what looks wrong; only invalid settings stop the fleet.
@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import requests
 
-from workers.core.settings import Settings
+from common.settings import Settings
 
 log = logging.getLogger("orchestrator")
 
@@ -30,32 +29,6 @@ MODEL_PATH_SETTINGS: dict[str, tuple[str, ...]] = {
 _ENV_NAMES = {"sdxl_model_path": "SDXL_MODEL_PATH", "qwen_instruct_path": "QWEN_INSTRUCT_PATH",
               "qwen_base_path": "QWEN_BASE_PATH", "wan_model_path": "WAN_MODEL_PATH",
               "sdxl_config_path": "SDXL_CONFIG_PATH", "wan_vace_model_path": "WAN_VACE_MODEL_PATH"}
-
-
-@dataclass(frozen=True)
-class Health:
-    ok: bool
-    detail: str  # "ok", "unavailable (503)", "no answer"
-
-
-def check_health(url: str, timeout: float = 2.0, session: requests.Session | None = None) -> Health:
-    """GET ``url``: ok on 200; anything else says what came back."""
-    try:
-        response = (session or _SESSION).get(url, timeout=timeout, allow_redirects=False)
-    except requests.RequestException:
-        return Health(False, "no answer")
-    if response.status_code == 200:
-        return Health(True, "ok")
-    return Health(False, f"unavailable ({response.status_code})")
-
-
-def _loopback_session() -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False  # never through an HTTP(S)_PROXY from the environment
-    return session
-
-
-_SESSION = _loopback_session()
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Fleet settings: what the orchestrator runs, on which ports and GPUs, and how it supervises.
 
 Parsed once at the edge (``FleetSettings.from_env(os.environ)``) with the same reader as
-``workers.core.settings.Settings``: a bad value raises ``ConfigError`` naming the variable, never its value.
+``common.settings.Settings``: a bad value raises ``ConfigError`` naming the variable, never its value.
 Every variable is documented in README.md ("Settings").
 """
 from __future__ import annotations
@@ -9,19 +9,14 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, TypeVar
+from typing import Mapping, TypeVar
 
-from workers.core.errors import ConfigError
-from workers.core.settings import _Reader
+from common.errors import ConfigError
+from common.settings import Reader
+from common.topology import MODEL_WORKERS, PROGRAM_ORDER, Topology, pairs
 
 T = TypeVar("T")
 
-#: Every program the orchestrator knows, in start order (stop order is the reverse).
-PROGRAM_ORDER = ("memory_manager", "router", "sdxl", "chat", "wan")
-MODEL_WORKERS = ("sdxl", "chat", "wan")
-DEFAULT_PORTS = {"memory_manager": 7870, "router": 7860, "sdxl": 7859, "chat": 7861, "wan": 7862}
-PORT_VARIABLES = {"memory_manager": "MEMORY_MANAGER_PORT", "router": "ROUTER_PORT", "sdxl": "SDXL_PORT",
-                  "chat": "CHAT_PORT", "wan": "WAN_PORT"}
 #: Seconds a program may take from spawn to its first ``/health`` 200 (models load in minutes).
 DEFAULT_START_TIMEOUTS = {"memory_manager": 30.0, "router": 30.0, "sdxl": 900.0, "chat": 900.0, "wan": 900.0}
 
@@ -29,7 +24,7 @@ DEFAULT_START_TIMEOUTS = {"memory_manager": 30.0, "router": 30.0, "sdxl": 900.0,
 @dataclass(frozen=True)
 class FleetSettings:
     programs: tuple[str, ...] = PROGRAM_ORDER
-    ports: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    ports: Mapping[str, int] = field(default_factory=lambda: dict(Topology().ports))
     status_port: int = 7871
     # GPU placement
     gpu_count: int | None = None
@@ -53,19 +48,12 @@ class FleetSettings:
     # Registration
     registration_interval_seconds: float = 300.0
     registration_retry_max_seconds: float = 60.0
-    # Router
-    router_timeout_seconds: float = 600.0
-    router_connect_timeout_seconds: float = 3.0
-    router_max_body_bytes: int = 16 * 1024 * 1024
-    router_threads: int = 16
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], python: str = "python3") -> "FleetSettings":
-        r = _Reader(env)
+        r = Reader(env)
         programs = _program_list(r.text("FLEET_PROGRAMS", ",".join(PROGRAM_ORDER)))
-        ports = {name: _port(r, PORT_VARIABLES[name], DEFAULT_PORTS[name]) for name in PROGRAM_ORDER}
-        if len(set(ports.values())) != len(ports):
-            raise ConfigError("MEMORY_MANAGER_PORT, ROUTER_PORT, SDXL_PORT, CHAT_PORT and WAN_PORT must differ")
+        ports = Topology.from_env(env).ports
         gpu_count = r.raw("GPU_COUNT")
         settings = cls(
             programs=programs,
@@ -92,10 +80,6 @@ class FleetSettings:
             log_backups=int(r.number("LOG_BACKUPS", 5, 0, 1000)),
             registration_interval_seconds=r.number("REGISTRATION_INTERVAL_SECONDS", 300.0, 0, 86400),
             registration_retry_max_seconds=r.number("REGISTRATION_RETRY_MAX_SECONDS", 60.0, 0.01, 3600),
-            router_timeout_seconds=r.number("ROUTER_TIMEOUT_SECONDS", 600.0, 0.1, 7200),
-            router_connect_timeout_seconds=r.number("ROUTER_CONNECT_TIMEOUT_SECONDS", 3.0, 0.05, 60),
-            router_max_body_bytes=int(r.number("ROUTER_MAX_BODY_MB", 16, 0.001, 4096) * 1024 * 1024),
-            router_threads=int(r.number("ROUTER_THREADS", 16, 1, 256)),
         )
         if settings.backoff_base_seconds > settings.backoff_max_seconds:
             raise ConfigError("FLEET_BACKOFF_BASE_SECONDS must not exceed FLEET_BACKOFF_MAX_SECONDS")
@@ -112,7 +96,7 @@ def _command_variable(program: str) -> str:
     return f"FLEET_COMMAND_{program.upper()}"
 
 
-def _command(r: _Reader, program: str) -> tuple[str, ...]:
+def _command(r: Reader, program: str) -> tuple[str, ...]:
     name = _command_variable(program)
     try:
         words = tuple(shlex.split(r.raw(name) or ""))
@@ -133,30 +117,7 @@ def _program_list(value: str) -> tuple[str, ...]:
     return tuple(name for name in PROGRAM_ORDER if name in names)
 
 
-def _port(r: _Reader, name: str, default: int) -> int:
-    return int(r.number(name, default, 1, 65535))
-
-
 def _ranged(value: float, lo: float, hi: float) -> float:
     if not lo <= value <= hi:
         raise ValueError
     return value
-
-
-def pairs(r: _Reader, name: str, keys: tuple[str, ...], parse: Callable[[str], T],
-           expected: str) -> dict[str, T]:
-    """``"sdxl:0,chat:1"`` → ``{"sdxl": 0, "chat": 1}``; keys from ``keys``, values through ``parse``."""
-    raw = r.raw(name)
-    if raw is None:
-        return {}
-    result: dict[str, T] = {}
-    for item in raw.split(","):
-        key, sep, value = item.strip().partition(":")
-        key = key.strip().lower()
-        if not sep or key not in keys:
-            raise ConfigError(f"{name} must be a list like {keys[0]}:<value>,... with names from {', '.join(keys)}")
-        try:
-            result[key] = parse(value.strip())
-        except (ValueError, TypeError):
-            raise ConfigError(f"{name}: the value for {key} must be {expected}") from None
-    return result

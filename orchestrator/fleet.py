@@ -3,7 +3,7 @@
 Default commands (``FLEET_COMMAND_<PROGRAM>`` replaces one; ``{python}`` and ``{port}`` in it are filled in)::
 
     memory_manager  {python} -m memory_manager --port 7870
-    router          {python} -m orchestrator.router --port 7860
+    router          {python} -m router --port 7860
     sdxl            {python} -m workers sdxl --port 7859
     chat            {python} -m workers chat --port 7861 --host 0.0.0.0   (public: reached via the RunPod proxy)
     wan             {python} -m workers wan --port 7862
@@ -21,10 +21,11 @@ from __future__ import annotations
 import logging
 from typing import Mapping
 
-from workers.core.settings import Settings
+from common.settings import Settings
 
 from .checks import model_workers_to_skip
-from .config import MODEL_WORKERS, FleetSettings
+from common.topology import MODEL_WORKERS
+from orchestrator.config import FleetSettings
 from .placement import place
 from .program import ProgramSpec
 
@@ -32,7 +33,7 @@ log = logging.getLogger("orchestrator")
 
 DEFAULT_COMMANDS = {
     "memory_manager": ("{python}", "-m", "memory_manager", "--port", "{port}"),
-    "router": ("{python}", "-m", "orchestrator.router", "--port", "{port}"),
+    "router": ("{python}", "-m", "router", "--port", "{port}"),
     "sdxl": ("{python}", "-m", "workers", "sdxl", "--port", "{port}"),
     "chat": ("{python}", "-m", "workers", "chat", "--port", "{port}", "--host", "0.0.0.0"),
     "wan": ("{python}", "-m", "workers", "wan", "--port", "{port}"),

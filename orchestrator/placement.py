@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from workers.core.errors import ConfigError
+from common.errors import ConfigError
 
 
 @dataclass(frozen=True)

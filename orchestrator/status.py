@@ -13,7 +13,7 @@ import requests
 from flask import Flask
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from workers.core.http import create_base_app
+from common.http import create_base_app
 
 LOOPBACK = "127.0.0.1"
 

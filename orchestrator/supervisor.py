@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 
 from common.exit_codes import ExitCode
 
-from .checks import Health, check_health
+from common.http import Health, check_health
 from .child import Child
 from .program import Backoff, Program, ProgramSpec, ProgramState, describe_exit, restart_is_futile
 from .reaper import reap_orphans

@@ -17,7 +17,7 @@ from typing import Any
 
 import requests
 
-from workers.core.settings import Secret
+from common.settings import Secret
 
 from .url import PublicUrl
 

@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 
 import requests
 
-from workers.core.settings import Settings
+from common.settings import Settings
 
 from .client import Registrar, Service
 from .heartbeat import RegistrationLoop

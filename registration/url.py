@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-from workers.core.settings import Settings
+from common.settings import Settings
 
 
 @dataclass(frozen=True)

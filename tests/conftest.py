@@ -7,10 +7,10 @@ from typing import Iterator
 import pytest
 import redis
 
-from workers.local.redis_server import RedisServer
-from workers.local.supabase_standin import SupabaseStandin
-from workers.local.upstash_front import UpstashFront
-from workers.demo_models import build as build_demo_models
+from local.redis_server import RedisServer
+from local.supabase_standin import SupabaseStandin
+from local.upstash_front import UpstashFront
+from local.demo_models import build as build_demo_models
 
 UPSTASH_TEST_TOKEN = "test-upstash-token"
 SUPABASE_TEST_SERVICE_KEY = "test-service-key"
@@ -51,5 +51,5 @@ def supabase_standin() -> Iterator[SupabaseStandin]:
 
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory) -> dict:
-    """The tiny demo models (every family), built once per test session: ``workers.demo_models.build``."""
+    """The tiny demo models (every family), built once per test session: ``local.demo_models.build``."""
     return build_demo_models(tmp_path_factory.mktemp("demo-models"))

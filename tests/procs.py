@@ -10,7 +10,7 @@ from pathlib import Path
 
 import requests
 
-from workers.local.net import free_port
+from local.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import time
 from flask import Flask, Response, redirect, request
 from PIL import Image
 
-from workers.local.net import BackgroundServer
+from local.net import BackgroundServer
 
 
 def png_bytes(w: int = 48, h: int = 32, color=(200, 30, 30)) -> bytes:

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.timeout(900)
 def test_demo_completes_every_job():
-    result = subprocess.run([sys.executable, "-m", "workers.local.demo"], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "local.demo"], cwd=ROOT, capture_output=True,
                             text=True, timeout=880)
     print(result.stdout[-4000:])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

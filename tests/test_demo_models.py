@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from workers import demo_models
-from workers.demo_models import MARKER, build
+from local import demo_models
+from local.demo_models import MARKER, build
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(height=64, width=64, num_inference_steps=2)
@@ -167,7 +167,7 @@ def test_second_build_is_a_noop_and_builds_are_deterministic(built, tmp_path):
 
 def test_cli(built):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "workers.demo_models", "--out", str(built["sdxl"].parent), "--only", "wan",
+    cmd = [sys.executable, "-m", "local.demo_models", "--out", str(built["sdxl"].parent), "--only", "wan",
            "--only", "qwen"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
     names = [line.split("\t")[0] for line in result.stdout.splitlines()]

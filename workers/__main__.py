@@ -29,9 +29,9 @@ from gunicorn.app.base import BaseApplication
 from common.exit_codes import ExitCode
 from common.serving import deadline_worker
 
-from .core.errors import ConfigError
+from common.errors import ConfigError
 from .core.service import Service, default_worker_id
-from .core.settings import Settings
+from common.settings import Settings
 
 KINDS = {"sdxl": 7859, "chat": 7861, "wan": 7862}
 log = logging.getLogger("workers")

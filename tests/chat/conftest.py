@@ -20,11 +20,11 @@ import torch
 from workers.chat import create_handler
 from workers.chat.engine import GenerationRequest
 from workers.chat.handler import ChatHandler
-from workers.core.http import create_base_app
+from common.http import create_base_app
 from workers.core.job import Job, decode
 from workers.core.metrics import Metrics
-from workers.core.settings import Secret, Settings
-from workers.local.net import BackgroundServer, free_port
+from common.settings import Secret, Settings
+from local.net import BackgroundServer, free_port
 from tests.procs import WorkerProcess
 
 WAN_KEY = "test-wan-key"

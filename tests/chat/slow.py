@@ -15,7 +15,7 @@ from typing import Any, Callable
 from workers.chat.batch import DecodeBatch
 from workers.chat.handler import ChatHandler
 from workers.chat.slot_batch import SlotBatch
-from workers.core.settings import Settings
+from common.settings import Settings
 
 
 def slowed(step: Callable[[Any], None], delay: float) -> Callable[[Any], None]:

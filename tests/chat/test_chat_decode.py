@@ -20,8 +20,8 @@ from workers.chat.handler import ChatHandler
 from workers.chat.models import LoadedModel, ModelName, SingleModel, load_model
 from workers.chat.sampling import SamplingParams
 from workers.chat.slot_batch import SlotBatch, bucket
-from workers.core.errors import ConfigError
-from workers.core.settings import Settings
+from common.errors import ConfigError
+from common.settings import Settings
 
 from .conftest import drive
 

@@ -24,7 +24,7 @@ import torch
 from tests.procs import ROOT
 from workers.chat.models import ModelName
 from workers.chat.slots import SlotCache
-from workers.local.net import free_port
+from local.net import free_port
 
 from .conftest import ADMIN, ADMIN_KEY, AUTH, Served
 

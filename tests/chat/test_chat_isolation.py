@@ -35,7 +35,7 @@ from workers.chat.prompt import Message, Role, chat_prompt
 from workers.chat.sampling import SamplingParams
 from workers.chat.slot_batch import SlotBatch
 from workers.core.errors import ErrorType, JobCancelled, RetryableError, WorkerError
-from workers.core.settings import Settings
+from common.settings import Settings
 
 from .conftest import AUTH, Served, make_job
 from .slow import slowed

@@ -7,7 +7,7 @@ import pytest
 
 from workers.chat.models import ModelUnavailable
 from workers.core.errors import ErrorType, InvalidJob
-from workers.core.http import ApiError
+from common.http import ApiError
 from workers.core.job import Queue
 
 from .conftest import make_job

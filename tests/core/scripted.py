@@ -6,7 +6,7 @@ import threading
 
 from flask import Flask, Response, request
 
-from workers.local.net import BackgroundServer
+from local.net import BackgroundServer
 
 
 class ScriptedServer(BackgroundServer):

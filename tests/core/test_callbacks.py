@@ -140,7 +140,7 @@ def test_a_retry_after_past_the_budget_gives_up_at_once(scripted):
 
 def test_connection_errors_are_retried_within_the_budget():
     fake = FakeTime()
-    from workers.local.net import free_port
+    from local.net import free_port
     down = CallbackClient(f"http://127.0.0.1:{free_port()}", KEY, SECRET, retry_seconds=20, timeout=1,
                           sleep=fake.sleep, clock=fake.clock)
     assert down.deliver(cb.encode("j", "w", "completed")) is Outcome.FAILED

@@ -1,12 +1,12 @@
-"""CUDA graphs of a module's forward (workers/core/graphed.py): what runs eagerly and why, on any machine;
+"""CUDA graphs of a module's forward (workers/gpu/graphed.py): what runs eagerly and why, on any machine;
 replay equal to eager, one graph per signature, fallbacks, on a CUDA device (skipped elsewhere)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from workers.core import graphed
-from workers.core.settings import Settings
+from workers.gpu import graphed
+from common.settings import Settings
 
 
 class Affine(torch.nn.Module):

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from workers.core import png
+from workers.media import png
 
 
 def chunks(data: bytes) -> list[tuple[bytes, bytes]]:

@@ -7,7 +7,7 @@ import requests
 from tests.refserver import DripServer, ReferenceServer
 from workers.core.references import (ReferenceFailure, ReferenceFetcher, blocked_reason, check_url,
                                      reference_or_fallback)
-from workers.core.settings import Settings
+from common.settings import Settings
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Regional compilation (workers/core/regional.py): a no-op off CUDA; on a CUDA device (skipped elsewhere) every
+"""Regional compilation (workers/gpu/regional.py): a no-op off CUDA; on a CUDA device (skipped elsewhere) every
 block of the named classes compiled in place, the outputs those of the plain blocks within rounding, one
 compile serving other batch sizes and lengths, and the compiled blocks captured by the CUDA graphs."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from workers.core import graphed, regional
-from workers.core.settings import Settings
+from workers.gpu import graphed, regional
+from common.settings import Settings
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -24,8 +24,8 @@ from tests.fleet.jobs import FAKE_TYPES, fake_element
 from tests.procs import ROOT, WorkerProcess
 from workers.core import keys
 from workers.core.service import default_worker_id
-from workers.core.settings import Settings
-from workers.local.net import free_port
+from common.settings import Settings
+from local.net import free_port
 
 Q = "sdxl_queue"
 TTL = 2   # WORKER_HEARTBEAT_TTL_SECONDS in tests.procs.runtime_env

@@ -13,10 +13,11 @@ from typing import Any
 
 from PIL import Image
 
-from workers.core.errors import ConfigError, ErrorType, FatalWorkerError, RetryableError, WorkerError
+from common.errors import ConfigError
+from workers.core.errors import ErrorType, FatalWorkerError, RetryableError, WorkerError
 from workers.core.handler import Output, Progress, Result
 from workers.core.job import Job, Queue
-from workers.core.settings import Settings
+from common.settings import Settings
 from workers.core.storage import thumbnail
 
 

@@ -22,8 +22,8 @@ from typing import Callable, Iterator
 import pytest
 from redis import Redis
 
-from workers.local.redis_server import RedisServer
-from workers.local.supabase_standin import SupabaseStandin
+from local.redis_server import RedisServer
+from local.supabase_standin import SupabaseStandin
 
 from .faults import SupabaseFront, TinyTmp
 from .fleet import Fleet, base_env, fake_worker_commands, free_ports

@@ -30,7 +30,7 @@ from pathlib import Path
 import urllib3
 from flask import Flask, Response, request
 
-from workers.local.net import LOOPBACK, BackgroundServer
+from local.net import LOOPBACK, BackgroundServer
 
 CALLBACK_PATH = "functions/v1/job-callback"
 NOT_FORWARDED = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}

@@ -13,8 +13,8 @@ from typing import Any, Callable
 import psutil
 import requests
 
-from workers.local import proctree
-from workers.local.net import free_port
+from local import proctree
+from local.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PROGRAMS = ("memory_manager", "router", "sdxl", "chat", "wan")

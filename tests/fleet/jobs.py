@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping
 import redis
 
 from workers.core import keys
-from workers.local.supabase_standin import SupabaseStandin
+from local.supabase_standin import SupabaseStandin
 
 QUEUES = ("sdxl_queue", "wan_queue", "chat_queue")
 FAKE_TYPES = {"sdxl_queue": "sdxl_image_fast", "wan_queue": "image_fast", "chat_queue": "chat_conversation"}

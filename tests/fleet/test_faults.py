@@ -8,7 +8,7 @@ import pytest
 import redis
 import requests
 
-from workers.local.supabase_standin import sign
+from local.supabase_standin import sign
 
 from .faults import Mode, ReplyDelayProxy, SupabaseFront
 

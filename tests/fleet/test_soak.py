@@ -30,9 +30,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from workers.local.redis_server import RedisServer
-from workers.local.supabase_standin import SupabaseStandin
-from workers.local.upstash_front import UpstashFront
+from local.redis_server import RedisServer
+from local.supabase_standin import SupabaseStandin
+from local.upstash_front import UpstashFront
 
 from .conftest import CALLBACK_SECRET, SERVICE_KEY, shared_memory_dir
 from .faults import ReplyDelayProxy, SupabaseFront

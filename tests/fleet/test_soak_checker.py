@@ -9,7 +9,7 @@ import requests
 
 from workers.core import keys
 from workers.core.callbacks import encode
-from workers.local.supabase_standin import sign
+from local.supabase_standin import sign
 
 from .faults import Exchange
 from .jobs import USER

@@ -7,8 +7,8 @@ import socket
 import pytest
 import redis
 
-from workers.local.net import free_port
-from workers.local.redis_server import RedisServer
+from local.net import free_port
+from local.redis_server import RedisServer
 
 
 def test_free_port_is_bindable_on_loopback() -> None:

@@ -11,8 +11,8 @@ from typing import Any, Dict, Optional
 import pytest
 import requests
 
-from workers.local.net import BackgroundServer, free_port
-from workers.local.supabase_standin import SupabaseStandin, is_loopback_url, sign
+from local.net import BackgroundServer, free_port
+from local.supabase_standin import SupabaseStandin, is_loopback_url, sign
 
 KEY = "test-service-key"
 SECRET = "test-callback-secret"
@@ -192,7 +192,7 @@ def test_is_loopback_url() -> None:
 
 # ----------------------------------------------------------------------------- CLI
 def test_cli_prints_each_callback_as_a_json_line() -> None:
-    command = [sys.executable, "-m", "workers.local.supabase_standin", "--port", "0",
+    command = [sys.executable, "-m", "local.supabase_standin", "--port", "0",
                "--service-key", KEY, "--callback-secret", SECRET]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:

@@ -12,8 +12,8 @@ import requests
 from upstash_redis import Redis as UpstashRedis
 from upstash_redis.errors import UpstashError
 
-from workers.local.redis_server import RedisServer
-from workers.local.upstash_front import UpstashFront
+from local.redis_server import RedisServer
+from local.upstash_front import UpstashFront
 
 
 @pytest.fixture
@@ -268,7 +268,7 @@ def test_fault_hold_answers_after_the_client_timed_out(faulty_front, redis_clien
 
 
 def test_faults_are_seeded_switchable_and_off_by_default(faulty_front, redis_client) -> None:
-    from workers.local.upstash_front import Faults
+    from local.upstash_front import Faults
     client = rest_client(faulty_front)
     assert [client.command("INCR", "n") for _ in range(3)] == [1, 2, 3]
     assert faulty_front.faults.snapshot() == {"requests": 3}

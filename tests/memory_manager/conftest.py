@@ -11,14 +11,14 @@ from urllib.parse import parse_qs
 import pytest
 
 from memory_manager.app import MemoryDeps, create_app
-from memory_manager.client import MemoryClient, ReserveResult
+from workers.core.memory_client import MemoryClient, ReserveResult
 from memory_manager.config import MemorySettings
 from memory_manager.control import WorkerControl
 from memory_manager.ledger import Ledger
 from memory_manager.policy import MemoryPolicy, seed_policies
 from memory_manager.probe import FixedProbe
-from workers.core.settings import Secret
-from workers.local.net import BackgroundServer
+from common.settings import Secret
+from local.net import BackgroundServer
 
 ADMIN = "test-admin-key"
 

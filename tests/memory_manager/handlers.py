@@ -3,7 +3,7 @@ process reserves GPU memory as ``chat`` or ``wan`` (``--handler tests.memory_man
 from __future__ import annotations
 
 from workers.core.job import Queue
-from workers.core.settings import Settings
+from common.settings import Settings
 
 from tests.fakes.handlers import FakeHandler
 

@@ -7,12 +7,12 @@ import sys
 import pytest
 import requests
 
-from memory_manager.client import Grant, MemoryClient
+from workers.core.memory_client import Grant, MemoryClient
 from memory_manager.config import MemorySettings
 from memory_manager.ledger import Pressure
-from workers.core.errors import ConfigError
-from workers.core.settings import Secret
-from workers.local.net import free_port
+from common.errors import ConfigError
+from common.settings import Secret
+from local.net import free_port
 
 from tests.orchestrator.support import ROOT, wait_for
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 
-from memory_manager.client import Grant
+from workers.core.memory_client import Grant
 from memory_manager.ledger import Ledger, Pressure
 from memory_manager.policy import MemoryPolicy
 from memory_manager.probe import FixedProbe

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from workers.local.net import free_port
+from local.net import free_port
 
 from tests.orchestrator.support import ROOT, wait_for
 

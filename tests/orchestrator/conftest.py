@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.local.net import free_port
+from local.net import free_port
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ from orchestrator.checks import parse_nvidia_smi, startup_report
 from orchestrator.config import FleetSettings
 from orchestrator.fleet import build_specs
 from orchestrator.placement import Placement, place
-from workers.core.errors import ConfigError
-from workers.core.settings import Settings
+from common.errors import ConfigError
+from common.settings import Settings
 
 
 def test_defaults() -> None:
@@ -72,7 +72,7 @@ def test_specs_commands_and_environments(tmp_path: Path) -> None:
     specs = {s.name: s for s in build_specs(Settings.from_env(env), fleet, env, gpu_count=2)}
     assert list(specs) == ["memory_manager", "router", "sdxl", "wan"]  # chat skipped: no Qwen path
     assert specs["memory_manager"].command == ("/py", "-m", "memory_manager", "--port", "7870")
-    assert specs["router"].command == ("/py", "-m", "orchestrator.router", "--port", "7860")
+    assert specs["router"].command == ("/py", "-m", "router", "--port", "7860")
     assert specs["router"].health_url == "http://127.0.0.1:7860/router/health"
     assert specs["sdxl"].command == ("/py", "-m", "workers", "sdxl", "--port", "7859")
     assert specs["sdxl"].env["WORKER_STOP_GRACE_SECONDS"] == "90"

@@ -20,9 +20,9 @@ import pytest
 
 from common.exit_codes import ExitCode
 from orchestrator import child as child_mod
-from orchestrator.checks import check_health
+from common.http import check_health
 from orchestrator.child import Child
-from workers.local.net import free_port
+from local.net import free_port
 
 from .support import ROOT, all_running, fake_command, fleet_env, read_events, status, wait_for
 

@@ -1,4 +1,4 @@
-"""The router (``python -m orchestrator.router`` under gunicorn) in front of two loopback echo backends."""
+"""The router (``python -m router`` under gunicorn) in front of two loopback echo backends."""
 from __future__ import annotations
 
 import gzip
@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import requests
 
-from orchestrator.router import RouterDeps, create_app
-from workers.local.net import BackgroundServer, free_port
+from router.app import RouterDeps, create_app
+from local.net import BackgroundServer, free_port
 
 from .support import ROOT, fleet_env, wait_for
 
@@ -70,7 +70,7 @@ def router(backends, tmp_path_factory):
              "chat": free_port(), "wan": backends["wan"].server.port, "status": free_port()}
     env = fleet_env(ports, tmp_path_factory.mktemp("router"), ROUTER_TIMEOUT_SECONDS="1",
                     ROUTER_MAX_BODY_MB="0.01")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.router", "--host", "127.0.0.1"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "router", "--host", "127.0.0.1"], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{ports['router']}"
 

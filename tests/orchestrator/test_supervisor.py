@@ -13,7 +13,7 @@ import requests
 from common.exit_codes import ExitCode
 from orchestrator.program import Backoff, ProgramSpec, ProgramState
 from orchestrator.supervisor import Supervisor
-from workers.local.net import free_port
+from local.net import free_port
 
 from .support import alive, fake_command, read_events, wait_for
 

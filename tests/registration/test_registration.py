@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.checks import check_health
+from common.http import check_health
 from registration.client import Registrar, Service
 from registration.runner import Registrations
 from registration.url import PublicUrl, public_url
-from workers.core.settings import Settings
-from workers.local.net import BackgroundServer
-from workers.local.supabase_standin import SupabaseStandin
+from common.settings import Settings
+from local.net import BackgroundServer
+from local.supabase_standin import SupabaseStandin
 
 from tests.conftest import SUPABASE_TEST_SERVICE_KEY as KEY
 from tests.orchestrator.support import ROOT, fake_command, fleet_env, wait_for
@@ -149,7 +149,7 @@ def test_one_failed_attempt_reports_status_without_the_key(supabase_standin, ser
 
 
 def test_orchestrator_registers_chat_once_it_is_running(supabase_standin, tmp_path: Path) -> None:
-    from workers.local.net import free_port
+    from local.net import free_port
 
     ports = {n: free_port() for n in ("memory_manager", "router", "sdxl", "chat", "wan", "status")}
     events = tmp_path / "events.jsonl"

@@ -16,8 +16,8 @@ from PIL import Image
 
 from tests.jobs import producer_job
 from workers.core.job import Job
-from workers.core.settings import Settings
-from workers.local.net import BackgroundServer
+from common.settings import Settings
+from local.net import BackgroundServer
 from workers.sdxl import SdxlHandler
 from workers.sdxl.pipeline import SdxlPipelines
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from workers.core.errors import WorkerError
 from workers.core.job import decode
-from workers.core.settings import Settings
+from common.settings import Settings
 from workers.sdxl import SdxlHandler
 from workers.sdxl.pipeline import SdxlPipelines
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from workers.core.errors import ErrorType, InvalidJob, WorkerError
-from workers.core.settings import Settings
+from common.settings import Settings
 from workers.sdxl import weighting
 from workers.sdxl.generation import oom_ladder
 from workers.sdxl.request import SdxlRequest, img2img_schedule, round_images

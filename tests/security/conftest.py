@@ -19,9 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import redis
 
-from workers.local.redis_server import RedisServer
-from workers.local.supabase_standin import SupabaseStandin
-from workers.local.upstash_front import UpstashFront
+from local.redis_server import RedisServer
+from local.supabase_standin import SupabaseStandin
+from local.upstash_front import UpstashFront
 
 from .fleet import SECRETS, Fleet, JobQueue, ReferenceHosts
 

@@ -1,11 +1,11 @@
-"""Every HTTP endpoint of a fleet, derived from the OpenAPI route table (``workers.core.openapi``) plus the
+"""Every HTTP endpoint of a fleet, derived from the OpenAPI route table (``common.openapi``) plus the
 memory manager's routes, each with a request that succeeds once authorised and the status it then gets."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from workers.core import openapi
+from common import openapi
 
 TINY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 #: A body per request schema that passes validation (small, so generation takes milliseconds).
@@ -30,7 +30,7 @@ class Endpoint:
     auth: str           # open | client | admin
     body: Any = None
     ok: int = 200       # the status once authorised
-    schema: str | None = None  # the request schema's name in workers.core.openapi.SCHEMAS
+    schema: str | None = None  # the request schema's name in common.openapi.SCHEMAS
 
     @property
     def label(self) -> str:

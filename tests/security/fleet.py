@@ -23,8 +23,8 @@ from flask import Flask, Response, redirect, request
 from werkzeug.serving import make_server
 
 from tests.refserver import png_bytes
-from workers.local.demo import fleet_env
-from workers.local.net import free_port
+from local.demo import fleet_env
+from local.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ from flask import request
 
 from tests.fakes.handlers import FakeHandler
 from workers.core.job import Queue
-from workers.core.settings import Settings
+from common.settings import Settings
 
 
 class SlowRouteHandler(FakeHandler):

@@ -12,8 +12,8 @@ import inspect
 import pytest
 import requests
 
-from workers.core import http
-from workers.core.settings import Secret
+from common import http
+from common.settings import Secret
 
 from .endpoints import Endpoint, all_endpoints
 from .fleet import ADMIN_KEY, CHAT_KEY, ROOT, WAN_KEY
@@ -102,7 +102,7 @@ RUNTIME_PACKAGES = ("workers/core", "workers/sdxl", "workers/wan", "workers/chat
 
 def test_no_secret_is_compared_with_equality_anywhere_in_runtime_code():
     """A ``.reveal()`` or an Authorization header value must never meet ``==``/``!=``/``in``: only
-    ``hmac.compare_digest`` (through ``workers.core.http.key_matches``)."""
+    ``hmac.compare_digest`` (through ``common.http.key_matches``)."""
     offenders = []
     for package in RUNTIME_PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
@@ -119,7 +119,7 @@ def _is_secretish(node: ast.AST) -> bool:
 
 
 def test_every_auth_check_goes_through_the_shared_decorators():
-    """Routes never read the Authorization header themselves (only workers/core/http.py does)."""
+    """Routes never read the Authorization header themselves (only common/http.py does)."""
     readers = [str(p.relative_to(ROOT)) for package in RUNTIME_PACKAGES for p in sorted((ROOT / package).rglob("*.py"))
                if "headers.get(\"Authorization\"" in p.read_text() or "headers['Authorization']" in p.read_text()]
-    assert readers == ["workers/core/http.py"]
+    assert readers == ["common/http.py"]

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from workers.core import openapi
+from common import openapi
 
 from .endpoints import GOOD_BODIES, TINY, Endpoint, all_endpoints
 from .fleet import ADMIN_KEY, CHAT_KEY, PROGRAMS

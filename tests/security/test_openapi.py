@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 documents (``workers.core.openapi``): valid, served at ``GET /openapi.json`` on the router
+"""The OpenAPI 3.1 documents (``common.openapi``): valid, served at ``GET /openapi.json`` on the router
 (7860) and the chat worker (7861), complete (every route of every app is documented and nothing documented
 is missing), and a schemathesis run against both live ports with the ``not_a_server_error`` check.
 
@@ -17,12 +17,12 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from orchestrator.router import RouterDeps
-from orchestrator.router import create_app as router_app
-from orchestrator.router import resolve
-from workers.core import openapi
+from router.app import RouterDeps
+from router.app import create_app as router_app
+from router.app import resolve
+from common import openapi
 from workers.core.service import Service
-from workers.core.settings import Settings
+from common.settings import Settings
 
 from .fleet import ADMIN_KEY, CHAT_KEY
 

@@ -21,7 +21,7 @@ import requests
 from tests.refserver import DripServer
 
 from workers.core.references import ReferenceFailure, ReferenceFetcher, blocked_reason, check_url
-from workers.core.settings import Settings
+from common.settings import Settings
 
 from .fleet import wait_all
 

@@ -27,7 +27,7 @@ import requests
 
 from tests.orchestrator.support import ROOT, fleet_env, wait_for
 from tests.procs import WorkerProcess, runtime_env
-from workers.local.net import BackgroundServer, free_port
+from local.net import BackgroundServer, free_port
 
 DEADLINE = 3.0          # HTTP_READ_TIMEOUT_SECONDS in these tests
 DRIP_SECONDS = 1.0      # one byte per second: never idle long enough for a per-read timeout
@@ -164,7 +164,7 @@ def start_router(tmp_path: Path, sdxl_port: int, wan_port: int, **extra: str) ->
     ports = {"memory_manager": free_port(), "router": free_port(), "sdxl": sdxl_port, "chat": free_port(),
              "wan": wan_port, "status": free_port()}
     env = fleet_env(ports, tmp_path, ROUTER_THREADS=str(THREADS), HTTP_READ_TIMEOUT_SECONDS=str(DEADLINE), **extra)
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.router", "--host", "127.0.0.1"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "router", "--host", "127.0.0.1"], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{ports['router']}"
 

@@ -19,8 +19,8 @@ from PIL import Image
 
 from tests.jobs import producer_job
 from workers.core.job import Job
-from workers.core.settings import Secret, Settings
-from workers.local.net import BackgroundServer
+from common.settings import Secret, Settings
+from local.net import BackgroundServer
 from workers.wan.handler import WanHandler
 from workers.wan.pipeline import WanModels
 from workers.wan.sampler import BatchedCfgSampler

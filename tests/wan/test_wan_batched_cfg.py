@@ -13,7 +13,7 @@ import torch
 from diffusers import WanPipeline
 from PIL import Image
 
-from workers.core.settings import Settings
+from common.settings import Settings
 from workers.wan.handler import WanHandler
 from workers.wan.pipeline import WanModels, make_scheduler
 from workers.wan.request import Solver

@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import requests
 
-from workers.core.http import create_base_app
-from workers.local.net import BackgroundServer, free_port
+from common.http import create_base_app
+from local.net import BackgroundServer, free_port
 from workers.wan.enhance import DEFAULT_TEMPLATE, PromptEnhancer
 
 from .conftest import CHAT_KEY, WAN_KEY, handler_with, make_job, no_progress

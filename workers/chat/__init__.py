@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from workers.core.settings import Settings
+    from common.settings import Settings
 
     from .handler import ChatHandler
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from flask import jsonify, request as http_request
 
 from workers.core.errors import InvalidJob, WorkerError
-from workers.core.http import ApiError, json_body, require_key
+from common.http import ApiError, json_body, require_key
 
 from .client import ClientGone, disconnect_check
 from .openai import register_openai_routes

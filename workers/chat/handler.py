@@ -10,9 +10,9 @@ from typing import Any
 
 from workers.core.errors import FatalWorkerError, InvalidJob
 from workers.core.handler import Progress, Result
-from workers.core.http import ApiError
+from common.http import ApiError
 from workers.core.job import Job, JobType, Queue
-from workers.core.settings import Settings
+from common.settings import Settings
 
 from . import api, memory
 from .engine import Engine

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from workers.core.errors import ErrorType, WorkerError
-from workers.core.settings import Settings
+from common.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from flask import Response, jsonify
 
 from workers.core.errors import InvalidJob, WorkerError
-from workers.core.http import ApiError, json_body
+from common.http import ApiError, json_body
 
 from .client import ClientGone
 from .models import ModelName

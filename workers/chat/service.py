@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from workers.core.errors import ConfigError, ErrorType, InvalidJob, RetryableError
-from workers.core.settings import Settings
+from common.errors import ConfigError
+from workers.core.errors import ErrorType, InvalidJob, RetryableError
+from common.settings import Settings
 
 from .detokenize import IncrementalDecoder
 from .engine import Engine, Generation, GenerationRequest

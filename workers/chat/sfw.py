@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from workers.core.errors import ConfigError
+from common.errors import ConfigError
 
 DEFAULT_WORDS = Path(__file__).with_name("sfw_words.txt")
 MASK = "***"

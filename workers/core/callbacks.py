@@ -24,7 +24,7 @@ import requests
 
 from . import keys, retry
 from .metrics import Metrics
-from .settings import Settings
+from common.settings import Settings
 from .transport import Transport, TransportError
 
 log = logging.getLogger(__name__)

@@ -74,7 +74,3 @@ class JobCancelled(WorkerError):
 
 class FatalWorkerError(Exception):
     """Crash and restart: the process is unusable (model gone, GPU lost). The current job is handed back."""
-
-
-class ConfigError(Exception):
-    """A setting is missing or malformed. The message names the variable, never its value."""

@@ -30,7 +30,7 @@ from urllib3.util.connection import create_connection
 
 from . import retry
 from .errors import ErrorType, WorkerError
-from .settings import Settings
+from common.settings import Settings
 
 MAX_REDIRECTS = 3
 MAX_PIXELS = 64 * 1024 * 1024

@@ -35,7 +35,7 @@ from .handler import Handler, Result
 from .job import Job, JobType, OutputKind, Queue, decode
 from .metrics import Metrics
 from .queue import Claim, Delivery, ReliableQueue, Settled, Skipped
-from .settings import Settings
+from common.settings import Settings
 from .storage import Storage, object_path
 from .transport import TransportError
 

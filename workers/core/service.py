@@ -25,20 +25,21 @@ from typing import Any, Callable, NoReturn
 from flask import Flask, jsonify, request
 
 from common.exit_codes import ExitCode
-from . import openapi
+from common import openapi
 from . import storage as storage_mod
 from . import transport as transport_mod
-from memory_manager.client import MemoryClient, ReserveResult
+from workers.core.memory_client import MemoryClient, ReserveResult
 
 from .callbacks import CallbackClient, OutboxSender
-from .errors import ConfigError, ErrorType, InvalidJob, RetryableError, WorkerError
+from common.errors import ConfigError
+from workers.core.errors import ErrorType, InvalidJob, RetryableError, WorkerError
 from .handler import Handler
-from .http import ApiError, create_base_app, json_body, require_admin
+from common.http import ApiError, create_base_app, json_body, require_admin
 from .introspect import device_memory, versions
 from .metrics import Metrics
 from .queue import ReliableQueue
 from .runner import JobTimeouts, Runner
-from .settings import Settings
+from common.settings import Settings
 from .transport import TransportError
 from .watchdog import Watchdog
 

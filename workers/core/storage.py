@@ -19,7 +19,7 @@ from PIL import Image
 
 from . import retry
 from .errors import ErrorType, RetryableError, WorkerError
-from .settings import Settings
+from common.settings import Settings
 
 _COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")  # \Z, not $ (no trailing newline)
 THUMBNAIL_EDGE = 256

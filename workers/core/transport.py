@@ -19,8 +19,8 @@ import redis
 from upstash_redis.errors import UpstashError
 from upstash_redis.http import SyncHttpClient, make_headers
 
-from .errors import ConfigError
-from .settings import Settings
+from common.errors import ConfigError
+from common.settings import Settings
 
 
 class TransportError(Exception):

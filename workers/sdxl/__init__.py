@@ -1,7 +1,7 @@
 """SDXL image worker (``sdxl_queue``): ``python -m workers sdxl`` serves ``create_handler(settings)``."""
 from __future__ import annotations
 
-from workers.core.settings import Settings
+from common.settings import Settings
 
 from .handler import SdxlHandler
 

@@ -7,11 +7,12 @@ import threading
 import time
 from typing import Any, Callable
 
-from workers.core.errors import ConfigError, ErrorType, FatalWorkerError, InvalidJob, RetryableError
+from common.errors import ConfigError
+from workers.core.errors import ErrorType, FatalWorkerError, InvalidJob, RetryableError
 from workers.core.handler import Output, Progress, Result
 from workers.core.job import Job, Queue
 from workers.core.references import ReferenceFetcher, reference_or_fallback
-from workers.core.settings import Settings
+from common.settings import Settings
 
 from . import pipeline
 from .generation import Plan, generate

@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from workers.core import png
+from workers.media import png
 from workers.core.storage import thumbnail
 
 ASPECT_TOLERANCE = 0.01
@@ -40,7 +40,7 @@ def to_pil(images: Any) -> list[Image.Image]:
 
 def encode_outputs(images: list[Image.Image]) -> tuple[list[bytes], list[bytes]]:
     """(PNG files, WebP thumbnails) of ``images``: every image's PNG strips and thumbnail go to the encoding
-    threads at once (workers/core/png.py), so a batch of 6 costs little more than one image."""
+    threads at once (workers/media/png.py), so a batch of 6 costs little more than one image."""
     pending = [png.start(np.asarray(image)) for image in images]
     thumbs = [png.pool().submit(thumbnail, image) for image in images]
     return [p.result() for p in pending], [t.result() for t in thumbs]

@@ -6,8 +6,8 @@ image-to-image.
 fp32 on CPU. Attention is PyTorch SDPA (diffusers' default); xformers only when ``SDXL_ATTENTION=xformers``
 and the package is importable. On CUDA: VAE slicing (a batch of 6 decodes one image at a time), optional
 ``torch.compile`` of the whole UNet in place (``TORCH_COMPILE``; so both pipelines keep the same object), or
-else (the defaults) the UNet's transformer blocks compiled (``COMPILE_BLOCKS``, workers/core/regional.py) and
-the UNet and text encoders replayed as one CUDA graph per input shape (``CUDA_GRAPHS``, workers/core/graphed.py:
+else (the defaults) the UNet's transformer blocks compiled (``COMPILE_BLOCKS``, workers/gpu/regional.py) and
+the UNet and text encoders replayed as one CUDA graph per input shape (``CUDA_GRAPHS``, workers/gpu/graphed.py:
 the same kernels without ~2,000 Python-side launches per UNet step), all warmed up by
 :meth:`SdxlPipelines.warm_up` for the default shapes before the worker reports ready. Channels-last was measured on an H100 and
 left out: no gain at batch 2, 11 % slower at batch 12 (SDPA dominates at 1024²).
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workers.core.errors import ConfigError
-from workers.core.settings import Settings
+from common.errors import ConfigError
+from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ WARM_UP_SHAPES = ((1024, 1024, 1), (1024, 1024, 3), (1024, 1024, 6))
 # host-bound forwards per job). The VAE is left eager: diffusers casts it to fp32 and back around every
 # decode, which moves its weights, and its decode is GPU-bound anyway.
 GRAPHED_MODULES = ("unet", "text_encoder", "text_encoder_2")
-# Compiled in place when COMPILE_BLOCKS is on (workers/core/regional.py): the UNet's 70 transformer blocks share
+# Compiled in place when COMPILE_BLOCKS is on (workers/gpu/regional.py): the UNet's 70 transformer blocks share
 # one compiled graph; ~10 s of compile in the warm-up, each step 10 % faster (bench/levers.py, run 7).
 COMPILED_BLOCKS = ("BasicTransformerBlock",)
 
@@ -76,7 +76,7 @@ class SdxlPipelines:
     compiled: bool = False
     compiled_blocks: int = 0
     notes: list[str] = field(default_factory=list)
-    graphs: dict[str, Any] = field(default_factory=dict)   # module -> workers.core.graphed.ForwardGraphs
+    graphs: dict[str, Any] = field(default_factory=dict)   # module -> workers.gpu.graphed.ForwardGraphs
 
     @classmethod
     def from_t2i(cls, t2i: Any, device: Any, name: str, attention: str = "sdpa",
@@ -86,7 +86,7 @@ class SdxlPipelines:
         or its transformer blocks) and/or CUDA graphs, the img2img twin."""
         from diffusers import StableDiffusionXLImg2ImgPipeline
 
-        from workers.core import graphed, regional
+        from workers.gpu import graphed, regional
 
         t2i.to(device)
         t2i.set_progress_bar_config(disable=True)
@@ -152,7 +152,7 @@ class SdxlPipelines:
         """Drop the pipelines and give the memory back (GPU cache included)."""
         import torch
 
-        from workers.core import graphed
+        from workers.gpu import graphed
 
         if self.t2i is not None:
             for part in self.graphs:

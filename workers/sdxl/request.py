@@ -15,7 +15,7 @@ from workers.core import params
 from workers.core.errors import ErrorType, InvalidJob
 from workers.core.job import Job, Queue
 from workers.core.params import describe, finite_number
-from workers.core.settings import Settings
+from common.settings import Settings
 
 from . import weighting
 from .weighting import Segment

@@ -2,7 +2,7 @@
 enhancement through the chat worker. ``python -m workers wan --port 7862`` serves it."""
 from __future__ import annotations
 
-from workers.core.settings import Settings
+from common.settings import Settings
 
 from .handler import WanHandler
 

@@ -15,7 +15,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from workers.core import png
+from workers.media import png
 from workers.core.handler import Output
 from workers.core.storage import thumbnail
 

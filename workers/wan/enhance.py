@@ -23,8 +23,8 @@ from typing import Any
 
 import requests
 
-from workers.core.http import pooled_session
-from workers.core.settings import Secret, Settings
+from common.http import pooled_session
+from common.settings import Secret, Settings
 
 log = logging.getLogger(__name__)
 

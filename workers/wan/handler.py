@@ -13,7 +13,7 @@ from workers.core.errors import InvalidJob
 from workers.core.handler import Progress, Result
 from workers.core.job import Job, Queue
 from workers.core.references import ReferenceFetcher
-from workers.core.settings import Settings
+from common.settings import Settings
 
 from . import encode
 from . import references as refs_mod

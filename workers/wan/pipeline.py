@@ -25,9 +25,9 @@ import torch
 from diffusers import (DPMSolverMultistepScheduler, UniPCMultistepScheduler, WanPipeline,
                        WanVACEPipeline, WanVACETransformer3DModel)
 
-from workers.core import graphed, regional
+from workers.gpu import graphed, regional
 from workers.core.errors import ErrorType, FatalWorkerError, RetryableError, WorkerError
-from workers.core.settings import Settings
+from common.settings import Settings
 
 from .references import VaceConditioning
 from .request import Solver
@@ -266,7 +266,7 @@ class WanModels:
 BATCHED_CFG_MAX_TOKENS = 8192
 
 
-# Compiled in place when COMPILE_BLOCKS is on (workers/core/regional.py): one 81-frame transformer pass
+# Compiled in place when COMPILE_BLOCKS is on (workers/gpu/regional.py): one 81-frame transformer pass
 # 0.646 -> 0.532 s on an H100 (bench/levers.py, run 7), ~5 s of compile per variant; VACE's own blocks compile
 # on its first job.
 COMPILED_BLOCKS = ("WanTransformerBlock", "WanVACETransformerBlock")

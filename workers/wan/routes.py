@@ -10,8 +10,8 @@ import time
 
 from flask import Flask, jsonify
 
-from workers.core.http import ApiError, json_body, require_key
-from workers.core.settings import Settings
+from common.http import ApiError, json_body, require_key
+from common.settings import Settings
 
 from .enhance import DEFAULT_MODEL, MODELS, EnhanceError, PromptEnhancer
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from workers.local.redis_server import RedisServer
-from workers.local.supabase_standin import SupabaseStandin
+from local.redis_server import RedisServer
+from local.supabase_standin import SupabaseStandin
 
 from ..faults import Mode, ReplyDelayProxy, SupabaseFront
 from .plan import Fault

@@ -26,7 +26,7 @@ from typing import Iterable
 import redis
 
 from workers.core import keys
-from workers.local.supabase_standin import ReceivedCallback, SupabaseStandin
+from local.supabase_standin import ReceivedCallback, SupabaseStandin
 
 from ..faults import Exchange
 from ..jobs import QUEUES, TERMINAL

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from workers.core.settings import _Reader
+from common.settings import Reader
 
 #: Every fault the injector knows, with its weight in the schedule. Windows and pauses carry a duration.
 FAULT_WEIGHTS = {
@@ -48,7 +48,7 @@ class SoakConfig:
     def from_env(cls, env: Mapping[str, str], default_minutes: float = 3.0) -> "SoakConfig":
         """``SOAK_MINUTES``, ``SOAK_SEED``, ``SOAK_JOBS_PER_SECOND``, ``SOAK_FAULT_INTERVAL_SECONDS``,
         ``SOAK_REST_FAULT_RATE``, ``SOAK_OUT``: each bounded; a bad value is one ``ConfigError`` line."""
-        r = _Reader(env)
+        r = Reader(env)
         given = r.raw("SOAK_SEED")
         seed = (int(r.number("SOAK_SEED", 0, 0, 2**32 - 1)) if given is not None
                 else random.SystemRandom().randrange(2**32))

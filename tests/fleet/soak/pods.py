@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from workers.local.redis_server import RedisServer
+from local.redis_server import RedisServer
 
 from ..conftest import fake_fleet_env, rig_env
 from ..faults import SupabaseFront

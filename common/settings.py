@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from common.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -119,7 +119,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
-        r = _Reader(env)
+        r = Reader(env)
         settings = cls(
             supabase_url=r.url("SUPABASE_URL"),
             supabase_service_key=r.secret("SUPABASE_SERVICE_KEY") or r.secret("SUPABASE_SERVICE_ROLE_KEY"),
@@ -218,7 +218,7 @@ ENV_NAMES = {
 }
 
 
-class _Reader:
+class Reader:
     """Parses one variable at a time; every error names the variable and never echoes its value."""
 
     def __init__(self, env: Mapping[str, str]):

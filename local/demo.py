@@ -22,11 +22,11 @@ from pathlib import Path
 
 import requests
 
-from workers.demo_models import build as build_models
-from workers.local.net import free_port
-from workers.local.redis_server import RedisServer
-from workers.local.supabase_standin import SupabaseStandin
-from workers.local.upstash_front import UpstashFront
+from local.demo_models import build as build_models
+from local.net import free_port
+from local.redis_server import RedisServer
+from local.supabase_standin import SupabaseStandin
+from local.upstash_front import UpstashFront
 
 ROOT = Path(__file__).resolve().parents[2]
 VAR = ROOT / "var"
@@ -217,7 +217,7 @@ def _reference_server():
     from flask import Flask, Response
     from PIL import Image
 
-    from workers.local.net import BackgroundServer
+    from local.net import BackgroundServer
 
     app = Flask("demo-references")
     buffer = io.BytesIO()

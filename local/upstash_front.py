@@ -41,7 +41,7 @@ from redis._parsers import _RESP2Parser  # private, pinned with redis==8.1.0 in 
 from redis.exceptions import ResponseError
 from redis.utils import SENTINEL
 
-from workers.local.net import BackgroundServer
+from local.net import BackgroundServer
 
 Command = List[bytes]
 

@@ -8,18 +8,27 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from dataclasses import dataclass
 from functools import wraps
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
+import requests
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .metrics import Metrics
-from .settings import Secret
+from common.settings import Secret
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 * 1024 * 1024
+
+
+class RequestMetrics(Protocol):
+    """What the app factory needs of a process's metrics: the exposition text and a per-route counter."""
+
+    requests: Any  # a prometheus_client Counter labelled (route, status)
+
+    def render(self) -> bytes: ...
 
 
 class ApiError(Exception):
@@ -32,7 +41,7 @@ class ApiError(Exception):
 
 
 def create_base_app(name: str, health: Callable[[], tuple[bool, dict[str, Any]]],
-                    metrics: Metrics | None = None, max_body: int = MAX_BODY_BYTES) -> Flask:
+                    metrics: RequestMetrics | None = None, max_body: int = MAX_BODY_BYTES) -> Flask:
     """A Flask app with ``GET /health`` (200 when ``health()`` says ready, else 503) and ``GET /metrics``."""
     app = Flask(name)
     app.config["MAX_CONTENT_LENGTH"] = max_body
@@ -152,7 +161,6 @@ def require_admin(admin_key: Callable[[], Secret | None]):
 def pooled_session(size: int = 64):
     """A ``requests.Session`` whose connection pool fits ``size`` concurrent callers (the default 10 makes a
     threaded server discard and reopen connections under load). Never routed through an env proxy."""
-    import requests
     from requests.adapters import HTTPAdapter
 
     session = requests.Session()
@@ -161,3 +169,29 @@ def pooled_session(size: int = 64):
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    detail: str  # "ok", "unavailable (503)", "no answer"
+
+
+def check_health(url: str, timeout: float = 2.0, session: requests.Session | None = None) -> Health:
+    """GET ``url``: ok on 200; anything else says what came back."""
+    try:
+        response = (session or _SESSION).get(url, timeout=timeout, allow_redirects=False)
+    except requests.RequestException:
+        return Health(False, "no answer")
+    if response.status_code == 200:
+        return Health(True, "ok")
+    return Health(False, f"unavailable ({response.status_code})")
+
+
+def _loopback_session() -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False  # never through an HTTP(S)_PROXY from the environment
+    return session
+
+
+_SESSION = _loopback_session()

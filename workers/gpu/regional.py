@@ -6,7 +6,7 @@ each block in place (dynamic shapes) lets every instance share one compiled grap
 and a UNet step 10 % faster inside the CUDA graphs (the norms, GEGLU and attention reshapes fused). The fused
 kernels round in another order (relative error ~1e-3 in fp16): no change to the math.
 
-Compiled blocks are what a CUDA graph then captures (workers/core/graphed.py), so the warm-up that captures
+Compiled blocks are what a CUDA graph then captures (workers/gpu/graphed.py), so the warm-up that captures
 the graphs also does the compile. A compile failure (no Triton, an unsupported op) must not take the worker
 down: ``suppress_errors`` makes dynamo run that block eagerly and log why. Unloading still frees the model:
 dynamo takes each block as an input of the shared graph and keeps no reference to it (a dropped model is

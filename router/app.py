@@ -6,7 +6,7 @@
     GET /health                          → 200 with both workers' states; 503 only if neither serves (one
                                            fan-out at a time, its answer reused for HEALTH_CACHE_SECONDS)
     GET /router/health                   → 200 while the router process serves (the orchestrator's gate)
-    GET /openapi.json                    → the OpenAPI 3.1 document of this port (workers.core.openapi)
+    GET /openapi.json                    → the OpenAPI 3.1 document of this port (common.openapi)
 
 It forwards the method, the body, the query string and every end-to-end header (``Authorization``
 included); hop-by-hop headers are stripped both ways. It is not an open proxy: the destination is always
@@ -14,16 +14,13 @@ one of its two configured loopback base URLs plus the request's *path* — the r
 authority (absolute-form targets) and the ``Host`` header never take part. A backend that cannot be reached
 gives 502, one that does not answer in time 504, a body over the limit 413, each as JSON. The whole request
 (body included) is read within ``HTTP_READ_TIMEOUT_SECONDS`` before anything is forwarded, and both health
-routes are answered outside the ``ROUTER_THREADS`` bound (orchestrator/serving.py, common/serving.py).
+routes are answered outside the ``ROUTER_THREADS`` bound (common/serving.py).
 
-Run: ``python -m orchestrator.router [--port 7860]`` (gunicorn, one process, common.serving.DeadlineWorker).
+Run: ``python -m router [--port 7860]`` (gunicorn, one process, common.serving.DeadlineWorker).
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,15 +31,11 @@ from urllib.parse import quote
 import requests
 from flask import Flask, Response, request
 
-from common.exit_codes import ExitCode
 
-from workers.core.errors import ConfigError
-from workers.core import openapi
-from workers.core.http import ApiError, create_base_app, pooled_session
-from workers.core.settings import Settings
+from common import openapi
+from common.http import ApiError, create_base_app, pooled_session
 
-from .checks import check_health
-from .config import FleetSettings
+from common.http import check_health
 
 log = logging.getLogger("router")
 
@@ -202,28 +195,3 @@ class _Multi(dict):
                 self[key] = value
             else:
                 self[existing] = f"{self[existing]}, {value}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.router", description=__doc__.split("\n")[0])
-    parser.add_argument("--port", type=int, help="listen port (default ROUTER_PORT, 7860)")
-    parser.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0: the public port)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        fleet = FleetSettings.from_env(os.environ)
-        read_timeout = Settings.from_env(os.environ).http_read_timeout_seconds
-    except ConfigError as exc:
-        print(f"router: configuration error: {exc}", file=sys.stderr)
-        return ExitCode.CONFIG_ERROR
-    deps = RouterDeps(backends={"sdxl": fleet.url("sdxl"), "wan": fleet.url("wan")},
-                      timeout=fleet.router_timeout_seconds, connect_timeout=fleet.router_connect_timeout_seconds,
-                      max_body=fleet.router_max_body_bytes)
-    from .serving import serve
-    serve(lambda: create_app(deps), host=args.host, port=args.port or fleet.ports["router"],
-          threads=fleet.router_threads, name="router", read_timeout=read_timeout, health_paths=HEALTH_PATHS)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,7 +24,7 @@ from typing import Any, List, Optional, Type
 
 import redis
 
-from workers.local.net import LOOPBACK, free_port
+from local.net import LOOPBACK, free_port
 
 
 class RedisServerError(RuntimeError):

@@ -7,7 +7,7 @@ and records what it received, with controls to inject failures (``fail_next``, `
 
 CLI for the demo, printing each callback as one JSON line on stdout::
 
-    python -m workers.local.supabase_standin --port 54321 --service-key K --callback-secret S
+    python -m local.supabase_standin --port 54321 --service-key K --callback-secret S
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import requests
 from flask import Flask, Response, request
 
-from workers.local.net import BackgroundServer
+from local.net import BackgroundServer
 
 HEALTH_TIMEOUT_S = 5.0
 

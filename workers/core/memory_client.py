@@ -27,9 +27,9 @@ from enum import Enum
 
 import requests
 
-from workers.core.settings import Secret, Settings
+from common.settings import Secret, Settings
 
-log = logging.getLogger("memory_manager.client")
+log = logging.getLogger("workers.core.memory_client")
 
 
 class Grant(str, Enum):

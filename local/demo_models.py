@@ -1,6 +1,6 @@
 """Tiny random-weight SDXL, WAN 2.1 (T2V + VACE) and Qwen2.5 models in their real on-disk formats.
 
-    python -m workers.demo_models --out DIR [--only sdxl|wan|qwen ...]
+    python -m local.demo_models --out DIR [--only sdxl|wan|qwen ...]
 
 Everything is built locally (no hub, no downloads), deterministically (fixed seeds, tokenizers trained on a
 built-in corpus), so every production loading path runs unchanged on CPU in seconds:
@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .demo_checkpoint import sdxl_to_single_file
+from local.demo_checkpoint import sdxl_to_single_file
 
 SEED = 1234
 BUILD_VERSION = "1"
@@ -314,7 +314,7 @@ def build(out: Path, only: set[str] | None = None) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers.demo_models", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m local.demo_models", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--only", action="append", choices=GROUPS, help="build only this group (repeatable)")
     args = parser.parse_args(argv)

@@ -1,0 +1,40 @@
+"""``python -m router [--port 7860] [--host 0.0.0.0]``: the router under gunicorn (router/app.py says what it does)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from common.errors import ConfigError
+from common.exit_codes import ExitCode
+from common.serving import serve
+
+from .app import HEALTH_PATHS, RouterDeps, create_app
+from .config import RouterSettings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m router",
+                                     description="Route /sdxl/* to the SDXL worker and /wan/* to the WAN worker.")
+    parser.add_argument("--port", type=int, help="listen port (default ROUTER_PORT, 7860)")
+    parser.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0: the public port)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = RouterSettings.from_env(os.environ)
+    except ConfigError as exc:
+        print(f"router: configuration error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
+    topology = settings.topology
+    deps = RouterDeps(backends={"sdxl": topology.url("sdxl"), "wan": topology.url("wan")},
+                      timeout=settings.timeout_seconds, connect_timeout=settings.connect_timeout_seconds,
+                      max_body=settings.max_body_bytes)
+    serve(lambda: create_app(deps), host=args.host, port=args.port or topology.ports["router"],
+          threads=settings.threads, name="router", read_timeout=settings.read_timeout_seconds,
+          health_paths=HEALTH_PATHS)
+    return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Image encoders the model workers share: the parallel PNG writer (png.py). No GPU, no jobs."""
