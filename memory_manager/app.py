@@ -23,7 +23,8 @@ from flask import Flask, jsonify
 from common.http import ApiError, create_base_app, json_body, require_admin
 from common.settings import Secret
 
-from .policy import InvalidRequest, MemoryPolicy, ReservationRequest
+from .policy import MemoryPolicy
+from .reservations import InvalidRequest, ReservationRequest
 
 OPERATIONS = ("status", "memory_report", "force_unload_all_except", "handle_emergency_request", "force_cleanup")
 

@@ -48,6 +48,7 @@ from .config import MemorySettings
 from .control import WorkerControl
 from .ledger import GpuMemory, Ledger, Reservation, Residency, WorkerPolicy, available_gb, gpu_view
 from .probe import Probe
+from .reservations import Decision, ReservationRequest, is_index, is_size
 
 log = logging.getLogger("memory_manager")
 
@@ -58,49 +59,6 @@ BEING_UNLOADED = "is being unloaded for another request"
 def seed_policies(settings: MemorySettings, urls: Mapping[str, str]) -> dict[str, WorkerPolicy]:
     return {name: WorkerPolicy(name, priority, residency, settings.sizes_gb[name], urls[name])
             for name, (priority, residency) in SEED_TABLE.items()}
-
-
-class InvalidRequest(ValueError):
-    """A reservation request that can never be granted as asked (400)."""
-
-
-@dataclass(frozen=True)
-class ReservationRequest:
-    worker: str
-    gpu: int
-    gb: float
-    priority: int
-    label: str = "model"
-    instance: str = ""
-
-    @classmethod
-    def decode(cls, body: Mapping[str, Any], workers: Mapping[str, WorkerPolicy], gpu_count: int
-               ) -> "ReservationRequest":
-        worker = body.get("worker")
-        if not isinstance(worker, str) or worker not in workers:
-            raise InvalidRequest("worker must be one of " + ", ".join(workers))
-        policy = workers[worker]
-        gpu = body.get("gpu", 0)
-        if not _is_index(gpu, gpu_count):
-            raise InvalidRequest(f"gpu must be an integer from 0 to {gpu_count - 1}")
-        gb = body.get("gb", policy.size_gb)
-        if not _is_size(gb):
-            raise InvalidRequest("gb must be a number greater than 0")
-        priority = body.get("priority", policy.priority)
-        if not isinstance(priority, int) or isinstance(priority, bool) or not 1 <= priority <= 100:
-            raise InvalidRequest("priority must be an integer from 1 to 100")
-        label, instance = body.get("label", "model"), body.get("instance", "")
-        if not isinstance(label, str) or not isinstance(instance, str) or len(label) > 64 or len(instance) > 128:
-            raise InvalidRequest("label and instance must be short strings")
-        return cls(worker, gpu, float(gb), priority, label or "model", instance)
-
-
-@dataclass(frozen=True)
-class Decision:
-    granted: bool
-    reservation: Reservation | None = None
-    reason: str = ""
-    unloaded: tuple[str, ...] = ()
 
 
 @dataclass
@@ -296,7 +254,7 @@ class MemoryPolicy:
     def _take_back(self, worker: str, document: Mapping[str, Any]) -> None:
         """Under ``_decide``: adopt what ``worker`` says it holds from an earlier manager; note its eviction."""
         gpu = document.get("gpu")
-        if document.get("worker") != worker or not _is_index(gpu, len(self.probe.gpus())):
+        if document.get("worker") != worker or not is_index(gpu, len(self.probe.gpus())):
             return
         instance = document.get("instance") if isinstance(document.get("instance"), str) else ""
         entries = document.get("reservations")
@@ -304,7 +262,7 @@ class MemoryPolicy:
             if not isinstance(entry, dict):
                 continue
             rid, gb, label = entry.get("id"), entry.get("gb"), entry.get("label")
-            if not (isinstance(rid, str) and 0 < len(rid) <= 64 and _is_size(gb) and isinstance(label, str)):
+            if not (isinstance(rid, str) and 0 < len(rid) <= 64 and is_size(gb) and isinstance(label, str)):
                 continue
             if (rid.endswith(f".{self.ledger.boot}") or rid in self._watch.released_unknown
                     or self.ledger.get(rid) is not None
@@ -402,11 +360,3 @@ class MemoryPolicy:
         self.ledger.record("emergency", ",".join(sorted(keep)) or "-", gpu, None,
                            "force_unload_all_except: " + ", ".join(f"{w} {d}" for w, d in results.items()))
         return {"results": results}
-
-
-def _is_index(value: Any, count: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < count
-
-
-def _is_size(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 100_000
