@@ -12,7 +12,8 @@ built-in corpus), so every production loading path runs unchanged on CPU in seco
     DIR/qwen-base/         Qwen2ForCausalLM + tokenizer (eos <|endoftext|>)
 
 Each folder gets MARKER written last (built in a temporary folder, then renamed into place); a complete one
-is skipped, so building again is a fast no-op. Architecture notes (see /work/shared/model-configs):
+is skipped, so building again is a fast no-op. Architecture notes (the real models' configs
+are mirrored at the sizes below):
 - SDXL text encoders have different hidden sizes (32 vs 64) like the real ones (768 vs 1280): diffusers'
   single-file loader tells the two CLIPs apart by that width. text_encoder_2 has 10 layers so the checkpoint
   holds `conditioner.embedders.1.model.transformer.resblocks.9.*`, the key diffusers uses to detect SDXL base.
@@ -70,7 +71,7 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-# Same as /work/shared/model-configs/sdxl-scheduler.json and wan21-scheduler.json.
+# The scheduler configs of the real SDXL base and WAN 2.1 checkpoints, verbatim.
 SDXL_SCHEDULER = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                   "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1,
                   "timestep_spacing": "leading", "interpolation_type": "linear"}

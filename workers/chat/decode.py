@@ -4,8 +4,8 @@ math as transformers' forward in about a quarter of its kernels.
 Inside the CUDA graph of a decode step (graphs.py) the GPU time per kernel (~2-3 us) is what remains: the
 transformers forward launches ~46 small kernels per layer (an fp32 RMSNorm as 8 elementwise kernels, rotary
 as 10, three q/k/v projections each with a bias add, two gate/up projections, ...). Per layer here: 13
-non-view ops (CPU dispatch-mode count, tests/chat/test_chat_decode_fusion.py; was 19); 16 CUDA kernels on an
-H100 with torch 2.11 bf16 (was 22; the 3 extra: cuDNN SDPA's memset, the down_proj split-K GEMM's memset and
+non-view ops (CPU dispatch-mode count, tests/chat/test_chat_decode_fusion.py); 16 CUDA kernels on an
+H100 with torch 2.11 bf16 (the 3 beyond the ops: cuDNN SDPA's memset, the down_proj split-K GEMM's memset and
 reduce; the q/k/v bias rides in the GEMM's epilogue):
 
     RMSNorm        F.rms_norm with the weight: one fused kernel on CUDA (fp32 inside, one cast at the end)

@@ -2,7 +2,7 @@
 
 The SDXL UNet repeats one transformer block 70 times and the WAN transformer one block 30 times. Compiling
 each block in place (dynamic shapes) lets every instance share one compiled graph: measured on an H100
-(bench/levers.py, run 7) ~10 s of compile for the UNet's blocks against ~110 s per shape for the whole UNet,
+(`python -m bench levers`) ~10 s of compile for the UNet's blocks against ~110 s per shape for the whole UNet,
 and a UNet step 10 % faster inside the CUDA graphs (the norms, GEGLU and attention reshapes fused). The fused
 kernels round in another order (relative error ~1e-3 in fp16): no change to the math.
 

@@ -38,7 +38,7 @@ WARM_UP_SHAPES = ((1024, 1024, 1), (1024, 1024, 3), (1024, 1024, 6))
 # decode, which moves its weights, and its decode is GPU-bound anyway.
 GRAPHED_MODULES = ("unet", "text_encoder", "text_encoder_2")
 # Compiled in place when COMPILE_BLOCKS is on (workers/gpu/regional.py): the UNet's 70 transformer blocks share
-# one compiled graph; ~10 s of compile in the warm-up, each step 10 % faster (bench/levers.py, run 7).
+# one compiled graph; ~10 s of compile in the warm-up, each step 10 % faster (`python -m bench levers`, SDXL case).
 COMPILED_BLOCKS = ("BasicTransformerBlock",)
 
 

@@ -58,7 +58,7 @@ def join(first: tuple[Segment, ...], second: tuple[Segment, ...]) -> tuple[Segme
 
 
 def plain_text(segments: tuple[Segment, ...]) -> str:
-    """The segments as one unweighted string (what the old worker fed CLIP)."""
+    """The segments as one unweighted string (the text CLIP sees when weights are off)."""
     return "".join(s.text if s.weight == 1.0 else f"({s.text}:{s.weight:g})" for s in segments)
 
 

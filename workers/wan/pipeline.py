@@ -262,12 +262,12 @@ class WanModels:
 
 # Batched CFG pays where the transformer is launch-bound: one 832×480 frame (1,560 tokens) went from 2.60 s to
 # 1.17 s on an H100; at 81 frames (32,760 tokens) the step is compute-bound (1.30 s either way) and the
-# batch-2 kernels only add bf16 drift (2e-2 relative against two passes). bench/RESULTS.md, run 2.
+# batch-2 kernels only add bf16 drift (2e-2 relative against two passes). Measured by `python -m bench wan`.
 BATCHED_CFG_MAX_TOKENS = 8192
 
 
 # Compiled in place when COMPILE_BLOCKS is on (workers/gpu/regional.py): one 81-frame transformer pass
-# 0.646 -> 0.532 s on an H100 (bench/levers.py, run 7), ~5 s of compile per variant; VACE's own blocks compile
+# 0.646 -> 0.532 s on an H100 (`python -m bench levers`, WAN case), ~5 s of compile per variant; VACE's own blocks compile
 # on its first job.
 COMPILED_BLOCKS = ("WanTransformerBlock", "WanVACETransformerBlock")
 
