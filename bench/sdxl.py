@@ -182,7 +182,7 @@ def _after_last_step(ctx: Context, pipe) -> None:
     the VAE's cast to fp32 and back (``force_upcast``), the fp32 decode, PIL conversion, PNG and thumbnail;
     and for comparison the decode with a channels-last VAE (same math, other kernels), Pillow's one-core PNG
     writer (what the handler used before workers/media/png.py), and the handler's encoding of 6 images."""
-    from workers.core.storage import thumbnail
+    from workers.media.thumbnail import thumbnail
     from workers.sdxl.images import encode_outputs, to_pil
 
     dev, vae, dtype = ctx.profile.device, pipe.vae, pipe.vae.dtype

@@ -5,7 +5,8 @@ from PIL import Image
 
 from tests.conftest import SUPABASE_TEST_SERVICE_KEY as KEY
 from workers.core.errors import ErrorType, RetryableError, WorkerError
-from workers.core.storage import LocalStorage, SupabaseStorage, object_path, thumbnail
+from workers.core.storage import LocalStorage, SupabaseStorage, object_path
+from workers.media.thumbnail import thumbnail
 
 from .scripted import FakeTime, ScriptedServer
 

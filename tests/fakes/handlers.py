@@ -18,7 +18,7 @@ from workers.core.errors import ErrorType, FatalWorkerError, RetryableError, Wor
 from workers.core.handler import Output, Progress, Result
 from workers.core.job import Job, Queue
 from common.settings import Settings
-from workers.core.storage import thumbnail
+from workers.media.thumbnail import thumbnail
 
 
 class FakeHandler:

@@ -5,7 +5,6 @@ could leave that layout (``..``, separators, empty), so a hostile id never write
 """
 from __future__ import annotations
 
-import io
 import os
 import re
 import tempfile
@@ -15,14 +14,12 @@ from typing import Callable, Protocol
 from urllib.parse import quote
 
 import requests
-from PIL import Image
 
 from . import retry
 from .errors import ErrorType, RetryableError, WorkerError
 from common.settings import Settings
 
 _COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")  # \Z, not $ (no trailing newline)
-THUMBNAIL_EDGE = 256
 TRIES = 4            # 1, 2, 4 s of backoff (+ jitter) in between
 LONGEST_WAIT = 8.0   # a Retry-After beyond it ends the tries: the job is retried later instead
 
@@ -46,15 +43,6 @@ def _check_path(path: str) -> list[str]:
         raise WorkerError("storage path must be <user_id>/<job_id>/<name>", ErrorType.INVALID_JOB)
     object_path(*parts)
     return parts
-
-
-def thumbnail(image: Image.Image) -> bytes:
-    """WebP thumbnail: longest edge 256 px, aspect kept, quality 85."""
-    thumb = image.convert("RGB")
-    thumb.thumbnail((THUMBNAIL_EDGE, THUMBNAIL_EDGE), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    thumb.save(out, format="WEBP", quality=85)
-    return out.getvalue()
 
 
 class LocalStorage:

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from workers.media import png
-from workers.core.storage import thumbnail
+from workers.media.thumbnail import thumbnail
 
 ASPECT_TOLERANCE = 0.01
 

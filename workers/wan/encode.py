@@ -17,7 +17,7 @@ from PIL import Image
 
 from workers.media import png
 from workers.core.handler import Output
-from workers.core.storage import thumbnail
+from workers.media.thumbnail import thumbnail
 
 from .request import FPS
 
