@@ -16,6 +16,7 @@ from typing import Mapping
 from common.errors import ConfigError
 from common.settings import Settings
 
+from common.background import BackgroundServer
 from common.exit_codes import ExitCode
 from registration.client import Service
 from registration.runner import Registrations
@@ -27,7 +28,7 @@ from .fleet import build_specs
 from .logs import setup_logging
 from .program import Backoff
 from .reaper import become_subreaper
-from .status import StatusServer, create_app, fetch, render
+from .status import create_app, fetch, render
 from .supervisor import Supervisor
 
 log = logging.getLogger("orchestrator")
@@ -107,7 +108,7 @@ def run(settings: Settings, fleet: FleetSettings, env: Mapping[str, str]) -> int
     status_server = None
     if fleet.status_port:
         try:
-            status_server = StatusServer(create_app(supervisor.status), fleet.status_port)
+            status_server = BackgroundServer(create_app(supervisor.status), fleet.status_port, name="status-server")
             log.info("status: http://127.0.0.1:%d/status (python -m orchestrator status)", status_server.port)
         except OSError as exc:
             log.warning("status: cannot listen on 127.0.0.1:%d (%s): no status page", fleet.status_port,

@@ -6,17 +6,13 @@ key. ``python -m orchestrator status`` prints it as a table (``--json`` for the 
 """
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable
 
 import requests
 from flask import Flask
-from werkzeug.serving import BaseWSGIServer, make_server
 
+from common.background import LOOPBACK
 from common.http import create_base_app
-
-LOOPBACK = "127.0.0.1"
-
 
 def create_app(status: Callable[[], dict[str, Any]]) -> Flask:
     def health() -> tuple[bool, dict[str, Any]]:
@@ -29,21 +25,6 @@ def create_app(status: Callable[[], dict[str, Any]]) -> Flask:
         return status()
 
     return app
-
-
-class StatusServer:
-    """A threaded werkzeug server on 127.0.0.1 in a daemon thread."""
-
-    def __init__(self, app: Flask, port: int):
-        self._server: BaseWSGIServer = make_server(LOOPBACK, port, app, threaded=True)
-        self.port = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="status-server", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 def fetch(port: int, timeout: float = 5.0) -> dict[str, Any] | None:
