@@ -10,6 +10,7 @@ Sizes are small (tiny random-weight models on CPU): the outputs are noise, the p
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -28,7 +29,7 @@ from local.redis_server import RedisServer
 from local.supabase_standin import SupabaseStandin
 from local.upstash_front import UpstashFront
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 VAR = ROOT / "var"
 KEYS = {"service": "demo-service-key", "secret": "demo-callback-secret", "client": "demo-client-key",
         "admin": "demo-admin-key", "upstash": "demo-upstash-token"}
@@ -81,6 +82,7 @@ def fleet_env(models: dict[str, Path], redis: RedisServer, standin: SupabaseStan
         "MEMORY_MANAGER_URL": f"http://127.0.0.1:{ports['memory']}",
         "MEMORY_MANAGER_PORT": str(ports["memory"]), "ROUTER_PORT": str(ports["router"]),
         "SDXL_PORT": str(ports["sdxl"]), "CHAT_PORT": str(ports["chat"]), "WAN_PORT": str(ports["wan"]),
+        "REGISTRATION_PORT": str(ports["registration"]),
         "ORCHESTRATOR_STATUS_PORT": str(ports["status"]), "LOG_DIR": str(VAR / "demo" / "log"),
         "MEMORY_CAPACITY_GB": "80", "QUEUE_POLL_MAX_SECONDS": "0.5", "WORKER_HEARTBEAT_TTL_SECONDS": "10",
         "FLEET_STOP_GRACE_SECONDS": "60", "PYTHONUNBUFFERED": "1",
@@ -157,11 +159,12 @@ def print_table(steps: list[Step]) -> None:
         print(f"{step.name:<22} {step.status:<10} {step.seconds:>8.1f}  {detail}")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parse_args(argv)
     (VAR / "demo").mkdir(parents=True, exist_ok=True)
     print("building the tiny demo models (var/models) ...", flush=True)
     models = build_models(VAR / "models")
-    ports = {name: free_port() for name in ("memory", "router", "sdxl", "chat", "wan", "status")}
+    ports = {name: free_port() for name in ("memory", "router", "registration", "sdxl", "chat", "wan", "status")}
     with RedisServer() as redis, SupabaseStandin(KEYS["service"], KEYS["secret"]) as standin:
         front = UpstashFront(redis.url, KEYS["upstash"])
         refs = _reference_server()
@@ -208,6 +211,15 @@ def main() -> int:
             log_file.close()
     print("demo " + ("succeeded: every job completed" if ok else "FAILED: see the table and var/demo/fleet.log"))
     return 0 if ok and code == 0 else 1
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The demo takes no options; parsing still answers ``--help`` before anything is built or started."""
+    parser = argparse.ArgumentParser(
+        prog="python -m local.demo", description=__doc__.split("\n\n")[0].replace("``", ""),
+        epilog=f"Writes {VAR / 'models'} and {VAR / 'demo'} (storage/, fleet.log); the models are random-weight, "
+               "so the pictures are noise and the text gibberish.")
+    return parser.parse_args(argv)
 
 
 def _reference_server():
