@@ -50,7 +50,7 @@ if ! is_set REDIS_URL && ! { is_set UPSTASH_REDIS_REST_URL && is_set UPSTASH_RED
 fi
 is_set WORKER_ADMIN_KEY || missing+=("WORKER_ADMIN_KEY")
 
-programs=",${FLEET_PROGRAMS:-memory_manager,router,sdxl,chat,wan},"
+programs=",${FLEET_PROGRAMS:-memory_manager,router,registration,sdxl,chat,wan},"
 programs="${programs// /}"
 listed=0
 model_workers=0

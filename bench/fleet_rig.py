@@ -27,12 +27,12 @@ from typing import Any, Mapping
 import psutil
 import requests
 
+from common import topology
 from local import proctree
 from local.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-PORT_VARIABLES = {"memory_manager": "MEMORY_MANAGER_PORT", "router": "ROUTER_PORT", "sdxl": "SDXL_PORT",
-                  "chat": "CHAT_PORT", "wan": "WAN_PORT", "status": "ORCHESTRATOR_STATUS_PORT"}
+PORT_VARIABLES = {**topology.PORT_VARIABLES, "status": "ORCHESTRATOR_STATUS_PORT"}
 #: Variables of the calling shell that would change the fleet under test: never inherited.
 DROPPED_PREFIXES = ("UPSTASH_", "SUPABASE_", "REDIS_", "RUNPOD_", "PUBLIC_BASE_URL", "FLEET_", "MEMORY_", "GPU_",
                     "SDXL_", "WAN_", "QWEN_", "CHAT_", "WORKER_", "STORAGE_", "REFERENCE_", "QUEUE_", "JOB_",

@@ -14,11 +14,14 @@ from common.settings import Reader
 T = TypeVar("T")
 
 #: Every program the orchestrator knows, in start order (stop order is the reverse).
-PROGRAM_ORDER = ("memory_manager", "router", "sdxl", "chat", "wan")
+#: ``registration`` starts right after the router: it only polls the others' ``/health``, so it need not wait
+#: for a model to load, and announces the router as soon as a backend answers.
+PROGRAM_ORDER = ("memory_manager", "router", "registration", "sdxl", "chat", "wan")
 MODEL_WORKERS = ("sdxl", "chat", "wan")
-DEFAULT_PORTS = {"memory_manager": 7870, "router": 7860, "sdxl": 7859, "chat": 7861, "wan": 7862}
-PORT_VARIABLES = {"memory_manager": "MEMORY_MANAGER_PORT", "router": "ROUTER_PORT", "sdxl": "SDXL_PORT",
-                  "chat": "CHAT_PORT", "wan": "WAN_PORT"}
+DEFAULT_PORTS = {"memory_manager": 7870, "router": 7860, "registration": 7872, "sdxl": 7859, "chat": 7861,
+                 "wan": 7862}
+PORT_VARIABLES = {"memory_manager": "MEMORY_MANAGER_PORT", "router": "ROUTER_PORT",
+                  "registration": "REGISTRATION_PORT", "sdxl": "SDXL_PORT", "chat": "CHAT_PORT", "wan": "WAN_PORT"}
 
 
 @dataclass(frozen=True)

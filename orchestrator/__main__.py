@@ -1,7 +1,8 @@
 """``python -m orchestrator`` runs the fleet; ``python -m orchestrator status`` shows it.
 
 The supervisor loop runs on the main thread (it spawns every child, see :mod:`orchestrator.child`); the
-status server and the registration loops are daemon threads. SIGTERM/SIGINT only set a flag.
+status server is a daemon thread. SIGTERM/SIGINT only set a flag. Registration is a program like the others
+(``python -m registration``): the orchestrator imports no other process's code, it only launches commands.
 """
 from __future__ import annotations
 
@@ -11,18 +12,14 @@ import logging
 import os
 import signal
 import sys
-from typing import Mapping
-
-from common.errors import ConfigError
-from common.settings import Settings
+from collections.abc import Mapping
 
 from common.background import BackgroundServer
+from common.errors import ConfigError
 from common.exit_codes import ExitCode
-from registration.client import Service
-from registration.runner import Registrations
+from common.settings import Settings
 
-from common.http import check_health
-from orchestrator.checks import detect_gpus, startup_report
+from .checks import detect_gpus, startup_report
 from .config import FleetSettings
 from .fleet import build_specs
 from .logs import setup_logging
@@ -84,10 +81,6 @@ def run(settings: Settings, fleet: FleetSettings, env: Mapping[str, str]) -> int
         log.error("nothing to run")
         return ExitCode.NO_PROGRAMS
 
-    registrations = Registrations(
-        settings, {Service.CHAT: fleet.ports["chat"], Service.ROUTER: fleet.ports["router"]},
-        healthy=lambda url: check_health(url, timeout=5.0).ok,
-        interval=fleet.registration_interval_seconds, retry_max=fleet.registration_retry_max_seconds)
     adopt_orphans = become_subreaper() or os.getpid() == 1
     if not adopt_orphans:
         log.warning("cannot become a child subreaper: orphans of the fleet are left to init to reap")
@@ -96,7 +89,6 @@ def run(settings: Settings, fleet: FleetSettings, env: Mapping[str, str]) -> int
                        fleet.stable_seconds),
         stop_grace=fleet.stop_grace_seconds, kill_after=fleet.kill_after_seconds,
         health_interval=fleet.health_interval_seconds, unhealthy_restart_checks=fleet.unhealthy_restart_checks,
-        on_running=lambda program: registrations.on_running(program.name), on_stop=registrations.stop,
         adopt_orphans=adopt_orphans)
 
     def on_signal(signum: int, frame: object) -> None:
@@ -114,7 +106,6 @@ def run(settings: Settings, fleet: FleetSettings, env: Mapping[str, str]) -> int
             log.warning("status: cannot listen on 127.0.0.1:%d (%s): no status page", fleet.status_port,
                         exc.strerror or type(exc).__name__)
     code = supervisor.run()
-    registrations.stop()
     if status_server is not None:
         status_server.stop()
     log.info("orchestrator exits with %d (%s)", code, code.name)

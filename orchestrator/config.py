@@ -18,7 +18,8 @@ from common.topology import MODEL_WORKERS, PROGRAM_ORDER, Topology, pairs
 T = TypeVar("T")
 
 #: Seconds a program may take from spawn to its first ``/health`` 200 (models load in minutes).
-DEFAULT_START_TIMEOUTS = {"memory_manager": 30.0, "router": 30.0, "sdxl": 900.0, "chat": 900.0, "wan": 900.0}
+DEFAULT_START_TIMEOUTS = {"memory_manager": 30.0, "router": 30.0, "registration": 30.0, "sdxl": 900.0, "chat": 900.0,
+                          "wan": 900.0}
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,6 @@ class FleetSettings:
     log_dir: Path = Path("var/log")
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 5
-    # Registration
-    registration_interval_seconds: float = 300.0
-    registration_retry_max_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], python: str = "python3") -> "FleetSettings":
@@ -78,8 +76,6 @@ class FleetSettings:
             log_dir=r.path("LOG_DIR") or Path("var/log"),
             log_max_bytes=int(r.number("LOG_MAX_BYTES", 10 * 1024 * 1024, 1024, 1 << 40)),
             log_backups=int(r.number("LOG_BACKUPS", 5, 0, 1000)),
-            registration_interval_seconds=r.number("REGISTRATION_INTERVAL_SECONDS", 300.0, 0, 86400),
-            registration_retry_max_seconds=r.number("REGISTRATION_RETRY_MAX_SECONDS", 60.0, 0.01, 3600),
         )
         if settings.backoff_base_seconds > settings.backoff_max_seconds:
             raise ConfigError("FLEET_BACKOFF_BASE_SECONDS must not exceed FLEET_BACKOFF_MAX_SECONDS")

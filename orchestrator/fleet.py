@@ -4,6 +4,7 @@ Default commands (``FLEET_COMMAND_<PROGRAM>`` replaces one; ``{python}`` and ``{
 
     memory_manager  {python} -m memory_manager --port 7870
     router          {python} -m router --port 7860
+    registration    {python} -m registration --port 7872   (announces chat and the router to the app)
     sdxl            {python} -m workers sdxl --port 7859
     chat            {python} -m workers chat --port 7861 --host 0.0.0.0   (public: reached via the RunPod proxy)
     wan             {python} -m workers wan --port 7862
@@ -13,19 +14,19 @@ Each child gets the orchestrator's environment plus ``PYTHONUNBUFFERED=1``, ``FL
 placement when there are several GPUs, and — unless the operator set them — ``MEMORY_MANAGER_URL`` /
 ``CHAT_WORKER_URL`` pointing at the fleet's own ports and ``WORKER_STOP_GRACE_SECONDS`` equal to the
 orchestrator's grace period (so a worker's own warm stop and the orchestrator's agree on when to hand back).
-The router and the memory manager listen on their ports as shown (router on 0.0.0.0, the manager on 127.0.0.1);
-SDXL and WAN keep the workers' default bind, 127.0.0.1: only the router reaches them.
+The router, the memory manager and registration listen on their ports as shown (the router on 0.0.0.0, the
+other two on 127.0.0.1); SDXL and WAN keep the workers' default bind, 127.0.0.1: only the router reaches them.
 """
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from collections.abc import Mapping
 
 from common.settings import Settings
+from common.topology import MODEL_WORKERS
 
 from .checks import model_workers_to_skip
-from common.topology import MODEL_WORKERS
-from orchestrator.config import FleetSettings
+from .config import FleetSettings
 from .placement import place
 from .program import ProgramSpec
 
@@ -34,11 +35,13 @@ log = logging.getLogger("orchestrator")
 DEFAULT_COMMANDS = {
     "memory_manager": ("{python}", "-m", "memory_manager", "--port", "{port}"),
     "router": ("{python}", "-m", "router", "--port", "{port}"),
+    "registration": ("{python}", "-m", "registration", "--port", "{port}"),
     "sdxl": ("{python}", "-m", "workers", "sdxl", "--port", "{port}"),
     "chat": ("{python}", "-m", "workers", "chat", "--port", "{port}", "--host", "0.0.0.0"),
     "wan": ("{python}", "-m", "workers", "wan", "--port", "{port}"),
 }
-#: Shutdown waves: the model workers first (they finish their jobs), then the router, then the memory manager.
+#: Shutdown waves: the model workers and registration first (the workers finish their jobs; registration's
+#: heartbeat ends with them, the app has no call to unregister), then the router, then the memory manager.
 STOP_WAVES = {"router": 1, "memory_manager": 2}
 HEALTH_PATHS = {"router": "/router/health"}  # the router's /health waits for a backend; its gate must not
 

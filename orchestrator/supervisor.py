@@ -54,8 +54,6 @@ class Supervisor:
     def __init__(self, specs: Sequence[ProgramSpec], policy: Backoff, *, stop_grace: float,
                  kill_after: float, health_interval: float, unhealthy_restart_checks: int = 6,
                  health_check: Callable[[str], Health] = check_health,
-                 on_running: Callable[[Program], None] = lambda program: None,
-                 on_stop: Callable[[], None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic, tick: float = 0.1, adopt_orphans: bool = False):
         self.programs = [Program(spec, clock) for spec in specs]
         self.policy = policy
@@ -64,8 +62,6 @@ class Supervisor:
         self.health_interval = health_interval
         self.unhealthy_restart_checks = unhealthy_restart_checks
         self._health_check = health_check
-        self._on_running = on_running
-        self._on_stop = on_stop
         self._clock = clock
         self._tick = tick
         self._adopt_orphans = adopt_orphans
@@ -153,7 +149,6 @@ class Supervisor:
         health = self._probe(program, now)
         if health.ok:
             program.serving()
-            self._on_running(program)
         elif now - program.started_at > program.spec.start_timeout:
             child = self._children[program.name]
             child.kill_group()
@@ -207,7 +202,6 @@ class Supervisor:
 
     # ---------------------------------------------------------------- shutdown
     def shutdown(self) -> ExitCode:
-        self._on_stop()
         waves = sorted({p.spec.stop_wave for p in self.programs})
         log.info("stopping: SIGTERM in reverse start order, wave by wave (grace %g s)", self.stop_grace)
         deadline = self._clock() + self.stop_grace

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import requests
@@ -24,7 +24,7 @@ from .url import PublicUrl
 log = logging.getLogger("registration")
 
 
-class Service(str, Enum):
+class Service(StrEnum):
     """A service the app knows by URL, and the edge function that records it."""
 
     CHAT = "chat"

@@ -10,9 +10,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
-
-from common.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -21,7 +20,14 @@ class PublicUrl:
     detection_method: str  # "public_base_url" or "runpod_pod_id"
 
 
-def public_url(settings: Settings, port: int) -> PublicUrl | None:
+class PodAddress(Protocol):
+    """What the public URL is made of (``RegistrationSettings`` has both)."""
+
+    public_base_url: str | None
+    runpod_pod_id: str | None
+
+
+def public_url(settings: PodAddress, port: int) -> PublicUrl | None:
     if settings.public_base_url:
         base = settings.public_base_url
         if "{port}" in base:

@@ -13,13 +13,13 @@ from typing import Any, Callable
 import psutil
 import requests
 
+from common import topology
 from local import proctree
 from local.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-PROGRAMS = ("memory_manager", "router", "sdxl", "chat", "wan")
-PORT_VARIABLES = {"memory_manager": "MEMORY_MANAGER_PORT", "router": "ROUTER_PORT", "sdxl": "SDXL_PORT",
-                  "chat": "CHAT_PORT", "wan": "WAN_PORT", "status": "ORCHESTRATOR_STATUS_PORT"}
+PROGRAMS = topology.PROGRAM_ORDER
+PORT_VARIABLES = {**topology.PORT_VARIABLES, "status": "ORCHESTRATOR_STATUS_PORT"}
 FAKE_HANDLER = "tests.fakes.handlers:create_handler"
 FAKE_QUEUES = {"sdxl": "sdxl_queue", "chat": "chat_queue", "wan": "wan_queue"}
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from local.net import free_port
+from .support import free_ports
 
 
 @pytest.fixture
@@ -15,8 +15,4 @@ def events(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def ports() -> dict[str, int]:
-    names = ("memory_manager", "router", "sdxl", "chat", "wan", "status")
-    chosen: dict[str, int] = {}
-    while len(set(chosen.values())) < len(names):
-        chosen = {n: free_port() for n in names}
-    return chosen
+    return free_ports()

@@ -6,10 +6,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
+
+from common.topology import PORT_VARIABLES, PROGRAM_ORDER
+from local.net import free_port
 
 FAKE = Path(__file__).with_name("fake_program.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,16 +49,25 @@ def alive(pid: int) -> bool:
         return False
 
 
+def free_ports() -> dict[str, int]:
+    """A distinct free loopback port for every program of common.topology and for the status page."""
+    names = (*PROGRAM_ORDER, "status")
+    chosen: dict[str, int] = {}
+    while len(set(chosen.values())) < len(names):
+        chosen = {n: free_port() for n in names}
+    return chosen
+
+
 def fleet_env(ports: dict[str, int], tmp_path: Path, **extra: str) -> dict[str, str]:
-    """An environment for ``python -m orchestrator`` on free ports, with nothing secret or remote in it."""
+    """An environment for ``python -m orchestrator`` on free ports, with nothing secret or remote in it.
+
+    ``ports`` names programs (common.topology) and ``status``; a program left out keeps its default port, which
+    is fine only when FLEET_PROGRAMS does not run it."""
     keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV")
     env = {k: v for k, v in os.environ.items() if k in keep}
-    env.update({
-        "PYTHONPATH": str(ROOT), "LOG_DIR": str(tmp_path / "logs"), "GPU_COUNT": "0",
-        "MEMORY_MANAGER_PORT": str(ports["memory_manager"]), "ROUTER_PORT": str(ports["router"]),
-        "SDXL_PORT": str(ports["sdxl"]), "CHAT_PORT": str(ports["chat"]), "WAN_PORT": str(ports["wan"]),
-        "ORCHESTRATOR_STATUS_PORT": str(ports["status"]),
-    })
+    env.update({"PYTHONPATH": str(ROOT), "LOG_DIR": str(tmp_path / "logs"), "GPU_COUNT": "0",
+                "ORCHESTRATOR_STATUS_PORT": str(ports["status"])})
+    env.update({variable: str(ports[name]) for name, variable in PORT_VARIABLES.items() if name in ports})
     env.update(extra)
     return env
 

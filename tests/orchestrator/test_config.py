@@ -6,32 +6,37 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import ConfigError
+from common.settings import Settings
 from orchestrator.checks import parse_nvidia_smi, startup_report
 from orchestrator.config import FleetSettings
 from orchestrator.fleet import build_specs
 from orchestrator.placement import Placement, place
-from common.errors import ConfigError
-from common.settings import Settings
+from router.config import RouterSettings
 
 
 def test_defaults() -> None:
     fleet = FleetSettings.from_env({})
-    assert fleet.programs == ("memory_manager", "router", "sdxl", "chat", "wan")
-    assert dict(fleet.ports) == {"memory_manager": 7870, "router": 7860, "sdxl": 7859, "chat": 7861, "wan": 7862}
+    assert fleet.programs == ("memory_manager", "router", "registration", "sdxl", "chat", "wan")
+    assert dict(fleet.ports) == {"memory_manager": 7870, "router": 7860, "registration": 7872, "sdxl": 7859,
+                                 "chat": 7861, "wan": 7862}
     assert fleet.status_port == 7871 and fleet.gpu_count is None and fleet.start_timeouts["wan"] == 900
+    assert fleet.start_timeouts["registration"] == 30
     assert fleet.unhealthy_restart_checks == 6
     assert FleetSettings.from_env({"FLEET_UNHEALTHY_RESTART_CHECKS": "0"}).unhealthy_restart_checks == 0
 
 
 def test_parsing() -> None:
-    fleet = FleetSettings.from_env({"FLEET_PROGRAMS": "wan, memory, sdxl", "GPU_PLACEMENT": "sdxl:1,wan:0",
-                                    "FLEET_START_TIMEOUTS": "wan:1200", "FLEET_COMMAND_SDXL": "my-sdxl --port {port}",
-                                    "GPU_COUNT": "2", "ROUTER_MAX_BODY_MB": "2"})
-    assert fleet.programs == ("memory_manager", "sdxl", "wan")  # always in start order
+    env = {"FLEET_PROGRAMS": "wan, registration, memory, sdxl", "GPU_PLACEMENT": "sdxl:1,wan:0",
+           "FLEET_START_TIMEOUTS": "wan:1200,registration:5", "FLEET_COMMAND_SDXL": "my-sdxl --port {port}",
+           "GPU_COUNT": "2", "ROUTER_MAX_BODY_MB": "2", "REGISTRATION_PORT": "9000"}
+    fleet = FleetSettings.from_env(env)
+    assert fleet.programs == ("memory_manager", "registration", "sdxl", "wan")  # always in start order
     assert dict(fleet.gpu_placement) == {"sdxl": 1, "wan": 0} and fleet.gpu_count == 2
     assert fleet.start_timeouts["wan"] == 1200 and fleet.start_timeouts["sdxl"] == 900
+    assert fleet.start_timeouts["registration"] == 5 and fleet.ports["registration"] == 9000
     assert fleet.commands == {"sdxl": ("my-sdxl", "--port", "{port}")}
-    assert fleet.router_max_body_bytes == 2 * 1024 * 1024
+    assert RouterSettings.from_env(env).max_body_bytes == 2 * 1024 * 1024  # the router's own settings
 
 
 @pytest.mark.parametrize("env, named", [
@@ -39,6 +44,9 @@ def test_parsing() -> None:
     ({"GPU_PLACEMENT": "sdxl=1"}, "GPU_PLACEMENT"),
     ({"GPU_PLACEMENT": "router:0"}, "GPU_PLACEMENT"),
     ({"SDXL_PORT": "7861"}, "must differ"),
+    ({"REGISTRATION_PORT": "7860"}, "must differ"),
+    ({"REGISTRATION_PORT": "0"}, "REGISTRATION_PORT"),
+    ({"GPU_PLACEMENT": "registration:0"}, "GPU_PLACEMENT"),
     ({"ORCHESTRATOR_STATUS_PORT": "7860"}, "ORCHESTRATOR_STATUS_PORT"),
     ({"FLEET_COMMAND_CHAT": "'unclosed"}, "FLEET_COMMAND_CHAT"),
     ({"FLEET_BACKOFF_BASE_SECONDS": "100", "FLEET_BACKOFF_MAX_SECONDS": "10"}, "FLEET_BACKOFF"),
@@ -70,10 +78,14 @@ def test_specs_commands_and_environments(tmp_path: Path) -> None:
            "SOMETHING": "passed through", "GPU_PLACEMENT": "wan:1"}
     fleet = FleetSettings.from_env(env, python="/py")
     specs = {s.name: s for s in build_specs(Settings.from_env(env), fleet, env, gpu_count=2)}
-    assert list(specs) == ["memory_manager", "router", "sdxl", "wan"]  # chat skipped: no Qwen path
+    assert list(specs) == ["memory_manager", "router", "registration", "sdxl", "wan"]  # chat skipped: no Qwen path
     assert specs["memory_manager"].command == ("/py", "-m", "memory_manager", "--port", "7870")
     assert specs["router"].command == ("/py", "-m", "router", "--port", "7860")
     assert specs["router"].health_url == "http://127.0.0.1:7860/router/health"
+    assert specs["registration"].command == ("/py", "-m", "registration", "--port", "7872")
+    assert specs["registration"].health_url == "http://127.0.0.1:7872/health"
+    assert specs["registration"].start_timeout == 30 and specs["registration"].gpu is None
+    assert "FLEET_GPU_INDEX" not in specs["registration"].env
     assert specs["sdxl"].command == ("/py", "-m", "workers", "sdxl", "--port", "7859")
     assert specs["sdxl"].env["WORKER_STOP_GRACE_SECONDS"] == "90"
     assert specs["sdxl"].env["CUDA_VISIBLE_DEVICES"] == "0" and specs["wan"].env["CUDA_VISIBLE_DEVICES"] == "1"
@@ -82,7 +94,7 @@ def test_specs_commands_and_environments(tmp_path: Path) -> None:
     assert specs["sdxl"].env["SOMETHING"] == "passed through" and specs["sdxl"].env["PYTHONUNBUFFERED"] == "1"
     assert specs["sdxl"].env["CHAT_WORKER_URL"] == "http://c:1"  # the operator's value wins
     assert specs["sdxl"].env["MEMORY_MANAGER_URL"] == "http://127.0.0.1:7870"
-    assert [s.stop_wave for s in specs.values()] == [2, 1, 0, 0]
+    assert [s.stop_wave for s in specs.values()] == [2, 1, 0, 0, 0]  # registration stops with the workers
     assert Settings.from_env(specs["wan"].env).gpu_index == 1  # what the worker's memory client reads
     env = {**env, "QWEN_BASE_PATH": str(tmp_path), "GPU_PLACEMENT": ""}
     one_gpu = FleetSettings.from_env(env, python="/py")

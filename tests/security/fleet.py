@@ -100,7 +100,7 @@ class Fleet:
         self.storage = workdir / "storage"
         self.log_dir = workdir / "log"
         self.stdout_path = workdir / "orchestrator.out"
-        ports = {name: free_port() for name in ("memory", "router", "sdxl", "chat", "wan", "status")}
+        ports = {name: free_port() for name in ("memory", "router", "registration", "sdxl", "chat", "wan", "status")}
         self.ports = {"memory_manager": ports["memory"], "router": ports["router"], "sdxl": ports["sdxl"],
                       "chat": ports["chat"], "wan": ports["wan"]}
         self.status_port = ports["status"]
