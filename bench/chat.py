@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from workers.chat.engine import Engine, GenerationRequest
+from workers.chat.engine import Engine
+from workers.chat.generation import GenerationRequest
 from workers.chat.models import LoadedModel, ModelName, SingleModel
 from workers.chat.sampling import SamplingParams
 

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from workers.chat.engine import GenerationRequest
+from workers.chat.generation import GenerationRequest
 from workers.chat.models import ModelName
 from workers.chat.prompt import Message, Role, chat_prompt
 from workers.chat.sampling import RowParams, SamplingParams, count, new_generator, next_tokens

@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from workers.chat.engine import Engine, GenerationRequest  # noqa: E402
+from workers.chat.engine import Engine  # noqa: E402
+from workers.chat.generation import GenerationRequest  # noqa: E402
 from workers.chat.models import LoadedModel, ModelName, SingleModel  # noqa: E402
 from workers.chat.sampling import SamplingParams  # noqa: E402
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from workers.chat.batch import DecodeBatch
-from workers.chat.engine import Engine, GenerationRequest
+from workers.chat.engine import Engine
+from workers.chat.generation import GenerationRequest
 from workers.chat.models import LoadedModel, ModelName, SingleModel, load_model
 from workers.chat.sampling import SamplingParams
 from workers.chat.slot_batch import SlotBatch, bucket, buckets

@@ -12,22 +12,20 @@ sampling) leaves the running rows exactly as they were. This is the path used un
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
 
 import torch
 from transformers import DynamicCache
 
+from .generation import GenerationRequest
 from .models import LoadedModel
 from .sampling import FAILED, RowParams, count, new_generator, next_tokens
-
-if TYPE_CHECKING:
-    from .engine import GenerationRequest
 
 
 @dataclass(eq=False)
 class Row:
-    request: "GenerationRequest"
+    request: GenerationRequest
     limit: int                           # new tokens this row may still produce (max_tokens, capped by context)
     generator: torch.Generator
     tokens: list[int] = field(default_factory=list)
@@ -56,7 +54,7 @@ class DecodeBatch:
         return self._mask.shape[1]
 
     @torch.inference_mode()
-    def admit(self, requests: Sequence["GenerationRequest"]) -> list[Row]:
+    def admit(self, requests: Sequence[GenerationRequest]) -> list[Row]:
         """Prefill ``requests`` as one left-padded batch, choose each one's first token, join the batch."""
         device = self.loaded.device
         longest = max(len(r.prompt_ids) for r in requests)

@@ -27,9 +27,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -37,8 +37,8 @@ from workers.core.errors import ErrorType, RetryableError, WorkerError
 
 from . import memory
 from .batch import DecodeBatch, Row
+from .generation import Generation, GenerationRequest
 from .models import LoadedModel, ModelName, ModelStore, ModelUnavailable
-from .sampling import SamplingParams
 from .slot_batch import SlotBatch
 from .slots import SlotCache, unsupported_reason
 
@@ -59,31 +59,6 @@ class Overloaded(RetryableError):
     def __init__(self, waiting: int):
         super().__init__(f"the chat worker is at capacity ({waiting} requests waiting); retry shortly",
                          ErrorType.WORKER_UNAVAILABLE, delay=RETRY_AFTER_SECONDS)
-
-
-@dataclass(eq=False)
-class GenerationRequest:
-    model: ModelName
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    on_tokens: Callable[[list[int]], None] | None = None   # called from the loop thread; must not block
-    future: Future = field(default_factory=Future)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.monotonic)
-
-    def cancel(self) -> None:
-        """Stop generating for this request (the loop drops it before its next step)."""
-        self.cancelled.set()
-
-
-@dataclass(frozen=True)
-class Generation:
-    model: ModelName
-    token_ids: list[int]
-    finish_reason: str          # "stop" (a stop token) | "length" (max_tokens or the context end)
-    prompt_tokens: int
-    queued_seconds: float       # submit -> prefill
-    seconds: float              # submit -> done
 
 
 class Engine:

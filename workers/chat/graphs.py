@@ -6,7 +6,7 @@ step with one launch. The step reads only fixed-address tensors (the slot cache,
 buffers) and its Python-side shapes are fixed per key, so a replay computes exactly what an eager call with
 the same buffers would (same kernels, same math).
 
-Capture (vLLM / gpt-fast pattern): two eager warm-up calls on a side stream, then the capture, all graphs
+Capture (workers/gpu/capture.py): two eager warm-up calls on a side stream, then the capture, all graphs
 sharing one memory pool; the first replay is checked against the eager result. Every call of ``forward`` with
 the current buffers is idempotent (it writes the same key/value at the same positions), so capturing right
 before a real step is safe.
@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
+
+from workers.gpu.capture import capture, check_replay, settle
 
 from .memory import Retry
 
 log = logging.getLogger(__name__)
 
 WARM_UP_CALLS = 2
-MAX_RELATIVE_ERROR = 1e-2   # replay vs eager logits, relative L2; same kernels should agree far closer
 CAPTURE_ATTEMPTS = 3        # captures of one key in all before it decodes eagerly for good
 CAPTURE_RETRY_SECONDS = 30.0   # the first retry of a failed key (then 60 s, ...): memory pressure passes
 CAPTURE_RETRY_CAP_SECONDS = 600.0
@@ -85,25 +87,14 @@ class DecodeGraphs:
         return entry
 
     def _capture(self, key: Key, forward: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
-        """The CUDA part: warm-up calls on a side stream, the capture into the shared pool, a checked replay."""
+        """The CUDA part: warm-up calls on a side stream, the capture into the shared pool, a checked replay
+        (the eager logits kept in fp32 for the comparison)."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(WARM_UP_CALLS):
-                expected = forward()
-            expected = expected.float()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
-            out = forward()
-        graph.replay()
-        error = float((out.float() - expected).norm() / expected.norm().clamp(min=1e-6))
-        if not error <= MAX_RELATIVE_ERROR:   # also catches NaN
-            raise RuntimeError(f"graph replay differs from the eager step (relative error {error:.2e})")
-        return graph, out
+        captured = capture(forward, device=self.device, pool=self._pool, warm_up=WARM_UP_CALLS,
+                           snapshot=lambda logits: logits.float())
+        check_replay(captured, against="the eager step")
+        return captured.graph, captured.outputs
 
     def _disable(self, key: Key, reason: str) -> None:
         """``key`` decodes eagerly until its next scheduled try (or for good once its attempts are spent)."""
@@ -115,12 +106,7 @@ class DecodeGraphs:
         final = "; no more attempts" if retry.failures >= CAPTURE_ATTEMPTS else ""
         log.warning("capturing the chat decode step for batch %d, span %d failed (attempt %d; this bucket decodes "
                     "eagerly%s): %s", key[0], key[1], retry.failures, final, reason)
-        if self.device.type != "cuda":
-            return
-        try:
-            torch.cuda.synchronize(self.device)
-        except RuntimeError:  # a broken capture may leave an error behind; the eager path will report it
-            log.warning("synchronising after the failed capture raised", exc_info=True)
+        settle(self.device)
 
     def describe(self) -> dict[str, object]:
         return {"graphs": [list(k) for k in self.keys], "replays": self.replays,

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from workers.core.errors import ErrorType, WorkerError
+from workers.gpu.device import resolve_device
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,6 @@ class ModelUnavailable(WorkerError):
     """No model can serve the request (not configured, failed to load, or unloaded)."""
 
     error_type = ErrorType.WORKER_UNAVAILABLE
-
-
-def resolve_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
 
 
 @dataclass(eq=False)

@@ -21,7 +21,8 @@ from workers.core.errors import ErrorType, InvalidJob, RetryableError
 from common.settings import Settings
 
 from .detokenize import IncrementalDecoder
-from .engine import Engine, Generation, GenerationRequest
+from .engine import Engine
+from .generation import Generation, GenerationRequest
 from .models import LoadedModel, ModelName, ModelStore, ModelUnavailable
 from .prompt import Prompt, chat_prompt, prompt_budget, text_prompt
 from .request import ChatRequest

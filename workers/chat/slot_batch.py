@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -29,13 +30,11 @@ from workers.core.errors import InvalidJob
 
 from . import decode
 from .batch import Row
+from .generation import GenerationRequest
 from .graphs import DecodeGraphs
 from .models import LoadedModel
 from .sampling import FAILED, RowParams, count, new_generator, next_tokens
 from .slots import SlotCache
-
-if TYPE_CHECKING:
-    from .engine import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +124,7 @@ class SlotBatch:
                  len(self.graphs.keys), time.perf_counter() - started)
 
     @torch.inference_mode()
-    def admit(self, requests: Sequence["GenerationRequest"]) -> list[Row]:
+    def admit(self, requests: Sequence[GenerationRequest]) -> list[Row]:
         """Prefill ``requests`` as one left-padded batch, copy them into free slots, choose their first token."""
         device, first, n = self.loaded.device, len(self.rows), len(requests)
         lengths = [len(r.prompt_ids) for r in requests]
@@ -199,7 +198,7 @@ class SlotBatch:
             return self._compiled(self._tokens[:rows], positions, mask)
         started = time.perf_counter()
         limit = len(self.batch_buckets) * len(self.span_buckets) + 2   # one compile per bucket pair
-        import torch._dynamo   # noqa: PLC0415 - only when compiling (a slow import)
+        import torch._dynamo  # noqa: PLC0415 - only when compiling (a slow import)
 
         try:
             with torch._dynamo.config.patch(recompile_limit=max(limit, torch._dynamo.config.recompile_limit)):

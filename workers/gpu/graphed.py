@@ -9,10 +9,10 @@ is replayed when it runs without autograd, every tensor argument is on the modul
 other argument is hashable; the signature (the argument tree, each tensor's shape, stride and dtype, each
 other value) picks the graph. Anything else, and every call after a failed capture, runs eagerly.
 
-Capture follows the usual pattern (as in workers/chat/graphs.py): one eager warm-up call on a side stream,
-then the capture, all graphs of the module sharing one memory pool. Sharing is safe because replays never
-overlap and each replay's outputs are copied out before anything else runs: a later graph may reuse an
-earlier one's scratch memory, never memory that is read after its own replay.
+Capture follows the usual pattern (capture.py, shared with workers/chat/graphs.py): one eager warm-up call on
+a side stream, then the capture, all graphs of the module sharing one memory pool. Sharing is safe because
+replays never overlap and each replay's outputs are copied out before anything else runs: a later graph may
+reuse an earlier one's scratch memory, never memory that is read after its own replay.
 """
 from __future__ import annotations
 
@@ -20,16 +20,18 @@ import functools
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
+from .capture import capture, check_replay, settle
+
 log = logging.getLogger(__name__)
 
 WARM_UP_CALLS = 1
-MAX_RELATIVE_ERROR = 1e-2   # replay vs eager, relative L2; the same kernels agree far closer (usually exactly)
 DEFAULT_LIMIT = 16          # graphs kept per module (least recently used dropped first)
 
 
@@ -51,7 +53,7 @@ class ForwardGraphs:
     """The graphs of one module's forward (what :func:`install` puts in place of ``module.forward``)."""
 
     def __init__(self, name: str, eager: Callable[..., Any], device: torch.device, limit: int = DEFAULT_LIMIT,
-                 weights: Callable[[], Any] = lambda: None, pool: "SharedPool | None" = None,
+                 weights: Callable[[], Any] = lambda: None, pool: SharedPool | None = None,
                  accept: Callable[[list[Any]], bool] | None = None):
         self.name = name
         self.eager = eager
@@ -118,34 +120,23 @@ class ForwardGraphs:
         args, kwargs = pytree.tree_unflatten([next(feed) if isinstance(x, torch.Tensor) else x for x in leaves],
                                              spec)
         try:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(WARM_UP_CALLS):
-                    expected = self.eager(*args, **kwargs)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._shared.handle, stream=stream, capture_error_mode="thread_local"):
-                outputs = self.eager(*args, **kwargs)
-            self._shared.handle = graph.pool()
-            odd = [type(x).__name__ for x in pytree.tree_leaves(outputs)
+            captured = capture(lambda: self.eager(*args, **kwargs), device=self.device, pool=self._shared.handle,
+                               warm_up=WARM_UP_CALLS)
+            self._shared.handle = captured.graph.pool()
+            odd = [type(x).__name__ for x in pytree.tree_leaves(captured.outputs)
                    if not isinstance(x, (torch.Tensor, int, float, bool, str, type(None)))]
             if odd:   # a replay would hand out objects whose tensors the next replay overwrites
                 raise RuntimeError(f"outputs hold objects the graph cannot copy out: {', '.join(odd)}")
-            graph.replay()
-            error = _relative_error(outputs, expected)
-            if not error <= MAX_RELATIVE_ERROR:   # also catches NaN
-                raise RuntimeError(f"graph replay differs from the eager call (relative error {error:.2e})")
+            check_replay(captured)
         except torch.cuda.OutOfMemoryError:
             log.warning("%s: not enough GPU memory to capture a graph for this shape; it runs eagerly", self.name)
             self._eager_only.add(key)
-            _settle(self.device)
+            settle(self.device)
             return None
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly, never fail the job
             self.disable(f"{type(exc).__name__}: {exc}"[:300])
             return None
-        self._graphs[key] = _Entry(graph, inputs, outputs)
+        self._graphs[key] = _Entry(captured.graph, inputs, captured.outputs)
         self._captured_weights = self._weights()
         while len(self._graphs) > self.limit:
             self._graphs.popitem(last=False)
@@ -164,7 +155,7 @@ class ForwardGraphs:
         log.warning("CUDA graphs disabled for %s (running eagerly): %s", self.name, reason)
         self.failure = reason
         self.release()
-        _settle(self.device)
+        settle(self.device)
 
     def describe(self) -> dict[str, Any]:
         return {"graphs": len(self._graphs), "replays": self.replays, "eager_calls": self.eager_calls,
@@ -210,20 +201,3 @@ def static_like(tensor: torch.Tensor) -> torch.Tensor:
 
 def _tensors(leaves: list[Any]) -> list[torch.Tensor]:
     return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-
-
-def _relative_error(outputs: Any, expected: Any) -> float:
-    got = [t.float() for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
-    want = [t.float() for t in pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
-    if len(got) != len(want) or not want:
-        return float("inf")
-    diff = sum(float((g - w).norm()) ** 2 for g, w in zip(got, want)) ** 0.5
-    scale = sum(float(w.norm()) ** 2 for w in want) ** 0.5
-    return diff / max(scale, 1e-6)
-
-
-def _settle(device: torch.device) -> None:
-    try:
-        torch.cuda.synchronize(device)
-    except RuntimeError:  # a broken capture may leave an error behind; the eager path will report it
-        log.warning("synchronising after a failed capture raised", exc_info=True)

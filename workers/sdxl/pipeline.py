@@ -23,6 +23,7 @@ from typing import Any
 
 from common.errors import ConfigError
 from common.settings import Settings
+from workers.gpu.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +41,6 @@ GRAPHED_MODULES = ("unet", "text_encoder", "text_encoder_2")
 # Compiled in place when COMPILE_BLOCKS is on (workers/gpu/regional.py): the UNet's 70 transformer blocks share
 # one compiled graph; ~10 s of compile in the warm-up, each step 10 % faster (`python -m bench levers`, SDXL case).
 COMPILED_BLOCKS = ("BasicTransformerBlock",)
-
-
-def resolve_device(setting: str) -> Any:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; an explicit CUDA device that is missing is an error."""
-    import torch
-
-    name = (setting or "auto").strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError("DEVICE must be auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("DEVICE asks for CUDA but no CUDA device is available")
-    if device.type not in ("cuda", "cpu"):
-        raise ConfigError("DEVICE must be auto, cpu, cuda or cuda:N")
-    return device
 
 
 def model_name(path: Path) -> str:

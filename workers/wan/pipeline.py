@@ -26,6 +26,7 @@ from diffusers import (DPMSolverMultistepScheduler, UniPCMultistepScheduler, Wan
                        WanVACEPipeline, WanVACETransformer3DModel)
 
 from workers.gpu import graphed, regional
+from workers.gpu.device import resolve_device
 from workers.core.errors import ErrorType, FatalWorkerError, RetryableError, WorkerError
 from common.settings import Settings
 
@@ -51,19 +52,6 @@ class GenerationSpec:
     seed: int
     solver: Solver = Solver.UNIPC
     shift: float = 5.0
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; otherwise the named device."""
-    if name in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise FatalWorkerError("DEVICE must be auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FatalWorkerError("DEVICE asks for CUDA but no CUDA device is available")
-    return device
 
 
 def make_scheduler(base_config: Any, solver: Solver, shift: float):
