@@ -10,6 +10,7 @@ Sizes are small (tiny random-weight models on CPU): the outputs are noise, the p
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -28,7 +29,7 @@ from local.redis_server import RedisServer
 from local.supabase_standin import SupabaseStandin
 from local.upstash_front import UpstashFront
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 VAR = ROOT / "var"
 KEYS = {"service": "demo-service-key", "secret": "demo-callback-secret", "client": "demo-client-key",
         "admin": "demo-admin-key", "upstash": "demo-upstash-token"}
@@ -158,7 +159,8 @@ def print_table(steps: list[Step]) -> None:
         print(f"{step.name:<22} {step.status:<10} {step.seconds:>8.1f}  {detail}")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parse_args(argv)
     (VAR / "demo").mkdir(parents=True, exist_ok=True)
     print("building the tiny demo models (var/models) ...", flush=True)
     models = build_models(VAR / "models")
@@ -209,6 +211,15 @@ def main() -> int:
             log_file.close()
     print("demo " + ("succeeded: every job completed" if ok else "FAILED: see the table and var/demo/fleet.log"))
     return 0 if ok and code == 0 else 1
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The demo takes no options; parsing still answers ``--help`` before anything is built or started."""
+    parser = argparse.ArgumentParser(
+        prog="python -m local.demo", description=__doc__.split("\n\n")[0].replace("``", ""),
+        epilog=f"Writes {VAR / 'models'} and {VAR / 'demo'} (storage/, fleet.log); the models are random-weight, "
+               "so the pictures are noise and the text gibberish.")
+    return parser.parse_args(argv)
 
 
 def _reference_server():
