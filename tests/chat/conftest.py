@@ -1,12 +1,13 @@
 """Chat test fixtures: the tiny demo Qwen models, one resident ChatHandler, and its real Flask app served
-over loopback HTTP (werkzeug, threaded), built the way the service builds it: ``create_base_app`` + the chat
-Blueprint (``create_routes(handler, residency)``) on a real ``Residency``; ``chat_worker`` starts a real
-``python -m workers chat`` process (gunicorn) on the tiny models, for the faults that live in the process
-(sockets, eviction)."""
+over loopback HTTP (werkzeug, threaded), built the way the service builds it: ``create_base_app`` + the
+handler's ``register_routes(app, service)``; ``chat_worker`` starts a real ``python -m workers chat`` process
+(gunicorn) on the tiny models, for the faults that live in the process (sockets, eviction)."""
 from __future__ import annotations
 
 import json
 import os
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -16,19 +17,15 @@ import pytest
 import requests
 import torch
 
-from common.http import create_base_app
-from common.settings import Secret
-from local.net import BackgroundServer, free_port
-from tests.procs import WorkerProcess
-from workers.chat import create_handler, create_routes
+from workers.chat import create_handler
 from workers.chat.generation import GenerationRequest
 from workers.chat.handler import ChatHandler
-from workers.chat.settings import ChatSettings
+from common.http import create_base_app
 from workers.core.job import Job, decode
-from workers.core.memory_client import MemoryClient
 from workers.core.metrics import Metrics
-from workers.core.residency import Residency
-from workers.core.state import Lifecycle, WorkerState
+from common.settings import Secret, Settings
+from local.net import BackgroundServer, free_port
+from tests.procs import WorkerProcess
 
 WAN_KEY = "test-wan-key"
 CHAT_KEY = "test-chat-key"
@@ -37,17 +34,33 @@ AUTH = {"Authorization": f"Bearer {CHAT_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
-class Served:
-    """``handler``'s routes mounted as the worker service mounts them, with the worker's own ``Residency``: a
-    lifecycle that starts ready (the handler is set up) and a memory manager address nothing listens on (every
-    reservation answers "unavailable", which still loads)."""
+@dataclass
+class FakeService:
+    """What ``register_routes`` reads from the lead's service: settings, metrics, busy, handler, and the
+    residency state the routes consult (``unloaded``, ``gpu_lock``, ``memory``: no memory manager here, and
+    ``_load``, which the real service runs after reserving)."""
 
-    def __init__(self, handler: ChatHandler):
-        self.lifecycle = Lifecycle(WorkerState.READY)
-        memory = MemoryClient(f"http://127.0.0.1:{free_port()}", "chat", 0, None)
-        self.residency = Residency(handler, memory, self.lifecycle, handler.kind)
-        app = create_base_app("chat-worker", lambda: (handler.engine.running, {}), Metrics())
-        app.register_blueprint(create_routes(handler, self.residency))
+    settings: Settings
+    handler: ChatHandler
+    metrics: Metrics
+    busy: bool = False
+    unloaded: bool = False
+    gpu_lock: Any = field(default_factory=threading.Lock)
+    memory: Any = None
+    loads: list[str] = field(default_factory=list)
+
+    def _load(self, which: str) -> str:
+        message = self.handler.load(which)
+        self.unloaded = False
+        self.loads.append(which)
+        return message
+
+
+class Served:
+    def __init__(self, handler: ChatHandler, settings: Settings):
+        service = self.service = FakeService(settings, handler, Metrics())
+        app = create_base_app("chat-worker", lambda: (handler.engine.running, {}), service.metrics)
+        handler.register_routes(app, service)
         self.server = BackgroundServer(app, name="chat-test-http")
         self.url = self.server.url
         self.session = requests.Session()
@@ -62,12 +75,12 @@ class Served:
         self.server.stop()
 
 
-def chat_settings(models: dict[str, Path], **overrides: Any) -> ChatSettings:
+def chat_settings(models: dict[str, Path], **overrides: Any) -> Settings:
     values: dict[str, Any] = dict(qwen_instruct_path=models["qwen_instruct"], qwen_base_path=models["qwen_base"],
                                   device="cpu", wan_worker_api_key=Secret(WAN_KEY),
                                   chat_worker_api_key=Secret(CHAT_KEY), chat_max_context_tokens=4096)
     values.update(overrides)
-    return ChatSettings(**values)
+    return Settings(**values)
 
 
 def chat_process_env(models: dict[str, Path], **extra: str) -> dict[str, str]:
@@ -119,7 +132,7 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def settings(demo_models) -> ChatSettings:
+def settings(demo_models) -> Settings:
     return chat_settings(demo_models)
 
 
@@ -132,8 +145,8 @@ def handler(settings) -> Iterator[ChatHandler]:
 
 
 @pytest.fixture(scope="session")
-def served(handler) -> Iterator[Served]:
-    served = Served(handler)
+def served(handler, settings) -> Iterator[Served]:
+    served = Served(handler, settings)
     yield served
     served.stop()
 

@@ -34,9 +34,9 @@ from workers.chat.graphs import DecodeGraphs
 from workers.chat.models import LoadedModel, ModelName, SingleModel
 from workers.chat.prompt import Message, Role, chat_prompt
 from workers.chat.sampling import SamplingParams
-from workers.chat.settings import ChatSettings
 from workers.chat.slot_batch import SlotBatch
 from workers.core.errors import ErrorType, JobCancelled, RetryableError, WorkerError
+from common.settings import Settings
 
 from .conftest import AUTH, Served, make_job
 from .slow import slowed
@@ -378,8 +378,8 @@ def test_gpu_a_failed_capture_of_one_bucket_keeps_the_others(demo_models, monkey
 # ---------------------------------------------------------------------------------------------------- #11
 def test_the_request_deadline_defaults_under_the_proxy_limit():
     """#11: non-streaming requests get a server-side deadline below RunPod's 100 s proxy limit (was 300 s)."""
-    assert ChatSettings.from_env({}).chat_request_timeout_seconds == 60.0
-    assert ChatSettings.from_env({}).chat_max_waiting == 8
+    assert Settings.from_env({}).chat_request_timeout_seconds == 60.0
+    assert Settings.from_env({}).chat_max_waiting == 8
 
 
 @pytest.fixture
@@ -390,7 +390,7 @@ def slow_steps(monkeypatch) -> None:
 
 def test_a_request_past_its_deadline_gets_504_and_stops_decoding(fresh_handler, slow_steps):
     handler = fresh_handler(chat_request_timeout_seconds=1.0)
-    served = Served(handler)
+    served = Served(handler, handler.settings)
     try:
         response = served.post("/chat", {"messages": [{"role": "user", "content": POEM}], "max_tokens": 400,
                                          "temperature": 0})
@@ -405,7 +405,7 @@ def test_a_full_waiting_line_is_refused_at_once_with_503_and_retry_after(fresh_h
     """#11 load shedding: one row running, one waiting (CHAT_MAX_WAITING=1): the next request is answered 503
     with Retry-After at once instead of queueing behind them. Today it waits."""
     handler = fresh_handler(chat_max_batch=1, chat_max_waiting=1)
-    served = Served(handler)
+    served = Served(handler, handler.settings)
     body = {"messages": [{"role": "user", "content": POEM}], "max_tokens": 60, "temperature": 0}
     stats = handler.engine.stats
     results: list[int] = []
