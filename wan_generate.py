@@ -13,7 +13,8 @@ no effect: the models stay resident on one device (the 1.3B model fits any GPU t
 Settings not given as flags come from the environment (WAN_MODEL_PATH, WAN_VACE_MODEL_PATH, DEVICE, ...).
 
 Exit status: 0 = a valid file was written; 1 = generation or encoding failed; 2 = bad flag or value;
-3 = model missing or unloadable; 4 = a reference image could not be used.
+3 = model missing or unloadable; 4 = a reference image could not be used; 78 (``CONFIG_ERROR``, as every fleet
+process) = a malformed setting in the environment.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class CliError(Exception):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="wan_generate.py", description=__doc__.splitlines()[0],
                                 epilog="Exit status: 0 ok, 1 generation failed, 2 bad flag or value, "
-                                       "3 model missing, 4 reference failed.")
+                                       "3 model missing, 4 reference failed, 78 malformed setting.")
     p.add_argument("--prompt", required=True, help="what to generate")
     p.add_argument("--negative-prompt", "--negative_prompt", "--n_prompt", dest="negative_prompt")
     size = p.add_mutually_exclusive_group()
@@ -115,13 +116,10 @@ class LocalOrRemoteFetcher:
 
 
 def settings_from(args: argparse.Namespace):
-    from common.errors import ConfigError
-    from common.settings import Settings
+    """The WAN worker's settings (``ConfigError`` on a malformed variable), with the flags' overrides."""
+    from workers.wan.settings import WanSettings
 
-    try:
-        settings = Settings.from_env(os.environ)
-    except ConfigError as exc:
-        raise CliError(f"configuration error: {exc}", EXIT_USAGE) from None
+    settings = WanSettings.from_env(os.environ)
     overrides = {"wan_model_path": args.model_path, "wan_vace_model_path": args.vace_model_path,
                  "device": args.device}
     return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
@@ -201,6 +199,9 @@ def write(out: Path, result, started: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # argparse exits with 2 and a one-line message on a bad flag
+    from common.errors import ConfigError
+    from common.exit_codes import ExitCode
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         from diffusers.utils import logging as diffusers_logging
@@ -213,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"wan_generate: error: {exc.message}", file=sys.stderr)
         return exc.code
+    except ConfigError as exc:
+        print(f"wan_generate: configuration error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG_ERROR
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"wan_generate: error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
               file=sys.stderr)

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from workers.chat.models import ModelName, ModelStore
-from common.settings import Settings
+from workers.chat.settings import ChatSettings
 from workers.sdxl import SdxlHandler
 from workers.sdxl import pipeline as sdxl_pipeline
+from workers.sdxl.settings import SdxlSettings
 from workers.wan.handler import WanHandler
 from workers.wan.pipeline import WanModels
+from workers.wan.settings import WanSettings
 
 from . import models
 from .context import Context
@@ -97,10 +99,10 @@ def sdxl(ctx: Context, folder: Path) -> None:
     def load():
         loaded: list[Any] = []
 
-        def loader(settings: Settings):
+        def loader(settings: SdxlSettings):
             loaded.append(sdxl_pipeline.load(settings))
             return loaded[-1]
-        SdxlHandler(Settings(sdxl_model_path=folder, device=p.device.type), loader=loader).setup()
+        SdxlHandler(SdxlSettings(sdxl_model_path=folder, device=p.device.type), loader=loader).setup()
         return {n: getattr(loaded[-1].t2i, n) for n in parts}
 
     _measure(ctx, "SDXL", folder, build, load)
@@ -115,7 +117,7 @@ def wan(ctx: Context, folder: Path) -> None:
         return {n: models.dtypes(getattr(pipe, n)) for n in parts}, pipe.save_pretrained
 
     def load():
-        settings = Settings(wan_model_path=folder, device=p.device.type)
+        settings = WanSettings(wan_model_path=folder, device=p.device.type)
         wan_models = WanModels.from_settings(settings)
         WanHandler(settings, models=wan_models).setup()
         pipe = wan_models._t2v  # the loaded pipeline (WanModels exposes no accessor); read only
@@ -139,7 +141,7 @@ def qwen(ctx: Context, folder: Path) -> None:
         return {"model": models.dtypes(model)}, save
 
     def load():
-        store = ModelStore(Settings(qwen_instruct_path=folder, device=p.device.type))
+        store = ModelStore(ChatSettings(qwen_instruct_path=folder, device=p.device.type))
         return {"model": store.load(ModelName.INSTRUCT).model}
 
     _measure(ctx, "Qwen", folder, build, load)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from workers.media import png
 from workers.core.job import decode
-from common.settings import Settings
+from workers.sdxl.settings import SdxlSettings
 from workers.sdxl import SdxlHandler
 from workers.sdxl.pipeline import SdxlPipelines
 from workers.sdxl.request import TIER_DEFAULTS
@@ -99,7 +99,7 @@ def run(ctx: Context) -> None:
         ctx.step(SECTION, f"baseline {steps}x{n}", SECONDS.get((steps, n), 5.0) * p.repeats + 5, measure_baseline)
 
     def make_handler():
-        settings = Settings(device=dev.type)   # the worker's defaults: compiled blocks and CUDA graphs on CUDA
+        settings = SdxlSettings(device=dev.type)   # the worker's defaults: compiled blocks and CUDA graphs on CUDA
         pipes = SdxlPipelines.from_t2i(pipe, dev, "sdxl-random", compile_unet=settings.torch_compile,
                                        cuda_graphs=settings.cuda_graphs, compile_blocks=settings.compile_blocks)
         handler = SdxlHandler(settings, loader=lambda _settings: pipes)
@@ -234,7 +234,7 @@ def compiled(ctx: Context) -> None:
 
     def measure():
         pipes = SdxlPipelines.from_t2i(models.sdxl(p), dev, "sdxl-random", compile_unet=True)
-        handler = SdxlHandler(Settings(device=dev.type, torch_compile=True), loader=lambda _settings: pipes)
+        handler = SdxlHandler(SdxlSettings(device=dev.type, torch_compile=True), loader=lambda _settings: pipes)
         first, _ = timed(lambda: handler.run(job(p.sdxl_side, steps, n), no_progress), dev)
         reset_peak(dev)
         median, all_s, _, latents = repeat(lambda: handler.run(job(p.sdxl_side, steps, n), no_progress), dev,

@@ -5,13 +5,11 @@ orchestrator everyone) reads the ports from here, so that a port set once (``SDX
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Mapping, TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass
 
+from common.declare import Declared, each, integer
 from common.errors import ConfigError
-from common.settings import Reader
-
-T = TypeVar("T")
 
 #: Every program the orchestrator knows, in start order (stop order is the reverse).
 #: ``registration`` starts right after the router: it only polls the others' ``/health``, so it need not wait
@@ -25,36 +23,16 @@ PORT_VARIABLES = {"memory_manager": "MEMORY_MANAGER_PORT", "router": "ROUTER_POR
 
 
 @dataclass(frozen=True)
-class Topology:
-    ports: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+class Topology(Declared):
+    """Ports"""
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "Topology":
-        r = Reader(env)
-        ports = {name: int(r.number(PORT_VARIABLES[name], DEFAULT_PORTS[name], 1, 65535)) for name in PROGRAM_ORDER}
-        if len(set(ports.values())) != len(ports):
+    ports: Mapping[str, int] = each(PORT_VARIABLES, integer(1, 65535), DEFAULT_PORTS,
+                                    "loopback port of <key>")
+
+    def _check(self) -> None:
+        if len(set(self.ports.values())) != len(self.ports):
             raise ConfigError(", ".join(PORT_VARIABLES.values()) + " must differ")
-        return cls(ports)
 
     def url(self, program: str) -> str:
         """Loopback base URL of a program (every program listens on 127.0.0.1)."""
         return f"http://127.0.0.1:{self.ports[program]}"
-
-
-def pairs(r: Reader, name: str, keys: tuple[str, ...], parse: Callable[[str], T],
-          expected: str) -> dict[str, T]:
-    """``"sdxl:0,chat:1"`` → ``{"sdxl": 0, "chat": 1}``; keys from ``keys``, values through ``parse``."""
-    raw = r.raw(name)
-    if raw is None:
-        return {}
-    result: dict[str, T] = {}
-    for item in raw.split(","):
-        key, sep, value = item.strip().partition(":")
-        key = key.strip().lower()
-        if not sep or key not in keys:
-            raise ConfigError(f"{name} must be a list like {keys[0]}:<value>,... with names from {', '.join(keys)}")
-        try:
-            result[key] = parse(value.strip())
-        except (ValueError, TypeError):
-            raise ConfigError(f"{name}: the value for {key} must be {expected}") from None
-    return result

@@ -13,12 +13,10 @@ import threading
 
 from flask import Flask
 
-from common.exit_codes import ExitCode
 from common.errors import ConfigError
-from common.settings import Settings
-
-from common.topology import MODEL_WORKERS, Topology
+from common.exit_codes import ExitCode
 from common.serving import serve
+from common.topology import MODEL_WORKERS
 
 from .app import MemoryDeps, create_app
 from .config import MemorySettings
@@ -44,13 +42,13 @@ def ticking(policy: MemoryPolicy, seconds: float) -> threading.Thread:
     return thread
 
 
-def build(settings: Settings, topology: Topology, memory: MemorySettings, visible_devices: str | None) -> Flask:
-    workers = seed_policies(memory, {w: topology.url(w) for w in MODEL_WORKERS})
+def build(memory: MemorySettings, visible_devices: str | None) -> Flask:
+    workers = seed_policies(memory, {w: memory.url(w) for w in MODEL_WORKERS})
     policy = MemoryPolicy(Ledger(memory.history_size), make_probe(memory, visible_devices), workers,
-                          WorkerControl(workers, settings.worker_admin_key, timeout=memory.worker_timeout_seconds),
+                          WorkerControl(workers, memory.worker_admin_key, timeout=memory.worker_timeout_seconds),
                           memory)
     ticking(policy, memory.tick_seconds)
-    return create_app(MemoryDeps(policy, settings.worker_admin_key))
+    return create_app(MemoryDeps(policy, memory.worker_admin_key))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,18 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
     try:
-        settings = Settings.from_env(os.environ)
-        topology = Topology.from_env(os.environ)
         memory = MemorySettings.from_env(os.environ)
     except ConfigError as exc:
         print(f"memory_manager: configuration error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
-    if settings.worker_admin_key is None:
+    if memory.worker_admin_key is None:
         log.warning("WORKER_ADMIN_KEY is not set: reservations and emergency operations are refused")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    serve(lambda: build(settings, topology, memory, visible), host="127.0.0.1",
-          port=args.port or topology.ports["memory_manager"], threads=8, name="memory_manager",
-          read_timeout=settings.http_read_timeout_seconds)
+    serve(lambda: build(memory, visible), host="127.0.0.1",
+          port=args.port or memory.ports["memory_manager"], threads=8, name="memory_manager",
+          read_timeout=memory.http_read_timeout_seconds)
     return 0
 
 

@@ -1,58 +1,52 @@
-"""Memory manager settings (``MemorySettings.from_env(os.environ)``), parsed once at the edge."""
+"""Memory manager settings (``MemorySettings.from_env(os.environ)``), parsed once at the edge: its own policy, the
+workers' ports, the admin key it calls them with and checks its callers against, the servers' read deadline."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 
+from common.declare import Parser, choice, integer, number, pairs, var
 from common.errors import ConfigError
-from common.settings import Reader
-
-from common.topology import MODEL_WORKERS, pairs
+from common.settings import AdminKey, GpuCount, Serving
+from common.topology import MODEL_WORKERS, Topology
 
 DEFAULT_SIZES_GB = {"sdxl": 10.0, "chat": 15.0, "wan": 30.0}
+_GIGABYTES = Parser(lambda v: _positive(float(v)), "GB (> 0)")
+
+
+def _positive(number_: float) -> float:
+    if not 0 < number_ <= 100_000:
+        raise ValueError
+    return number_
 
 
 @dataclass(frozen=True)
-class MemorySettings:
-    probe: str = "auto"                  # auto | nvml | torch | capacity
-    capacity_gb: float = 80.0            # per GPU, when no real probe is available (CPU machines, tests)
-    gpu_count: int | None = None         # how many GPUs the capacity probe pretends (default: 1)
-    critical_gb: float = 5.0             # pressure: free < critical → critical
-    high_gb: float = 10.0                #           free < high → high
-    medium_gb: float = 15.0              #           free < medium → medium, else low
-    safety_margin_gb: float = 1.0        # kept free on every GPU when granting
-    sizes_gb: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_SIZES_GB))
-    tick_seconds: float = 5.0            # pressure sample, dead-worker sweep, predictive reload
-    dead_after_checks: int = 3           # a worker whose /health has not answered this many ticks is gone
-    reload_quiet_seconds: float = 30.0   # an evicted worker reloads once its size has fitted this long
+class MemorySettings(Topology, AdminKey, Serving, GpuCount):
+    """Memory manager"""
+
+    probe: str = var("MEMORY_PROBE", choice("auto", "nvml", "torch", "capacity"), "auto",
+                     "`nvml`, `torch` or `capacity` (no GPU: a configured size, so the policy runs anywhere)")
+    capacity_gb: float = var("MEMORY_CAPACITY_GB", number(0.1, 100_000), 80.0, "per-GPU size for the `capacity` probe")
+    critical_gb: float = var("MEMORY_CRITICAL_GB", number(0, 10_000), 5.0,
+                             "pressure is critical with less free memory than this")
+    high_gb: float = var("MEMORY_HIGH_GB", number(0, 10_000), 10.0, "pressure is high below this")
+    medium_gb: float = var("MEMORY_MEDIUM_GB", number(0, 10_000), 15.0, "pressure is medium below this, else low")
+    safety_margin_gb: float = var("MEMORY_SAFETY_MARGIN_GB", number(0, 10_000), 1.0,
+                                  "kept free on each GPU when granting")
+    sizes_gb: Mapping[str, float] = var("MEMORY_SIZES_GB", pairs(MODEL_WORKERS, _GIGABYTES, DEFAULT_SIZES_GB),
+                                        DEFAULT_SIZES_GB, "reservation sizes")
+    tick_seconds: float = var("MEMORY_TICK_SECONDS", number(0.05, 3600), 5.0,
+                              "background checks: pressure sample, dead-worker sweep, predictive reload")
+    dead_after_checks: int = var("MEMORY_DEAD_AFTER_CHECKS", integer(1, 1000), 3,
+                                 "missed checks before a worker's reservations are dropped")
+    reload_quiet_seconds: float = var(
+        "MEMORY_RELOAD_QUIET_SECONDS", number(0, 86400), 30.0,
+        "an evicted chat is reloaded once its size has fitted beside what is reserved (a busy WAN's included) on "
+        "every tick for this long")
+    worker_timeout_seconds: float = var("MEMORY_WORKER_TIMEOUT_SECONDS", number(1, 3600), 120.0,
+                                        "timeout of unload/load calls to workers")
     history_size: int = 500
-    worker_timeout_seconds: float = 120.0  # for /memory/unload and /memory/load calls
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "MemorySettings":
-        r = Reader(env)
-        count = r.raw("GPU_COUNT")
-        settings = cls(
-            probe=r.choice("MEMORY_PROBE", ("auto", "nvml", "torch", "capacity"), "auto"),
-            capacity_gb=r.number("MEMORY_CAPACITY_GB", 80.0, 0.1, 100_000),
-            gpu_count=None if count is None else int(r.number("GPU_COUNT", 1, 0, 64)),
-            critical_gb=r.number("MEMORY_CRITICAL_GB", 5.0, 0, 10_000),
-            high_gb=r.number("MEMORY_HIGH_GB", 10.0, 0, 10_000),
-            medium_gb=r.number("MEMORY_MEDIUM_GB", 15.0, 0, 10_000),
-            safety_margin_gb=r.number("MEMORY_SAFETY_MARGIN_GB", 1.0, 0, 10_000),
-            sizes_gb={**DEFAULT_SIZES_GB, **pairs(r, "MEMORY_SIZES_GB", MODEL_WORKERS, _positive, "GB (> 0)")},
-            tick_seconds=r.number("MEMORY_TICK_SECONDS", 5.0, 0.05, 3600),
-            dead_after_checks=int(r.number("MEMORY_DEAD_AFTER_CHECKS", 3, 1, 1000)),
-            reload_quiet_seconds=r.number("MEMORY_RELOAD_QUIET_SECONDS", 30.0, 0, 86400),
-            worker_timeout_seconds=r.number("MEMORY_WORKER_TIMEOUT_SECONDS", 120.0, 1, 3600),
-        )
-        if not settings.critical_gb <= settings.high_gb <= settings.medium_gb:
+    def _check(self) -> None:
+        if not self.critical_gb <= self.high_gb <= self.medium_gb:
             raise ConfigError("MEMORY_CRITICAL_GB <= MEMORY_HIGH_GB <= MEMORY_MEDIUM_GB must hold")
-        return settings
-
-
-def _positive(value: str) -> float:
-    number = float(value)
-    if not 0 < number <= 100_000:
-        raise ValueError
-    return number

@@ -17,10 +17,9 @@ from collections.abc import Mapping
 from common.background import BackgroundServer
 from common.errors import ConfigError
 from common.exit_codes import ExitCode
-from common.settings import Settings
 
 from .checks import detect_gpus, startup_report
-from .config import FleetSettings
+from .config import FleetSettings, StartupSettings
 from .fleet import build_specs
 from .logs import setup_logging
 from .program import Backoff
@@ -37,7 +36,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] = os.environ) -> 
     parser.add_argument("--json", action="store_true", help="status: print the raw JSON document")
     args = parser.parse_args(argv)
     try:
-        settings = Settings.from_env(env)
+        settings = StartupSettings.from_env(env)
         fleet = FleetSettings.from_env(env, python=sys.executable)
     except ConfigError as exc:
         print(f"orchestrator: configuration error: {exc}", file=sys.stderr)
@@ -66,7 +65,7 @@ def gpu_count(fleet: FleetSettings, env: Mapping[str, str]) -> tuple[int, list]:
     return len(gpus), gpus
 
 
-def run(settings: Settings, fleet: FleetSettings, env: Mapping[str, str]) -> int:
+def run(settings: StartupSettings, fleet: FleetSettings, env: Mapping[str, str]) -> int:
     log_file = setup_logging(fleet.log_dir, fleet.log_max_bytes, fleet.log_backups)
     log.info("orchestrator starting: pid %d, programs %s, log file %s", os.getpid(),
              ",".join(fleet.programs) or "none", log_file or "none")

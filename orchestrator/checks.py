@@ -11,12 +11,11 @@ import importlib.metadata
 import logging
 import shutil
 import subprocess
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
-
-from common.settings import Settings
+from .config import StartupSettings
 
 log = logging.getLogger("orchestrator")
 
@@ -26,9 +25,8 @@ MODEL_PATH_SETTINGS: dict[str, tuple[str, ...]] = {
     "chat": ("qwen_instruct_path", "qwen_base_path"),
     "wan": ("wan_model_path",),
 }
-_ENV_NAMES = {"sdxl_model_path": "SDXL_MODEL_PATH", "qwen_instruct_path": "QWEN_INSTRUCT_PATH",
-              "qwen_base_path": "QWEN_BASE_PATH", "wan_model_path": "WAN_MODEL_PATH",
-              "sdxl_config_path": "SDXL_CONFIG_PATH", "wan_vace_model_path": "WAN_VACE_MODEL_PATH"}
+#: Further paths each worker reads that must exist when set.
+OPTIONAL_PATH_SETTINGS: dict[str, tuple[str, ...]] = {"sdxl": ("sdxl_config_path",), "wan": ("wan_vace_model_path",)}
 
 
 @dataclass(frozen=True)
@@ -65,25 +63,26 @@ def parse_nvidia_smi(text: str) -> list[Gpu]:
     return gpus
 
 
-def model_workers_to_skip(settings: Settings, workers: Sequence[str]) -> dict[str, str]:
+def model_workers_to_skip(settings: StartupSettings, workers: Sequence[str]) -> dict[str, str]:
     """Model workers whose model path settings are all unset → the warning to log; they are not started."""
     skipped = {}
     for worker in workers:
         names = MODEL_PATH_SETTINGS.get(worker, ())
         if names and all(getattr(settings, n) is None for n in names):
-            skipped[worker] = (f"{worker} skipped: " + " / ".join(_ENV_NAMES[n] for n in names) + " is not set")
+            variables = " / ".join(StartupSettings.env_of(n) for n in names)
+            skipped[worker] = f"{worker} skipped: {variables} is not set"
     return skipped
 
 
-def startup_report(settings: Settings, workers: Sequence[str], gpus: Sequence[Gpu],
+def startup_report(settings: StartupSettings, workers: Sequence[str], gpus: Sequence[Gpu],
                    gpu_count: int) -> list[str]:
     """Log what was found; return the warnings (each also logged)."""
     warnings: list[str] = []
     for worker in workers:
-        for name in MODEL_PATH_SETTINGS.get(worker, ()) + (("sdxl_config_path",) if worker == "sdxl" else ()):
+        for name in MODEL_PATH_SETTINGS.get(worker, ()) + OPTIONAL_PATH_SETTINGS.get(worker, ()):
             path: Path | None = getattr(settings, name)
             if path is not None and not path.exists():
-                warnings.append(f"{worker}: {_ENV_NAMES[name]} does not exist on this machine")
+                warnings.append(f"{worker}: {StartupSettings.env_of(name)} does not exist on this machine")
     try:
         torch_version = importlib.metadata.version("torch")
         log.info("startup: torch %s (%s)", torch_version, _torch_build(torch_version))

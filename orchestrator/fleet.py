@@ -22,11 +22,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from common.settings import Settings
 from common.topology import MODEL_WORKERS
 
 from .checks import model_workers_to_skip
-from .config import FleetSettings
+from .config import FleetSettings, StartupSettings
 from .placement import place
 from .program import ProgramSpec
 
@@ -46,7 +45,7 @@ STOP_WAVES = {"router": 1, "memory_manager": 2}
 HEALTH_PATHS = {"router": "/router/health"}  # the router's /health waits for a backend; its gate must not
 
 
-def build_specs(settings: Settings, fleet: FleetSettings, env: Mapping[str, str],
+def build_specs(settings: StartupSettings, fleet: FleetSettings, env: Mapping[str, str],
                 gpu_count: int) -> list[ProgramSpec]:
     """The programs to run, in start order. Model workers without a model path are skipped (warning)."""
     skipped = model_workers_to_skip(settings, [p for p in fleet.programs if p in MODEL_WORKERS])

@@ -27,7 +27,7 @@ HEALTH_TIMEOUT_SECONDS = 5.0  # the app's function allows a registered URL 5 s t
 
 
 def build(config: RegistrationSettings) -> Flask:
-    ports = config.topology.ports
+    ports = config.ports
     registrations = Registrations(
         config, {Service.CHAT: ports["chat"], Service.ROUTER: ports["router"]},
         healthy=lambda url: check_health(url, timeout=HEALTH_TIMEOUT_SECONDS).ok,
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"registration: configuration error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
-    serve(lambda: build(config), host="127.0.0.1", port=args.port or config.topology.ports["registration"],
+    serve(lambda: build(config), host="127.0.0.1", port=args.port or config.ports["registration"],
           threads=4, name="registration", read_timeout=config.http_read_timeout_seconds)
     return ExitCode.OK
 

@@ -26,12 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"router: configuration error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
-    topology = settings.topology
-    deps = RouterDeps(backends={"sdxl": topology.url("sdxl"), "wan": topology.url("wan")},
+    deps = RouterDeps(backends={"sdxl": settings.url("sdxl"), "wan": settings.url("wan")},
                       timeout=settings.timeout_seconds, connect_timeout=settings.connect_timeout_seconds,
                       max_body=settings.max_body_bytes)
-    serve(lambda: create_app(deps), host=args.host, port=args.port or topology.ports["router"],
-          threads=settings.threads, name="router", read_timeout=settings.read_timeout_seconds,
+    serve(lambda: create_app(deps), host=args.host, port=args.port or settings.ports["router"],
+          threads=settings.threads, name="router", read_timeout=settings.http_read_timeout_seconds,
           health_paths=HEALTH_PATHS)
     return ExitCode.OK
 

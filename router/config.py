@@ -1,30 +1,24 @@
-"""The router's settings: the backends' ports (common.topology) and its own limits. Parsed once in ``main``."""
+"""The router's settings: the backends' ports (``common.topology``), the read deadline every server shares, and
+its own limits. Parsed once in ``main``."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping
+from dataclasses import dataclass
 
-from common.settings import Reader
+from common.declare import integer, megabytes, number, var
+from common.settings import Serving
 from common.topology import Topology
 
 
 @dataclass(frozen=True)
-class RouterSettings:
-    topology: Topology = field(default_factory=Topology)
-    timeout_seconds: float = 600.0
-    connect_timeout_seconds: float = 3.0
-    max_body_bytes: int = 16 * 1024 * 1024
-    threads: int = 16
-    read_timeout_seconds: float = 10.0
+class RouterSettings(Topology, Serving):
+    """Router"""
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "RouterSettings":
-        r = Reader(env)
-        return cls(
-            topology=Topology.from_env(env),
-            timeout_seconds=r.number("ROUTER_TIMEOUT_SECONDS", 600.0, 0.1, 7200),
-            connect_timeout_seconds=r.number("ROUTER_CONNECT_TIMEOUT_SECONDS", 3.0, 0.05, 60),
-            max_body_bytes=int(r.number("ROUTER_MAX_BODY_MB", 16, 0.001, 4096) * 1024 * 1024),
-            threads=int(r.number("ROUTER_THREADS", 16, 1, 256)),
-            read_timeout_seconds=r.number("HTTP_READ_TIMEOUT_SECONDS", 10.0, 0.5, 600),
-        )
+    timeout_seconds: float = var("ROUTER_TIMEOUT_SECONDS", number(0.1, 7200), 600.0,
+                                 "how long a forwarded request may take (504 after)")
+    connect_timeout_seconds: float = var("ROUTER_CONNECT_TIMEOUT_SECONDS", number(0.05, 60), 3.0,
+                                         "connect timeout to a backend (502 after)")
+    max_body_bytes: int = var("ROUTER_MAX_BODY_MB", megabytes(0.001, 4096), 16 * 1024 * 1024,
+                              "body limit in MiB (413 above)", shown="16")
+    threads: int = var("ROUTER_THREADS", integer(1, 256), 16,
+                       "requests the router forwards at once (connections still being read and the health routes "
+                       "do not count)")

@@ -177,5 +177,5 @@ def test_only_settings_modules_and_entry_points_read_the_environment() -> None:
 
 
 def test_the_import_reader_sees_relative_and_absolute_imports() -> None:
-    assert "common.settings" in imports_of(Path("common/topology.py"))
+    assert "common.declare" in imports_of(Path("common/topology.py"))
     assert "router.app" in imports_of(Path("router/__main__.py"))

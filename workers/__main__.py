@@ -34,6 +34,8 @@ from .core.service import Service, default_worker_id
 from common.settings import Settings
 
 KINDS = {"sdxl": 7859, "chat": 7861, "wan": 7862}
+KIND_SETTINGS = {"sdxl": "workers.sdxl.settings:SdxlSettings", "chat": "workers.chat.settings:ChatSettings",
+                 "wan": "workers.wan.settings:WanSettings"}
 log = logging.getLogger("workers")
 
 
@@ -63,10 +65,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--slot", type=int, default=0, help="slot number, part of the worker id")
     parser.add_argument("--threads", type=int, default=32, help="HTTP threads")
-    parser.add_argument("--grace", type=float, default=float(os.environ.get("WORKER_STOP_GRACE_SECONDS", 300)),
-                        help="warm-stop grace in seconds before the current job is handed back")
+    parser.add_argument("--grace", type=float,
+                        help="warm-stop grace in seconds before the current job is handed back "
+                             "(default WORKER_STOP_GRACE_SECONDS, 300)")
     parser.add_argument("--handler", help="module:factory building the handler (tests); default workers.<kind>")
     return parser.parse_args(argv)
+
+
+def settings_class(kind: str) -> type[Settings]:
+    """A model kind's own settings (``workers/<kind>/settings.py``), so it parses only what it reads; any other
+    kind (a test's handler) gets the runtime's."""
+    if kind not in KIND_SETTINGS:
+        return Settings
+    module_name, _, name = KIND_SETTINGS[kind].partition(":")
+    return getattr(importlib.import_module(module_name), name)
 
 
 def handler_factory(args: argparse.Namespace) -> Callable:
@@ -145,17 +157,19 @@ class WorkerApplication(BaseApplication):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-                        format=f"%(asctime)s %(levelname)s [{args.kind}] %(name)s: %(message)s")
     try:
-        settings = Settings.from_env(os.environ)
+        settings = settings_class(args.kind).from_env(os.environ)
         handler_factory(args)
     except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+        print(f"workers: configuration error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
     except (ImportError, AttributeError) as exc:
-        print(f"unknown worker kind {args.kind!r}: {exc}", file=sys.stderr)
+        print(f"workers: unknown worker kind {args.kind!r}: {exc}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
+    if args.grace is None:
+        args.grace = settings.stop_grace_seconds
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s [{args.kind}] %(name)s: %(message)s")
     WorkerApplication(args, settings).run()
     return ExitCode.OK
 

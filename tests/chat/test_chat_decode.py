@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.errors import ConfigError
 from workers.chat import decode
 from workers.chat.engine import Engine
 from workers.chat.fused import storage_bytes
@@ -20,9 +21,8 @@ from workers.chat.generation import GenerationRequest
 from workers.chat.handler import ChatHandler
 from workers.chat.models import LoadedModel, ModelName, SingleModel, load_model
 from workers.chat.sampling import SamplingParams
+from workers.chat.settings import ChatSettings
 from workers.chat.slot_batch import SlotBatch, bucket
-from common.errors import ConfigError
-from common.settings import Settings
 
 from .conftest import drive
 
@@ -249,11 +249,11 @@ def test_compiled_step_traces_whole_and_matches(qwen, fresh_dynamo):
 
 
 def test_compile_setting(settings):
-    assert Settings.from_env({}).chat_compile_decode is False and settings.chat_compile_decode is False
-    assert Settings.from_env({"CHAT_COMPILE_DECODE": "true"}).chat_compile_decode is True
+    assert ChatSettings.from_env({}).chat_compile_decode is False and settings.chat_compile_decode is False
+    assert ChatSettings.from_env({"CHAT_COMPILE_DECODE": "true"}).chat_compile_decode is True
     with pytest.raises(ConfigError, match="CHAT_COMPILE_DECODE"):
-        Settings.from_env({"CHAT_COMPILE_DECODE": "sometimes"})
-    assert ChatHandler(Settings(device="cpu", chat_compile_decode=True)).engine.compile_decode is True
+        ChatSettings.from_env({"CHAT_COMPILE_DECODE": "sometimes"})
+    assert ChatHandler(ChatSettings(device="cpu", chat_compile_decode=True)).engine.compile_decode is True
 
 
 def test_handler_decodes_with_the_lean_step(handler):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.settings import Diffusion
 from workers.gpu import graphed
-from common.settings import Settings
 
 
 class Affine(torch.nn.Module):
@@ -28,8 +28,8 @@ def test_install_leaves_a_cpu_module_alone():
 
 
 def test_cuda_graphs_setting_defaults_on():
-    assert Settings.from_env({}).cuda_graphs is True
-    assert Settings.from_env({"CUDA_GRAPHS": "0"}).cuda_graphs is False
+    assert Diffusion.from_env({}).cuda_graphs is True
+    assert Diffusion.from_env({"CUDA_GRAPHS": "0"}).cuda_graphs is False
 
 
 def test_calls_that_cannot_be_replayed_run_eagerly():

@@ -1,13 +1,11 @@
 import time
 
 import pytest
-
 import requests
 
+from common.settings import References
 from tests.refserver import DripServer, ReferenceServer
-from workers.core.references import (ReferenceFailure, ReferenceFetcher, blocked_reason, check_url,
-                                     reference_or_fallback)
-from common.settings import Settings
+from workers.core.references import ReferenceFailure, ReferenceFetcher, blocked_reason, check_url, reference_or_fallback
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +16,7 @@ def refserver():
 
 
 def fetcher(allow=("127.0.0.1",), max_bytes=1024 * 1024, timeout=5.0):
-    return ReferenceFetcher(Settings(reference_allow_hosts=frozenset(allow), reference_max_bytes=max_bytes,
+    return ReferenceFetcher(References(reference_allow_hosts=frozenset(allow), reference_max_bytes=max_bytes,
                                      reference_timeout_seconds=timeout))
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from common.settings import Diffusion
 from workers.gpu import graphed, regional
-from common.settings import Settings
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -42,8 +42,8 @@ def test_nothing_is_compiled_off_cuda():
 
 
 def test_compile_blocks_setting_defaults_on():
-    assert Settings.from_env({}).compile_blocks is True
-    assert Settings.from_env({"COMPILE_BLOCKS": "false"}).compile_blocks is False
+    assert Diffusion.from_env({}).compile_blocks is True
+    assert Diffusion.from_env({"COMPILE_BLOCKS": "false"}).compile_blocks is False
 
 
 @pytest.mark.gpu

@@ -8,6 +8,7 @@ import uuid
 import pytest
 import requests
 
+from common.settings import Settings
 from tests.procs import WorkerProcess, runtime_env
 from workers.core import keys
 
@@ -188,6 +189,7 @@ def test_memory_endpoints_need_the_admin_key(procs, env, tmp_path):
     assert status["models"] == {"loaded": False}
     env_report = requests.get(f"{worker.url}/debug/env", headers={"Authorization": "Bearer test-admin-key"}).json()
     assert env_report["settings_set"]["JOB_CALLBACK_SECRET"] is True
+    assert set(env_report["settings_set"]) <= set(Settings.env_names())   # declared variables only, by their names
     assert "test-admin-key" not in json.dumps(env_report) and env["JOB_CALLBACK_SECRET"] not in json.dumps(env_report)
 
 

@@ -9,7 +9,7 @@ import pytest
 from common.errors import ConfigError
 from common.settings import Settings
 from orchestrator.checks import parse_nvidia_smi, startup_report
-from orchestrator.config import FleetSettings
+from orchestrator.config import FleetSettings, StartupSettings
 from orchestrator.fleet import build_specs
 from orchestrator.placement import Placement, place
 from router.config import RouterSettings
@@ -77,7 +77,7 @@ def test_specs_commands_and_environments(tmp_path: Path) -> None:
     env = {"SDXL_MODEL_PATH": str(tmp_path), "WAN_MODEL_PATH": str(tmp_path), "CHAT_WORKER_URL": "http://c:1",
            "SOMETHING": "passed through", "GPU_PLACEMENT": "wan:1"}
     fleet = FleetSettings.from_env(env, python="/py")
-    specs = {s.name: s for s in build_specs(Settings.from_env(env), fleet, env, gpu_count=2)}
+    specs = {s.name: s for s in build_specs(StartupSettings.from_env(env), fleet, env, gpu_count=2)}
     assert list(specs) == ["memory_manager", "router", "registration", "sdxl", "wan"]  # chat skipped: no Qwen path
     assert specs["memory_manager"].command == ("/py", "-m", "memory_manager", "--port", "7870")
     assert specs["router"].command == ("/py", "-m", "router", "--port", "7860")
@@ -98,7 +98,7 @@ def test_specs_commands_and_environments(tmp_path: Path) -> None:
     assert Settings.from_env(specs["wan"].env).gpu_index == 1  # what the worker's memory client reads
     env = {**env, "QWEN_BASE_PATH": str(tmp_path), "GPU_PLACEMENT": ""}
     one_gpu = FleetSettings.from_env(env, python="/py")
-    chat = next(s for s in build_specs(Settings.from_env(env), one_gpu, env, gpu_count=1) if s.name == "chat")
+    chat = next(s for s in build_specs(StartupSettings.from_env(env), one_gpu, env, gpu_count=1) if s.name == "chat")
     assert chat.command == ("/py", "-m", "workers", "chat", "--port", "7861", "--host", "0.0.0.0")  # public
     assert "CUDA_VISIBLE_DEVICES" not in chat.env and chat.env["FLEET_GPU_INDEX"] == "0"  # one GPU: shared
 
@@ -107,7 +107,7 @@ def test_nvidia_smi_parsing_and_startup_warnings(caplog, tmp_path: Path) -> None
     gpus = parse_nvidia_smi("0, NVIDIA H100 80GB HBM3, 81559, 81000, 550.54\n1, NVIDIA H100, 81559, 20000, 550.54\n"
                             "garbage line\n")
     assert [(g.index, g.total_mib, g.free_mib) for g in gpus] == [(0, 81559, 81000), (1, 81559, 20000)]
-    settings = Settings.from_env({"SDXL_MODEL_PATH": str(tmp_path / "nope")})
+    settings = StartupSettings.from_env({"SDXL_MODEL_PATH": str(tmp_path / "nope")})
     with caplog.at_level(logging.INFO, logger="orchestrator"):
         warnings = startup_report(settings, ["sdxl"], gpus, 2)
     assert "sdxl: SDXL_MODEL_PATH does not exist on this machine" in warnings

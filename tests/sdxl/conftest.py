@@ -14,12 +14,12 @@ import pytest
 from flask import Flask, Response, request
 from PIL import Image
 
+from local.net import BackgroundServer
 from tests.jobs import producer_job
 from workers.core.job import Job
-from common.settings import Settings
-from local.net import BackgroundServer
 from workers.sdxl import SdxlHandler
 from workers.sdxl.pipeline import SdxlPipelines
+from workers.sdxl.settings import SdxlSettings
 
 SMALL = {"resolution": "64x64", "num_inference_steps": 2}
 
@@ -36,16 +36,16 @@ def pixels(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB")).astype(np.int16)
 
 
-def settings_for(model: Path, config: Path | None, **overrides: Any) -> Settings:
+def settings_for(model: Path, config: Path | None, **overrides: Any) -> SdxlSettings:
     values: dict[str, Any] = dict(sdxl_model_path=model, sdxl_config_path=config, device="cpu",
                                   reference_allow_hosts=frozenset({"127.0.0.1"}),
                                   reference_timeout_seconds=5.0)
     values.update(overrides)
-    return Settings(**values)
+    return SdxlSettings(**values)
 
 
 @pytest.fixture(scope="session")
-def sdxl_settings(demo_models) -> Settings:
+def sdxl_settings(demo_models) -> SdxlSettings:
     """The production shape: a single-file checkpoint plus SDXL_CONFIG_PATH for offline loading."""
     return settings_for(demo_models["sdxl_single_file"], demo_models["sdxl"])
 
@@ -62,7 +62,7 @@ def shared_pipes(sdxl_handler) -> SdxlPipelines:
     return sdxl_handler._pipes
 
 
-def handler_with(pipes: SdxlPipelines, settings: Settings) -> SdxlHandler:
+def handler_with(pipes: SdxlPipelines, settings: SdxlSettings) -> SdxlHandler:
     """Another handler (other settings) over the already loaded pipelines: no second load."""
     handler = SdxlHandler(settings, loader=lambda _settings: pipes)
     handler.setup()

@@ -24,9 +24,9 @@ from PIL import Image
 
 from workers.core.errors import WorkerError
 from workers.core.job import decode
-from common.settings import Settings
 from workers.sdxl import SdxlHandler
 from workers.sdxl.pipeline import SdxlPipelines
+from workers.sdxl.settings import SdxlSettings
 
 
 def build_pipeline(configs: Path, tokenizers: Path):
@@ -110,7 +110,7 @@ def main() -> int:
     report["baseline"] = baseline(t2i)
     pipes = SdxlPipelines.from_t2i(t2i, torch.device("cuda"), "sdxl-random", compile_unet=args.compile)
     server, url = serve_reference()
-    handler = SdxlHandler(Settings(device="cuda", reference_allow_hosts=frozenset({"127.0.0.1"})),
+    handler = SdxlHandler(SdxlSettings(device="cuda", reference_allow_hosts=frozenset({"127.0.0.1"})),
                           loader=lambda _settings: pipes)
     started = time.perf_counter()
     handler.setup()  # warms up torch.compile when on

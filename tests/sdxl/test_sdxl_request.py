@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from workers.core.errors import ErrorType, InvalidJob, WorkerError
-from common.settings import Settings
 from workers.sdxl import weighting
 from workers.sdxl.generation import oom_ladder
 from workers.sdxl.request import SdxlRequest, img2img_schedule, round_images
+from workers.sdxl.settings import SdxlSettings
 
 from .conftest import make_job
 
-SETTINGS = Settings(max_prompt_chars=200)
+SETTINGS = SdxlSettings(max_prompt_chars=200)
 
 
 def req(prompt: str = "a cat", **fields) -> SdxlRequest:

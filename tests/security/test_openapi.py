@@ -17,12 +17,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from router.app import RouterDeps
-from router.app import create_app as router_app
-from router.app import resolve
 from common import openapi
+from router.app import RouterDeps, resolve
+from router.app import create_app as router_app
+from workers.chat.settings import ChatSettings
 from workers.core.service import Service
-from common.settings import Settings
 
 from .fleet import ADMIN_KEY, CHAT_KEY
 
@@ -66,7 +65,7 @@ def _never_exits(code):
 
 
 def _worker_app(kind: str, demo_models):
-    settings = Settings(qwen_instruct_path=demo_models["qwen_instruct"], qwen_base_path=demo_models["qwen_base"],
+    settings = ChatSettings(qwen_instruct_path=demo_models["qwen_instruct"], qwen_base_path=demo_models["qwen_base"],
                         wan_model_path=demo_models["wan"], sdxl_model_path=demo_models["sdxl"], device="cpu")
     module = __import__(f"workers.{kind}", fromlist=["create_handler"])
     handler = module.create_handler(settings)  # constructed, never set up: no model is loaded

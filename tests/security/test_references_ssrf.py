@@ -18,10 +18,9 @@ import uuid
 import pytest
 import requests
 
+from common.settings import References
 from tests.refserver import DripServer
-
 from workers.core.references import ReferenceFailure, ReferenceFetcher, blocked_reason, check_url
-from common.settings import Settings
 
 from .fleet import wait_all
 
@@ -96,7 +95,7 @@ def test_allowed_reference_is_fetched_and_applied_as_a_control(fleet_a, refs, st
         assert bodies[job_id]["metadata"]["reference_mode_applied"] is True, bodies[job_id]["metadata"]
     assert len(refs.hits_for(marker)) == 2
     for host in ("127.0.0.2", "::1", "localhost"):  # every listener answers when a fetcher allows it
-        fetcher = ReferenceFetcher(Settings(reference_allow_hosts=frozenset({host}), reference_timeout_seconds=5))
+        fetcher = ReferenceFetcher(References(reference_allow_hosts=frozenset({host}), reference_timeout_seconds=5))
         assert fetcher.fetch(refs.url(f"[{host}]" if ":" in host else host, f"/image.png?m={marker}-{host}")).size
         assert refs.hits_for(f"{marker}-{host}")
 
@@ -174,7 +173,7 @@ METADATA_AND_PRIVATE = ["169.254.169.254", "fd00:ec2::254", "::ffff:169.254.169.
 
 @pytest.mark.parametrize("address", METADATA_AND_PRIVATE)
 def test_names_resolving_to_internal_addresses_are_refused_before_any_request(address):
-    fetcher = ReferenceFetcher(Settings(reference_timeout_seconds=2), session=NoNetwork(),
+    fetcher = ReferenceFetcher(References(reference_timeout_seconds=2), session=NoNetwork(),
                                resolve=lambda host, port: ["93.184.216.34", address])
     for url in ("https://images.example.com/ref.png", "http://cdn.example.net:8080/a.png?sig=x"):
         with pytest.raises(ReferenceFailure) as info:
@@ -193,7 +192,7 @@ def test_metadata_endpoint_literals_and_encodings_are_refused(literal):
 
     with pytest.raises(ReferenceFailure):
         check_url(literal, frozenset(), resolve=resolve)
-    fetcher = ReferenceFetcher(Settings(), session=NoNetwork(), resolve=resolve)
+    fetcher = ReferenceFetcher(References(), session=NoNetwork(), resolve=resolve)
     with pytest.raises(ReferenceFailure):
         fetcher.fetch(literal)
 
@@ -203,7 +202,7 @@ def test_the_connection_goes_to_the_checked_address_not_to_a_second_dns_answer(r
     Loopback-only proof: ``localhost`` is allowed and the injected resolver answers 127.0.0.2, while the
     system resolver says 127.0.0.1 — the request must arrive at the 127.0.0.2 listener."""
     marker = f"{RUN}-pinned"
-    fetcher = ReferenceFetcher(Settings(reference_allow_hosts=frozenset({"localhost"}), reference_timeout_seconds=3),
+    fetcher = ReferenceFetcher(References(reference_allow_hosts=frozenset({"localhost"}), reference_timeout_seconds=3),
                                resolve=lambda host, port: ["127.0.0.2"])
     assert fetcher.fetch(f"http://localhost:{refs.port}/image.png?m={marker}").size == (40, 24)
     assert refs.hits_for(marker) == [("127.0.0.2", f"/image.png?m={marker}")]
@@ -212,7 +211,7 @@ def test_the_connection_goes_to_the_checked_address_not_to_a_second_dns_answer(r
 
 
 def test_the_fetchers_session_never_connects_to_an_unchecked_host(refs):
-    fetcher = ReferenceFetcher(Settings(reference_timeout_seconds=3))
+    fetcher = ReferenceFetcher(References(reference_timeout_seconds=3))
     marker = f"{RUN}-unchecked"
     with pytest.raises(requests.ConnectionError):
         fetcher.session.get(refs.url("127.0.0.1", f"/image.png?m={marker}"), timeout=3)
@@ -221,7 +220,7 @@ def test_the_fetchers_session_never_connects_to_an_unchecked_host(refs):
 
 def test_with_an_empty_allow_list_no_loopback_form_is_fetched(refs):
     """REFERENCE_ALLOW_HOSTS empty (the production default): 127.0.0.1 itself and every other spelling."""
-    fetcher = ReferenceFetcher(Settings(reference_timeout_seconds=3))
+    fetcher = ReferenceFetcher(References(reference_timeout_seconds=3))
     for n, spelling in enumerate(["127.0.0.1", *SPELLINGS]):
         marker = f"{RUN}-empty-{n}"
         url = (f"http://127.0.0.1:{refs.port}/redirect?to=/image.png?m={marker}" if spelling == "redirect"

@@ -17,13 +17,14 @@ import pytest
 from flask import Flask, Response, jsonify, request
 from PIL import Image
 
+from common.settings import Secret
+from local.net import BackgroundServer
 from tests.jobs import producer_job
 from workers.core.job import Job
-from common.settings import Secret, Settings
-from local.net import BackgroundServer
 from workers.wan.handler import WanHandler
 from workers.wan.pipeline import WanModels
 from workers.wan.sampler import BatchedCfgSampler
+from workers.wan.settings import WanSettings
 
 SMALL = {"size": "64*64", "num_inference_steps": 2, "frame_num": 5, "seed": 11}
 CHAT_KEY, WAN_KEY = "test-chat-key", "test-wan-key"
@@ -164,8 +165,8 @@ def chat(chat_server) -> FakeChatWorker:
 
 
 @pytest.fixture(scope="session")
-def wan_settings(demo_models, chat_server) -> Settings:
-    return Settings(wan_model_path=demo_models["wan"], wan_vace_model_path=demo_models["wan_vace"], device="cpu",
+def wan_settings(demo_models, chat_server) -> WanSettings:
+    return WanSettings(wan_model_path=demo_models["wan"], wan_vace_model_path=demo_models["wan_vace"], device="cpu",
                     reference_allow_hosts=frozenset({"127.0.0.1"}), reference_timeout_seconds=5.0,
                     chat_worker_url=chat_server.url, chat_worker_api_key=Secret(CHAT_KEY),
                     wan_worker_api_key=Secret(WAN_KEY), wan_enhance_timeout_seconds=1.0)
@@ -191,7 +192,7 @@ def handler(wan_settings, models) -> WanHandler:
     return WanHandler(wan_settings, models=models)
 
 
-def handler_with(models: WanModels, settings: Settings, **overrides: Any) -> WanHandler:
+def handler_with(models: WanModels, settings: WanSettings, **overrides: Any) -> WanHandler:
     """Another handler with other settings over already loaded models (no second load)."""
     return WanHandler(replace(settings, **overrides), models=models)
 

@@ -13,11 +13,11 @@ import torch
 from diffusers import WanPipeline
 from PIL import Image
 
-from common.settings import Settings
 from workers.wan.handler import WanHandler
 from workers.wan.pipeline import WanModels, make_scheduler
 from workers.wan.request import Solver
 from workers.wan.sampler import BatchedCfgSampler
+from workers.wan.settings import WanSettings
 
 from .conftest import RecordingModels, make_job, no_progress
 
@@ -139,8 +139,8 @@ def test_only_wan21_text_to_video_pipelines_are_supported(models):
 
 
 def test_the_setting_switches_the_worker_path(wan_settings, models):
-    assert Settings.from_env({}).wan_batched_cfg is True
-    assert Settings.from_env({"WAN_BATCHED_CFG": "0"}).wan_batched_cfg is False
+    assert WanSettings.from_env({}).wan_batched_cfg is True
+    assert WanSettings.from_env({"WAN_BATCHED_CFG": "0"}).wan_batched_cfg is False
     assert WanModels.from_settings(replace(wan_settings, wan_batched_cfg=False)).batched_cfg is False
     two_pass = RecordingModels(wan_settings.wan_model_path, None, "cpu", batched_cfg=False)
     two_pass.load("all")

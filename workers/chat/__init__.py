@@ -19,12 +19,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from common.settings import Settings
-
     from .handler import ChatHandler
+    from .settings import ChatSettings
 
 
-def create_handler(settings: "Settings") -> "ChatHandler":
+def create_handler(settings: ChatSettings) -> ChatHandler:
     """The chat Handler (imported here, so the engine modules load without the HTTP stack)."""
     from .handler import ChatHandler
 

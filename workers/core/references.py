@@ -30,7 +30,7 @@ from urllib3.util.connection import create_connection
 
 from . import retry
 from .errors import ErrorType, WorkerError
-from common.settings import Settings
+from common.settings import References
 
 MAX_REDIRECTS = 3
 MAX_PIXELS = 64 * 1024 * 1024
@@ -102,7 +102,7 @@ def check_url(url: str, allow_hosts: frozenset[str], resolve: Resolver = system_
 
 
 class ReferenceFetcher:
-    def __init__(self, settings: Settings, session: requests.Session | None = None,
+    def __init__(self, settings: References, session: requests.Session | None = None,
                  resolve: Resolver = system_resolver, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
         self.allow_hosts = settings.reference_allow_hosts

@@ -1,12 +1,11 @@
 """SDXL image worker (``sdxl_queue``): ``python -m workers sdxl`` serves ``create_handler(settings)``."""
 from __future__ import annotations
 
-from common.settings import Settings
-
 from .handler import SdxlHandler
+from .settings import SdxlSettings
 
 
-def create_handler(settings: Settings) -> SdxlHandler:
+def create_handler(settings: SdxlSettings) -> SdxlHandler:
     return SdxlHandler(settings)
 
 

@@ -2,13 +2,18 @@
 enhancement through the chat worker. ``python -m workers wan --port 7862`` serves it."""
 from __future__ import annotations
 
-from common.settings import Settings
+from typing import TYPE_CHECKING
 
-from .handler import WanHandler
+if TYPE_CHECKING:
+    from .handler import WanHandler
+    from .settings import WanSettings
 
 
-def create_handler(settings: Settings) -> WanHandler:
+def create_handler(settings: WanSettings) -> WanHandler:
+    """The WAN Handler (imported here, so ``workers.wan.settings`` loads without torch)."""
+    from .handler import WanHandler
+
     return WanHandler(settings)
 
 
-__all__ = ["WanHandler", "create_handler"]
+__all__ = ["create_handler"]
