@@ -22,7 +22,7 @@ from PIL import Image
 
 from workers.gpu import graphed, regional
 from workers.core.job import decode
-from common.settings import Settings
+from workers.wan.settings import WanSettings
 from workers.wan.handler import WanHandler
 from workers.wan.pipeline import WanModels, to_uint8
 from workers.wan.request import TIER_DEFAULTS
@@ -42,7 +42,7 @@ VIDEO_TARGET_S, IMAGE_TARGET_S = 24.0, 1.5
 class AdoptedModels(WanModels):
     """``WanModels`` whose ``load()`` takes an already built pipeline (random weights) instead of a folder."""
 
-    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype, settings: Settings):
+    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype, settings: WanSettings):
         super().__init__(None, None, device=str(device), batched_cfg=settings.wan_batched_cfg,
                          cuda_graphs=settings.cuda_graphs, compile_blocks=settings.compile_blocks)
         self._built, self._built_dtype = pipe, dtype
@@ -130,7 +130,7 @@ def run(ctx: Context) -> None:
     ctx.step(SECTION, "baseline video", 20, baseline_video)
 
     def make_handler():
-        settings = Settings(device=dev.type)   # the worker's defaults
+        settings = WanSettings(device=dev.type)   # the worker's defaults
         handler = WanHandler(settings, models=AdoptedModels(pipe, dev, p.bf16, settings))
         setup_s, _ = timed(handler.setup, dev)   # includes compiling the transformer blocks (COMPILE_BLOCKS)
         ctx.report.detail(SECTION, "handler_setup_s", round(setup_s, 2))

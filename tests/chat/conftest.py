@@ -23,7 +23,8 @@ from workers.chat.handler import ChatHandler
 from common.http import create_base_app
 from workers.core.job import Job, decode
 from workers.core.metrics import Metrics
-from common.settings import Secret, Settings
+from common.settings import Secret
+from workers.chat.settings import ChatSettings
 from local.net import BackgroundServer, free_port
 from tests.procs import WorkerProcess
 
@@ -40,7 +41,7 @@ class FakeService:
     residency state the routes consult (``unloaded``, ``gpu_lock``, ``memory``: no memory manager here, and
     ``_load``, which the real service runs after reserving)."""
 
-    settings: Settings
+    settings: ChatSettings
     handler: ChatHandler
     metrics: Metrics
     busy: bool = False
@@ -57,7 +58,7 @@ class FakeService:
 
 
 class Served:
-    def __init__(self, handler: ChatHandler, settings: Settings):
+    def __init__(self, handler: ChatHandler, settings: ChatSettings):
         service = self.service = FakeService(settings, handler, Metrics())
         app = create_base_app("chat-worker", lambda: (handler.engine.running, {}), service.metrics)
         handler.register_routes(app, service)
@@ -75,12 +76,12 @@ class Served:
         self.server.stop()
 
 
-def chat_settings(models: dict[str, Path], **overrides: Any) -> Settings:
+def chat_settings(models: dict[str, Path], **overrides: Any) -> ChatSettings:
     values: dict[str, Any] = dict(qwen_instruct_path=models["qwen_instruct"], qwen_base_path=models["qwen_base"],
                                   device="cpu", wan_worker_api_key=Secret(WAN_KEY),
                                   chat_worker_api_key=Secret(CHAT_KEY), chat_max_context_tokens=4096)
     values.update(overrides)
-    return Settings(**values)
+    return ChatSettings(**values)
 
 
 def chat_process_env(models: dict[str, Path], **extra: str) -> dict[str, str]:
@@ -132,7 +133,7 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def settings(demo_models) -> Settings:
+def settings(demo_models) -> ChatSettings:
     return chat_settings(demo_models)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from workers.chat.batch import DecodeBatch
 from workers.chat.handler import ChatHandler
 from workers.chat.slot_batch import SlotBatch
-from common.settings import Settings
+from workers.chat.settings import ChatSettings
 
 
 def slowed(step: Callable[[Any], None], delay: float) -> Callable[[Any], None]:
@@ -33,6 +33,6 @@ def slow_down(delay: float) -> None:
             batch.step = slowed(batch.step, delay)
 
 
-def create_handler(settings: Settings) -> ChatHandler:
+def create_handler(settings: ChatSettings) -> ChatHandler:
     slow_down(float(os.environ.get("TEST_CHAT_STEP_DELAY_SECONDS", "0.05")))
     return ChatHandler(settings)

@@ -36,7 +36,7 @@ from workers.chat.prompt import Message, Role, chat_prompt
 from workers.chat.sampling import SamplingParams
 from workers.chat.slot_batch import SlotBatch
 from workers.core.errors import ErrorType, JobCancelled, RetryableError, WorkerError
-from common.settings import Settings
+from workers.chat.settings import ChatSettings
 
 from .conftest import AUTH, Served, make_job
 from .slow import slowed
@@ -378,8 +378,8 @@ def test_gpu_a_failed_capture_of_one_bucket_keeps_the_others(demo_models, monkey
 # ---------------------------------------------------------------------------------------------------- #11
 def test_the_request_deadline_defaults_under_the_proxy_limit():
     """#11: non-streaming requests get a server-side deadline below RunPod's 100 s proxy limit (was 300 s)."""
-    assert Settings.from_env({}).chat_request_timeout_seconds == 60.0
-    assert Settings.from_env({}).chat_max_waiting == 8
+    assert ChatSettings.from_env({}).chat_request_timeout_seconds == 60.0
+    assert ChatSettings.from_env({}).chat_max_waiting == 8
 
 
 @pytest.fixture
