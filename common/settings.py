@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.declare import (
-    Declared,
+from common.declare import Declared, var
+from common.errors import ConfigError
+from common.parsers import (
     Reader,
     Secret,
     boolean,
@@ -28,9 +29,7 @@ from common.declare import (
     text,
     torch_device,
     url,
-    var,
 )
-from common.errors import ConfigError
 
 __all__ = ["Reader", "Secret", "Settings"]
 

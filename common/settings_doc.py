@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.declare import KEY, Declared, Secret, Var, default_of
+from common.declare import KEY, Declared, Var, default_of
+from common.parsers import Secret
 
 
 def groups(cls: type[Declared]) -> list[type[Declared]]:

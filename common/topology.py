@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from common.declare import Declared, each, integer
+from common.declare import Declared, each
 from common.errors import ConfigError
+from common.parsers import integer
 
 #: Every program the orchestrator knows, in start order (stop order is the reverse).
 #: ``registration`` starts right after the router: it only polls the others' ``/health``, so it need not wait

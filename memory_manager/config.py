@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from common.declare import Parser, choice, integer, number, pairs, var
+from common.declare import var
 from common.errors import ConfigError
+from common.parsers import Parser, choice, integer, number, pairs
 from common.settings import AdminKey, GpuCount, Serving
 from common.topology import MODEL_WORKERS, Topology
 

@@ -10,8 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.declare import Invalid, Parser, command, each, integer, number, pairs, path, var
+from common.declare import each, var
 from common.errors import ConfigError
+from common.parsers import Invalid, Parser, command, integer, number, pairs, path
 from common.settings import AdminKey, ChatModels, GpuCount, QueueConnection, SdxlModel, WanModel
 from common.topology import MODEL_WORKERS, PROGRAM_ORDER, Topology
 

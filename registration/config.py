@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.declare import number, var
+from common.declare import var
+from common.parsers import number
 from common.settings import Pod, PublicAddress, Serving, SupabaseAccess
 from common.topology import Topology
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.declare import integer, megabytes, number, var
+from common.declare import var
+from common.parsers import integer, megabytes, number
 from common.settings import Serving
 from common.topology import Topology
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from common.declare import Declared, Reader, Secret
+from common.declare import Declared
 from common.errors import ConfigError
+from common.parsers import Reader, Secret
 from common.settings import Settings
 from memory_manager.config import MemorySettings
 from orchestrator.config import FleetSettings, StartupSettings

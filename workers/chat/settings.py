@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.declare import boolean, integer, number, path, var
+from common.declare import var
+from common.parsers import boolean, integer, number, path
 from common.settings import ChatModels, ClientKeys, Device, Settings
 
 

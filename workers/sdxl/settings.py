@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.declare import choice, var
+from common.declare import var
+from common.parsers import choice
 from common.settings import Device, Diffusion, References, SdxlModel, Settings
 
 

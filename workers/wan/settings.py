@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.declare import boolean, number, path, url, var
+from common.declare import var
+from common.parsers import boolean, number, path, url
 from common.settings import ClientKeys, Device, Diffusion, References, Settings, WanModel
 
 
