@@ -10,7 +10,8 @@ The flags become a ``wan_queue`` job that ``workers.wan.WanHandler.run`` execute
 would (same parsing, defaults, reference conditioning, encoding); only references may also be local files.
 Upstream Wan spellings are accepted next to ours. ``--offload_model`` is accepted for compatibility and has
 no effect: the models stay resident on one device (the 1.3B model fits any GPU this fleet runs on).
-Settings not given as flags come from the environment (WAN_MODEL_PATH, WAN_VACE_MODEL_PATH, DEVICE, ...).
+Settings not given as flags come from the environment and build the models as the worker builds them
+(WAN_MODEL_PATH, WAN_VACE_MODEL_PATH, DEVICE, WAN_BATCHED_CFG, CUDA_GRAPHS, COMPILE_BLOCKS, TORCH_COMPILE, ...).
 
 Exit status: 0 = a valid file was written; 1 = generation or encoding failed; 2 = bad flag or value;
 3 = model missing or unloadable; 4 = a reference image could not be used; 78 (``CONFIG_ERROR``, as every fleet
@@ -143,11 +144,19 @@ def check_output(path: Path, expected_frames: int | None) -> str:
     return f"{width}x{height} H.264, {frames} frames, {frames / 16:.2f} s"
 
 
+def build_handler(args: argparse.Namespace, settings):
+    """The worker's handler over models built as the worker builds them (``WanModels.from_settings``: every
+    setting honoured), with the CLI's progress bar, local reference files, and references that must work."""
+    from workers.wan.handler import WanHandler
+    from workers.wan.pipeline import WanModels
+
+    models = WanModels.from_settings(settings, progress_bar=not args.quiet)
+    return WanHandler(settings, models=models, fetcher=LocalOrRemoteFetcher(settings), reference_policy="fail")
+
+
 def generate(args: argparse.Namespace) -> str:
     from workers.core.errors import FatalWorkerError, InvalidJob, WorkerError
     from workers.core.references import ReferenceFailure
-    from workers.wan.handler import WanHandler
-    from workers.wan.pipeline import WanModels
     from workers.wan.request import from_job
 
     job = build_job(args)
@@ -161,10 +170,7 @@ def generate(args: argparse.Namespace) -> str:
         raise CliError(f"invalid value: {message}", EXIT_USAGE) from None
     if settings.wan_model_path is None:
         raise CliError("no model: pass --model-path (or --ckpt_dir) or set WAN_MODEL_PATH", EXIT_MODEL)
-    models = WanModels(settings.wan_model_path, settings.wan_vace_model_path, settings.device,
-                       settings.torch_compile, progress_bar=not args.quiet)
-    handler = WanHandler(settings, models=models, fetcher=LocalOrRemoteFetcher(settings),
-                         reference_policy="fail")
+    handler = build_handler(args, settings)
     started = time.monotonic()
     try:
         handler.setup()

@@ -43,7 +43,7 @@ class AdoptedModels(WanModels):
     """``WanModels`` whose ``load()`` takes an already built pipeline (random weights) instead of a folder."""
 
     def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype, settings: WanSettings):
-        super().__init__(None, None, device=str(device), batched_cfg=settings.wan_batched_cfg,
+        super().__init__(model_path=None, device=str(device), batched_cfg=settings.wan_batched_cfg,
                          cuda_graphs=settings.cuda_graphs, compile_blocks=settings.compile_blocks)
         self._built, self._built_dtype = pipe, dtype
 

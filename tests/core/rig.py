@@ -90,7 +90,8 @@ class Rig:
     def queue(self, worker_id: str, transport: Transport | None = None, **kw: Any) -> ReliableQueue:
         kw.setdefault("poll_min", 0.01)
         kw.setdefault("poll_max", 0.05)
-        return ReliableQueue(transport or self.transport(), Q, worker_id, heartbeat_ttl=kw.pop("ttl", self.ttl), **kw)
+        return ReliableQueue(transport=transport or self.transport(), queue=Q, worker_id=worker_id,
+                             heartbeat_ttl=kw.pop("ttl", self.ttl), **kw)
 
     def callbacks(self, retry_seconds: float = 2.0, timeout: float = 2.0) -> CallbackClient:
         return CallbackClient(self.standin.url, SUPABASE_TEST_SERVICE_KEY, SUPABASE_TEST_CALLBACK_SECRET,
@@ -98,8 +99,9 @@ class Rig:
 
     def runner(self, worker_id: str, handler: Scripted | None = None, queue: ReliableQueue | None = None,
                retry_seconds: float = 2.0, max_attempts: int = 3, **kw: Any) -> Runner:
-        return Runner(handler or Scripted(worker_id), queue or self.queue(worker_id), self.callbacks(retry_seconds),
-                      self.storage, Metrics(), worker_id, max_attempts, **kw)
+        return Runner(handler=handler or Scripted(worker_id), queue=queue or self.queue(worker_id),
+                      callbacks=self.callbacks(retry_seconds), storage=self.storage, metrics=Metrics(),
+                      worker_id=worker_id, max_attempts=max_attempts, **kw)
 
     def loop(self, runner: Runner) -> threading.Event:
         """Run ``runner.run`` on a thread until the returned event is set (``close`` sets them all)."""

@@ -10,8 +10,8 @@ Q = "sdxl_queue"
 
 
 def make(transport, worker="w1", **kw):
-    return ReliableQueue(transport, Q, worker, heartbeat_ttl=kw.pop("ttl", 30), poll_min=0.01, poll_max=0.05,
-                         sleep=lambda s: None, **kw)
+    return ReliableQueue(transport=transport, queue=Q, worker_id=worker, heartbeat_ttl=kw.pop("ttl", 30),
+                         poll_min=0.01, poll_max=0.05, sleep=lambda s: None, **kw)
 
 
 def job(n):
@@ -239,7 +239,7 @@ def test_heartbeat_has_a_ttl_and_retire_cleans_up(transport, redis_client):
 def test_rest_transport_polls_with_backoff(redis_client, upstash_front):
     sleeps = []
     t = UpstashRestTransport(upstash_front.url, upstash_front.token, timeout=5)
-    q = ReliableQueue(t, Q, "w1", poll_min=0.1, poll_max=0.8, sleep=sleeps.append)
+    q = ReliableQueue(transport=t, queue=Q, worker_id="w1", poll_min=0.1, poll_max=0.8, sleep=sleeps.append)
     for _ in range(6):
         assert q.fetch() is None
     assert sleeps == [0.1, 0.2, 0.4, 0.8, 0.8, 0.8]

@@ -174,7 +174,8 @@ def wan_settings(demo_models, chat_server) -> WanSettings:
 
 @pytest.fixture(scope="session")
 def models(wan_settings) -> RecordingModels:
-    loaded = RecordingModels(wan_settings.wan_model_path, wan_settings.wan_vace_model_path, "cpu")
+    loaded = RecordingModels(model_path=wan_settings.wan_model_path, vace_path=wan_settings.wan_vace_model_path,
+                             device="cpu")
     loaded.load("all")
     return loaded
 
@@ -182,7 +183,7 @@ def models(wan_settings) -> RecordingModels:
 @pytest.fixture(scope="session")
 def t2v_only(wan_settings) -> RecordingModels:
     """The same T2V checkpoint without a VACE model installed."""
-    loaded = RecordingModels(wan_settings.wan_model_path, None, "cpu")
+    loaded = RecordingModels(model_path=wan_settings.wan_model_path, device="cpu")
     loaded.load("all")
     return loaded
 

@@ -142,7 +142,7 @@ def test_the_setting_switches_the_worker_path(wan_settings, models):
     assert WanSettings.from_env({}).wan_batched_cfg is True
     assert WanSettings.from_env({"WAN_BATCHED_CFG": "0"}).wan_batched_cfg is False
     assert WanModels.from_settings(replace(wan_settings, wan_batched_cfg=False)).batched_cfg is False
-    two_pass = RecordingModels(wan_settings.wan_model_path, None, "cpu", batched_cfg=False)
+    two_pass = RecordingModels(model_path=wan_settings.wan_model_path, device="cpu", batched_cfg=False)
     two_pass.load("all")
     job = make_job("image_fast", config={"size": "48*32", "seed": 5}, negative_prompt="blurry")
     images = {}

@@ -2,6 +2,8 @@
 values, missing models and unusable references exit non-zero with one clear line."""
 from __future__ import annotations
 
+import inspect
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +99,61 @@ def test_unreadable_reference_exits_4(demo_models, tmp_path, capsys):
                               str(tmp_path / "absent.png"), "--out", str(out)])
     assert code == 4 and "reference error: no such file: absent.png" in capsys.readouterr().err
     assert not out.exists()
+
+
+HEAVY = ("torch", "diffusers", "transformers", "numpy", "PIL", "av", "workers", "common", "local", "redis")
+HELP_PROBE = """
+import json, runpy, sys
+sys.argv = [{script!r}, "--help"]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+imported = sorted(m for m in sys.modules if m.split(".")[0] in {heavy!r})
+print(json.dumps({{"code": code, "imported": imported}}), file=sys.stderr)
+"""
+
+
+def test_help_prints_the_flags_without_importing_the_models_or_writing_anything(tmp_path):
+    probe = HELP_PROBE.format(script=str(ROOT / "wan_generate.py"), heavy=HEAVY)
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert json.loads(done.stderr.strip().splitlines()[-1]) == {"code": 0, "imported": []}
+    assert done.stdout.startswith("usage: wan_generate.py") and "--ckpt_dir" in done.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+# Every model option set against ``WanModels``' own defaults, then the other way: a setting the CLI dropped
+# would show as the constructor's default on its side only.
+ENVIRONMENTS = {
+    "against the defaults": {"WAN_BATCHED_CFG": "false", "CUDA_GRAPHS": "true", "COMPILE_BLOCKS": "true",
+                             "TORCH_COMPILE": "true", "DEVICE": "cpu"},
+    "the other way": {"WAN_BATCHED_CFG": "true", "CUDA_GRAPHS": "false", "COMPILE_BLOCKS": "false",
+                      "TORCH_COMPILE": "false", "DEVICE": "auto"},
+}
+
+
+@pytest.mark.parametrize("environment", list(ENVIRONMENTS))
+def test_the_cli_builds_its_models_with_the_workers_options(environment, tmp_path, monkeypatch):
+    """One settings object through the worker's factory and the CLI's: the same models, every setting in them.
+    Built, not loaded: no weights are read."""
+    import workers.wan
+    from workers.wan.pipeline import WanModels
+
+    env = {**ENVIRONMENTS[environment], "WAN_MODEL_PATH": str(tmp_path / "t2v"),
+           "WAN_VACE_MODEL_PATH": str(tmp_path / "vace")}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    quiet = wan_generate.parse_args(["--prompt", "x", "--quiet"])
+    settings = wan_generate.settings_from(quiet)
+    worker = workers.wan.create_handler(settings).models
+    cli = wan_generate.build_handler(quiet, settings).models
+    assert set(cli.options) == set(inspect.signature(WanModels).parameters)   # every option is compared
+    assert cli.options == worker.options and not worker.loaded and not cli.loaded
+    assert cli.options == {"model_path": tmp_path / "t2v", "vace_path": tmp_path / "vace", "device": env["DEVICE"],
+                           "compile_transformer": env["TORCH_COMPILE"] == "true", "progress_bar": False,
+                           "batched_cfg": env["WAN_BATCHED_CFG"] == "true", "cuda_graphs": env["CUDA_GRAPHS"] == "true",
+                           "compile_blocks": env["COMPILE_BLOCKS"] == "true"}
+    shown = wan_generate.parse_args(["--prompt", "x"])
+    with_bar = wan_generate.build_handler(shown, settings).models
+    assert with_bar.options == {**worker.options, "progress_bar": True}   # the one difference: the CLI's bar

@@ -217,7 +217,8 @@ def test_cuda_dtype_policy_bf16_with_fp32_norms_and_vae(demo_models):
 
 def test_unload_and_reload(wan_settings, demo_models):
     from workers.wan.pipeline import WanModels
-    handler = WanHandler(wan_settings, models=WanModels(demo_models["wan"], demo_models["wan_vace"], "cpu"))
+    models = WanModels(model_path=demo_models["wan"], vace_path=demo_models["wan_vace"], device="cpu")
+    handler = WanHandler(wan_settings, models=models)
     handler.setup()
     assert handler.status()["loaded"] == {"t2v": True, "vace": True}
     assert handler.unload("vace") == "unloaded vace"

@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(scope="module")
 def cuda_models(wan_settings):
-    models = RecordingModels(wan_settings.wan_model_path, wan_settings.wan_vace_model_path, "cuda")
+    models = RecordingModels(model_path=wan_settings.wan_model_path, vace_path=wan_settings.wan_vace_model_path,
+                             device="cuda")
     models.load("all")
     yield models
     models.unload("all")
@@ -52,8 +53,8 @@ def test_cuda_vace_reference_modes(cuda_models, wan_settings, media):
 
 
 def test_cuda_graphs_replay_and_change_nothing(wan_settings):
-    graphed_models = WanModels(wan_settings.wan_model_path, None, "cuda", cuda_graphs=True)
-    eager_models = WanModels(wan_settings.wan_model_path, None, "cuda", cuda_graphs=False)
+    graphed_models = WanModels(model_path=wan_settings.wan_model_path, device="cuda", cuda_graphs=True)
+    eager_models = WanModels(model_path=wan_settings.wan_model_path, device="cuda", cuda_graphs=False)
     outputs = {}
     for name, models in (("graphs", graphed_models), ("eager", eager_models)):
         models.load("all")
@@ -76,8 +77,10 @@ def test_compiled_blocks_are_warmed_up_at_load_and_match_the_plain_blocks(wan_se
     within bf16 rounding."""
     from torch._dynamo.utils import counters
 
-    compiled = WanModels(wan_settings.wan_model_path, None, "cuda", cuda_graphs=True, compile_blocks=True)
-    plain = WanModels(wan_settings.wan_model_path, None, "cuda", cuda_graphs=True, compile_blocks=False)
+    compiled = WanModels(model_path=wan_settings.wan_model_path, device="cuda", cuda_graphs=True,
+                         compile_blocks=True)
+    plain = WanModels(model_path=wan_settings.wan_model_path, device="cuda", cuda_graphs=True,
+                      compile_blocks=False)
     pixels, blocks = {}, {}
     for name, models in (("plain", plain), ("compiled", compiled)):
         models.load("all")

@@ -31,10 +31,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from functools import cached_property
-from typing import Callable
 
 from . import keys
 from .transport import Transport, TransportError
@@ -189,7 +189,7 @@ class Claim:
     token: str
 
 
-class Skipped(str, Enum):
+class Skipped(StrEnum):
     """Why ``begin`` did not start a job (the element has left this worker's processing list)."""
 
     DONE = "a copy of a job that already reached its terminal state: dropped"
@@ -197,7 +197,7 @@ class Skipped(str, Enum):
     GONE = "no longer in this worker's processing list (handed back or reaped before it began)"
 
 
-class Settled(str, Enum):
+class Settled(StrEnum):
     """What ``settle`` did: only ``FENCED`` wrote nothing (the runner then discards the run's result)."""
 
     SETTLED = "settled"
@@ -210,11 +210,11 @@ _SETTLE_CODES = {2: Settled.SETTLED, 1: Settled.SETTLED, 0: Settled.REAPED, -1: 
 
 
 class ReliableQueue:
-    def __init__(self, transport: Transport, queue: str, worker_id: str, side: str = "left",
+    def __init__(self, *, transport: Transport, queue: str, worker_id: str, side: str = "left",
                  heartbeat_ttl: int = 30, poll_min: float = 0.1, poll_max: float = 2.0,
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
         if side not in ("left", "right"):
-            raise ValueError("side must be 'left' or 'right'")
+            raise ValueError(f"side must be 'left' or 'right', not {side!r}")
         self.transport = transport
         self.queue = queue
         self.worker_id = worker_id
@@ -223,8 +223,7 @@ class ReliableQueue:
         self.claim_ttl = CLAIM_TTL_HEARTBEATS * heartbeat_ttl
         self.poll_min = poll_min
         self.poll_max = poll_max
-        self.sleep = sleep
-        self.clock = clock
+        self.sleep, self.clock = sleep, clock
         self.processing = keys.processing(queue, worker_id)
         self._head_push, self._tail_push = ("LPUSH", "RPUSH") if side == "left" else ("RPUSH", "LPUSH")
         self._suspects: dict[str, float] = {}   # member → when its heartbeat was first seen missing

@@ -22,11 +22,13 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any, Callable
+from typing import Any
 
 from common.exit_codes import ExitCode
+from common.settings import Settings
 
 from . import callbacks as cb
 from .callbacks import CallbackClient, Outbox, Outcome
@@ -35,7 +37,6 @@ from .handler import Handler, Result
 from .job import Job, JobType, OutputKind, Queue, decode
 from .metrics import Metrics
 from .queue import Claim, Delivery, ReliableQueue, Settled, Skipped
-from common.settings import Settings
 from .storage import Storage, object_path
 from .transport import TransportError
 
@@ -60,9 +61,9 @@ class JobTimeouts:
     chat: float = 120.0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "JobTimeouts":
-        return cls(settings.job_timeout_sdxl_seconds, settings.job_timeout_wan_video_seconds,
-                   settings.job_timeout_wan_image_seconds, settings.job_timeout_chat_seconds)
+    def from_settings(cls, settings: Settings) -> JobTimeouts:
+        return cls(sdxl=settings.job_timeout_sdxl_seconds, wan_video=settings.job_timeout_wan_video_seconds,
+                   wan_image=settings.job_timeout_wan_image_seconds, chat=settings.job_timeout_chat_seconds)
 
     def seconds_for(self, job_type: JobType) -> float:
         if job_type.queue is Queue.SDXL:
@@ -100,12 +101,14 @@ class _Tripped(Exception):
 
 
 class Runner:
-    def __init__(self, handler: Handler, queue: ReliableQueue, callbacks: CallbackClient, storage: Storage,
-                 metrics: Metrics, worker_id: str, max_attempts: int = 3,
-                 gpu_lock: threading.Lock | None = None, before_job: Callable[[], None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic, *,
-                 trip: Callable[[ExitCode, str], None] = _log_trip, breaker_threshold: int = 5,
-                 breaker_pause: float = 1.0, timeouts: JobTimeouts = JobTimeouts()):
+    def __init__(self, *, handler: Handler, queue: ReliableQueue, callbacks: CallbackClient, storage: Storage,
+                 metrics: Metrics, worker_id: str, max_attempts: int = 3, gpu_lock: threading.Lock | None = None,
+                 before_job: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Any] | None = None, trip: Callable[[ExitCode, str], None] = _log_trip,
+                 breaker_threshold: int = 5, breaker_pause: float = 1.0, timeouts: JobTimeouts = JobTimeouts()):
+        """``clock`` times deadlines and jobs; ``sleep`` makes every wait of the runner (the pause before the
+        next fetch after a retry, the backoff while Redis is away): ``None`` waits in real time, the loop's
+        pauses ending early once its stop event is set; a given one (a simulation, a test) is called instead."""
         self.handler = handler
         self.queue = queue
         self.callbacks = callbacks
@@ -116,6 +119,7 @@ class Runner:
         self.gpu_lock = gpu_lock or threading.Lock()
         self.before_job = before_job
         self.clock = clock
+        self.sleep = sleep
         self.trip = trip
         self.breaker_threshold = breaker_threshold
         self.breaker_pause = breaker_pause
@@ -142,29 +146,36 @@ class Runner:
         return (held.job_id, held.token) if held else None
 
     # -- the loop ------------------------------------------------------------------------------
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, burst: bool = False) -> None:
+        """Take and run jobs until ``stop`` is set or the breaker opens. ``burst`` (rq's ``work(burst=True)``,
+        arq's ``burst``): return as soon as a fetch finds the queue empty, to drain a queue from a script."""
         failures = 0
         while not stop.is_set() and not self.stopped:
             if self._pause:
-                stop.wait(self._pause)
+                self._wait(stop, self._pause)
                 self._pause = 0.0
                 continue
             try:
                 self._recover_orphan()
-                delivery = self.queue.fetch()
+                delivery = self.queue.fetch(0.0 if burst else None)
                 failures = 0
             except TransportError as exc:
                 # The queue returns whatever a failed move may have taken before its next fetch.
                 failures += 1
                 log.warning("queue unavailable (%s); retrying", exc)
-                stop.wait(min(30.0, 0.5 * 2 ** min(failures, 6)))
+                self._wait(stop, min(30.0, 0.5 * 2 ** min(failures, 6)))
                 continue
             if delivery is None:
+                if burst:
+                    return
                 continue
             if stop.is_set():   # a move in flight when the stop came: the job is not ours to start any more
                 self._until_acknowledged(lambda: self.queue.hand_back(delivery))
                 continue
             self.process(delivery)
+
+    def _wait(self, stop: threading.Event, seconds: float) -> None:
+        (stop.wait if self.sleep is None else self.sleep)(seconds)
 
     def process(self, delivery: Delivery) -> None:
         self.current, started = delivery, self.clock()
@@ -223,7 +234,8 @@ class Runner:
             return job
         except InvalidJob as exc:
             if exc.job_id is None:
-                self._until_acknowledged(lambda: self.queue.dead_letter(delivery, f"undecodable: {exc.message}"))
+                reason = f"undecodable: {exc.message}"
+                self._until_acknowledged(lambda: self.queue.dead_letter(delivery, reason))
                 self.metrics.jobs.labels("unknown", "dead").inc()
             else:
                 self._settle(delivery, exc.job_id, None, self._failed_body(exc.job_id, None, exc), "invalid")
@@ -326,7 +338,7 @@ class Runner:
                 return step()
             except TransportError as exc:
                 log.warning("queue unavailable for an acknowledgement (%s); retrying in %.1f s", exc, delay)
-                time.sleep(delay)
+                (self.sleep or time.sleep)(delay)
                 delay = min(delay * 2, 10.0)
 
     def _recover_orphan(self) -> None:

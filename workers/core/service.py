@@ -122,13 +122,14 @@ class Service:
             return
         transport = transport_mod.from_settings(self.settings)
         s = self.settings
-        self.queue = ReliableQueue(transport, self.handler.queue.value, self.worker_id, s.queue_pop_side,
-                                   s.heartbeat_ttl_seconds, s.poll_min_seconds, s.poll_max_seconds)
+        self.queue = ReliableQueue(transport=transport, queue=self.handler.queue.value, worker_id=self.worker_id,
+                                   side=s.queue_pop_side, heartbeat_ttl=s.heartbeat_ttl_seconds,
+                                   poll_min=s.poll_min_seconds, poll_max=s.poll_max_seconds)
         callbacks = CallbackClient.from_settings(s, self.metrics)
-        self.runner = Runner(self.handler, self.queue, callbacks, storage_mod.from_settings(s), self.metrics,
-                             self.worker_id, s.max_attempts, self.gpu_lock, self._reload_if_unloaded,
-                             trip=self.trip, breaker_threshold=s.worker_breaker_threshold,
-                             timeouts=JobTimeouts.from_settings(s))
+        self.runner = Runner(handler=self.handler, queue=self.queue, callbacks=callbacks, metrics=self.metrics,
+                             storage=storage_mod.from_settings(s), worker_id=self.worker_id, gpu_lock=self.gpu_lock,
+                             max_attempts=s.max_attempts, before_job=self._reload_if_unloaded, trip=self.trip,
+                             breaker_threshold=s.worker_breaker_threshold, timeouts=JobTimeouts.from_settings(s))
         self._first_heartbeat()
         self._liveness_thread = self._spawn(self._liveness, "heartbeat")
         sender = OutboxSender(transport, callbacks, self.metrics, owner=f"{self.worker_id}:outbox")

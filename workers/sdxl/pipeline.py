@@ -48,7 +48,7 @@ def model_name(path: Path) -> str:
     return path.stem if path.suffix in SINGLE_FILE_SUFFIXES else path.name
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SdxlPipelines:
     t2i: Any
     i2i: Any
@@ -62,7 +62,7 @@ class SdxlPipelines:
     graphs: dict[str, Any] = field(default_factory=dict)   # module -> workers.gpu.graphed.ForwardGraphs
 
     @classmethod
-    def from_t2i(cls, t2i: Any, device: Any, name: str, attention: str = "sdpa",
+    def from_t2i(cls, t2i: Any, device: Any, name: str, *, attention: str = "sdpa",
                  compile_unet: bool = False, cuda_graphs: bool = False,
                  compile_blocks: bool = False) -> "SdxlPipelines":
         """Finish a loaded text-to-image pipeline: device, attention, VAE slicing, compile (the whole UNet,

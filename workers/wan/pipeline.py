@@ -85,7 +85,7 @@ def load_vace(path: Path, t2v: WanPipeline, device: torch.device, dtype: torch.d
 class WanModels:
     """Owns the loaded pipelines; ``generate()`` is the one entry point for a denoising run."""
 
-    def __init__(self, model_path: Path | None, vace_path: Path | None = None, device: str = "auto",
+    def __init__(self, *, model_path: Path | None, vace_path: Path | None = None, device: str = "auto",
                  compile_transformer: bool = False, progress_bar: bool = False, batched_cfg: bool = True,
                  cuda_graphs: bool = False, compile_blocks: bool = False):
         self.model_path = model_path
@@ -105,10 +105,21 @@ class WanModels:
         self.dtype: torch.dtype | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "WanModels":
-        return cls(settings.wan_model_path, settings.wan_vace_model_path, settings.device,
-                   settings.torch_compile, batched_cfg=settings.wan_batched_cfg, cuda_graphs=settings.cuda_graphs,
+    def from_settings(cls, settings: Settings, *, progress_bar: bool = False) -> "WanModels":
+        """The one way the worker and ``wan_generate.py`` build their models, so both honour every setting;
+        only the progress bar (the CLI's) is not a setting."""
+        return cls(model_path=settings.wan_model_path, vace_path=settings.wan_vace_model_path,
+                   device=settings.device, compile_transformer=settings.torch_compile, progress_bar=progress_bar,
+                   batched_cfg=settings.wan_batched_cfg, cuda_graphs=settings.cuda_graphs,
                    compile_blocks=settings.compile_blocks)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The keywords these models were built with, e.g. to check that two ways of building them agree."""
+        return {"model_path": self.model_path, "vace_path": self.vace_path, "device": self.device_name,
+                "compile_transformer": self.compile_transformer, "progress_bar": self.progress_bar,
+                "batched_cfg": self.batched_cfg, "cuda_graphs": self.cuda_graphs,
+                "compile_blocks": self.compile_blocks}
 
     @property
     def loaded(self) -> bool:
