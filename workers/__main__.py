@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import importlib
 import logging
 import multiprocessing.sharedctypes
@@ -86,6 +87,13 @@ def handler_factory(args: argparse.Namespace) -> Callable:
     return getattr(importlib.import_module(module_name), attr or "create_handler")
 
 
+def routes_factory(args: argparse.Namespace) -> Callable | None:
+    """The kind's own HTTP routes, ``create_routes(handler, residency)``, declared in the module of its handler
+    factory; None when the kind has none (SDXL, the test handlers)."""
+    module_name = (args.handler or f"workers.{args.kind}").partition(":")[0]
+    return getattr(importlib.import_module(module_name), "create_routes", None)
+
+
 class WorkerApplication(BaseApplication):
     def __init__(self, args: argparse.Namespace, settings: Settings):
         self.args = args
@@ -120,7 +128,9 @@ class WorkerApplication(BaseApplication):
             log.error("configuration error: %s", exc)
             self.cell.exit(ExitCode.CONFIG_ERROR)
         worker_id = default_worker_id(self.settings, self.args.kind, self.args.slot)
-        self.service = Service(self.settings, handler, worker_id, exit_process=self.cell.exit)
+        create_routes = routes_factory(self.args)
+        routes = functools.partial(create_routes, handler) if create_routes else None
+        self.service = Service(self.settings, handler, worker_id, exit_process=self.cell.exit, routes=routes)
         return self.service.create_app()
 
     # -- gunicorn hooks: worker side -------------------------------------------------------------

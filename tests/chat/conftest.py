@@ -1,15 +1,15 @@
 """Chat test fixtures: the tiny demo Qwen models, one resident ChatHandler, and its real Flask app served
-over loopback HTTP (werkzeug, threaded), built the way the service builds it: ``create_base_app`` + the
-handler's ``register_routes(app, service)``; ``chat_worker`` starts a real ``python -m workers chat`` process
-(gunicorn) on the tiny models, for the faults that live in the process (sockets, eviction)."""
+over loopback HTTP (werkzeug, threaded), built the way the service builds it: ``create_base_app`` + the chat
+Blueprint (``create_routes(handler, residency)``) on a real ``Residency``; ``chat_worker`` starts a real
+``python -m workers chat`` process (gunicorn) on the tiny models, for the faults that live in the process
+(sockets, eviction)."""
 from __future__ import annotations
 
 import json
 import os
-import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every load below must work without the hub
 
@@ -17,16 +17,19 @@ import pytest
 import requests
 import torch
 
-from workers.chat import create_handler
-from workers.chat.generation import GenerationRequest
-from workers.chat.handler import ChatHandler
 from common.http import create_base_app
-from workers.core.job import Job, decode
-from workers.core.metrics import Metrics
 from common.settings import Secret
-from workers.chat.settings import ChatSettings
 from local.net import BackgroundServer, free_port
 from tests.procs import WorkerProcess
+from workers.chat import create_handler, create_routes
+from workers.chat.generation import GenerationRequest
+from workers.chat.handler import ChatHandler
+from workers.chat.settings import ChatSettings
+from workers.core.job import Job, decode
+from workers.core.memory_client import MemoryClient
+from workers.core.metrics import Metrics
+from workers.core.residency import Residency
+from workers.core.state import Lifecycle, WorkerState
 
 WAN_KEY = "test-wan-key"
 CHAT_KEY = "test-chat-key"
@@ -35,33 +38,17 @@ AUTH = {"Authorization": f"Bearer {CHAT_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
-@dataclass
-class FakeService:
-    """What ``register_routes`` reads from the lead's service: settings, metrics, busy, handler, and the
-    residency state the routes consult (``unloaded``, ``gpu_lock``, ``memory``: no memory manager here, and
-    ``_load``, which the real service runs after reserving)."""
-
-    settings: ChatSettings
-    handler: ChatHandler
-    metrics: Metrics
-    busy: bool = False
-    unloaded: bool = False
-    gpu_lock: Any = field(default_factory=threading.Lock)
-    memory: Any = None
-    loads: list[str] = field(default_factory=list)
-
-    def _load(self, which: str) -> str:
-        message = self.handler.load(which)
-        self.unloaded = False
-        self.loads.append(which)
-        return message
-
-
 class Served:
-    def __init__(self, handler: ChatHandler, settings: ChatSettings):
-        service = self.service = FakeService(settings, handler, Metrics())
-        app = create_base_app("chat-worker", lambda: (handler.engine.running, {}), service.metrics)
-        handler.register_routes(app, service)
+    """``handler``'s routes mounted as the worker service mounts them, with the worker's own ``Residency``: a
+    lifecycle that starts ready (the handler is set up) and a memory manager address nothing listens on (every
+    reservation answers "unavailable", which still loads)."""
+
+    def __init__(self, handler: ChatHandler):
+        self.lifecycle = Lifecycle(WorkerState.READY)
+        memory = MemoryClient(f"http://127.0.0.1:{free_port()}", "chat", 0, None)
+        self.residency = Residency(handler, memory, self.lifecycle, handler.kind)
+        app = create_base_app("chat-worker", lambda: (handler.engine.running, {}), Metrics())
+        app.register_blueprint(create_routes(handler, self.residency))
         self.server = BackgroundServer(app, name="chat-test-http")
         self.url = self.server.url
         self.session = requests.Session()
@@ -146,8 +133,8 @@ def handler(settings) -> Iterator[ChatHandler]:
 
 
 @pytest.fixture(scope="session")
-def served(handler, settings) -> Iterator[Served]:
-    served = Served(handler, settings)
+def served(handler) -> Iterator[Served]:
+    served = Served(handler)
     yield served
     served.stop()
 

@@ -12,10 +12,11 @@ import os
 import time
 from typing import Any, Callable
 
+from workers.chat import create_routes  # noqa: F401 - the real chat routes, mounted by ``python -m workers``
 from workers.chat.batch import DecodeBatch
 from workers.chat.handler import ChatHandler
-from workers.chat.slot_batch import SlotBatch
 from workers.chat.settings import ChatSettings
+from workers.chat.slot_batch import SlotBatch
 
 
 def slowed(step: Callable[[Any], None], delay: float) -> Callable[[Any], None]:

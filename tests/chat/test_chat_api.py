@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from .conftest import AUTH, CHAT_KEY, WAN_KEY, Served, chat_settings
+from .conftest import AUTH, CHAT_KEY, WAN_KEY, Served
 
 SYSTEM = {"role": "system", "content": "You are a friendly storyteller. Keep answers short."}
 
@@ -137,7 +137,7 @@ def test_other_routes_bad_input(served):
     assert served.post("/enhance", {"prompt": "  "}).json()["error"].startswith("prompt")
 
 
-def test_auth(served, demo_models, handler):
+def test_auth(served, fresh_handler):
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     for key in (WAN_KEY, CHAT_KEY):
         assert served.post("/chat", body, headers={"Authorization": f"Bearer {key}"}).status_code == 200
@@ -149,7 +149,7 @@ def test_auth(served, demo_models, handler):
     refused = served.post("/chat", body, headers=None).json()
     assert refused == {"success": False, "error": "missing or invalid API key"}
 
-    anonymous = Served(handler, chat_settings(demo_models, allow_anonymous=True))
+    anonymous = Served(fresh_handler(allow_anonymous=True))
     try:
         assert anonymous.post("/chat", body, headers=None).status_code == 200
         assert anonymous.post("/chat", body, headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -177,9 +177,9 @@ def test_base_model_loads_on_first_use(served, handler):
     assert handler.status()["models"]["qwen_base"]["loaded"] is True
 
 
-def test_no_model_is_503(fresh_handler, demo_models):
+def test_no_model_is_503(fresh_handler):
     handler = fresh_handler(qwen_base_path=None)
-    served = Served(handler, chat_settings(demo_models))
+    served = Served(handler)
     try:
         assert "qwen_instruct unloaded" in handler.unload("all")
         response = served.post("/chat", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})

@@ -1,5 +1,5 @@
 """Chat after the memory manager evicts it (review #14, chat half): the next /chat, /enhance or /v1/* request
-reloads the model through the service's reservation (``_load``) under its GPU lock, with a bounded wait,
+reloads the model through the worker's ``Residency`` (reserve, then load) under its GPU lock, with a bounded wait,
 instead of answering 503 "no chat model is loaded" until the manager's own reload; the lazy ``qwen_base`` load
 reserves first too, for its weights and the KV cache the engine allocates for it.
 
@@ -9,6 +9,7 @@ in-process (the lock cannot be held from outside a process without a running job
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -155,16 +156,23 @@ def test_a_base_request_falls_back_to_instruct_when_its_reservation_is_refused(f
     assert loaded_models(worker) == ["qwen_instruct"]
 
 
-def test_an_evicted_chat_waits_a_bounded_time_for_the_gpu_lock(fresh_handler):
+def reloads(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The reloads a request made (the residency logs each one)."""
+    return [r.getMessage() for r in caplog.records if "reloading" in r.getMessage()]
+
+
+def test_an_evicted_chat_waits_a_bounded_time_for_the_gpu_lock(fresh_handler, caplog):
     """A request after an eviction waits at most CHAT_RELOAD_WAIT_SECONDS for the GPU lock (a job or another
     reload holds it), then answers 503 + Retry-After; once the lock is free the next request reloads."""
+    caplog.set_level(logging.INFO, logger="workers.core.residency")
     handler = fresh_handler(chat_reload_wait_seconds=0.5)
-    served = Served(handler, handler.settings)
-    service = served.service
+    served = Served(handler)
+    residency = served.residency
     try:
-        handler.unload("all")
-        service.unloaded = True
-        with service.gpu_lock:
+        with residency.gpu_lock:   # as the service's /memory/unload does
+            residency.unload("all")
+        assert residency.unloaded
+        with residency.gpu_lock:
             began = time.monotonic()
             response = served.post("/chat", {"messages": MESSAGES, "max_tokens": 4})
             waited = time.monotonic() - began
@@ -173,19 +181,20 @@ def test_an_evicted_chat_waits_a_bounded_time_for_the_gpu_lock(fresh_handler):
         assert handler.status()["loaded_models"] == []
         response = served.post("/chat", {"messages": MESSAGES, "max_tokens": 4})
         assert response.status_code == 200, response.text
-        assert handler.status()["loaded_models"] == ["qwen_instruct"] and service.unloaded is False
-        assert service.loads == ["instruct"]
+        assert handler.status()["loaded_models"] == ["qwen_instruct"] and not residency.unloaded
+        assert reloads(caplog) == ["chat was unloaded (evicted); reloading instruct for a request"]
     finally:
         served.stop()
 
 
-def test_concurrent_requests_after_an_eviction_reload_once(fresh_handler):
+def test_concurrent_requests_after_an_eviction_reload_once(fresh_handler, caplog):
+    caplog.set_level(logging.INFO, logger="workers.core.residency")
     handler = fresh_handler()
-    served = Served(handler, handler.settings)
-    service = served.service
+    served = Served(handler)
+    residency = served.residency
     try:
-        handler.unload("all")
-        service.unloaded = True
+        with residency.gpu_lock:
+            residency.unload("all")
         statuses: list[int] = []
         threads = [threading.Thread(target=lambda: statuses.append(
             served.post("/chat", {"messages": MESSAGES, "max_tokens": 4}).status_code)) for _ in range(4)]
@@ -193,7 +202,7 @@ def test_concurrent_requests_after_an_eviction_reload_once(fresh_handler):
             thread.start()
         for thread in threads:
             thread.join(60)
-        assert statuses == [200] * 4 and service.loads == ["instruct"]
+        assert statuses == [200] * 4 and len(reloads(caplog)) == 1 and not residency.unloaded
     finally:
         served.stop()
 

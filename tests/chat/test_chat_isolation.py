@@ -34,9 +34,9 @@ from workers.chat.graphs import DecodeGraphs
 from workers.chat.models import LoadedModel, ModelName, SingleModel
 from workers.chat.prompt import Message, Role, chat_prompt
 from workers.chat.sampling import SamplingParams
+from workers.chat.settings import ChatSettings
 from workers.chat.slot_batch import SlotBatch
 from workers.core.errors import ErrorType, JobCancelled, RetryableError, WorkerError
-from workers.chat.settings import ChatSettings
 
 from .conftest import AUTH, Served, make_job
 from .slow import slowed
@@ -390,7 +390,7 @@ def slow_steps(monkeypatch) -> None:
 
 def test_a_request_past_its_deadline_gets_504_and_stops_decoding(fresh_handler, slow_steps):
     handler = fresh_handler(chat_request_timeout_seconds=1.0)
-    served = Served(handler, handler.settings)
+    served = Served(handler)
     try:
         response = served.post("/chat", {"messages": [{"role": "user", "content": POEM}], "max_tokens": 400,
                                          "temperature": 0})
@@ -405,7 +405,7 @@ def test_a_full_waiting_line_is_refused_at_once_with_503_and_retry_after(fresh_h
     """#11 load shedding: one row running, one waiting (CHAT_MAX_WAITING=1): the next request is answered 503
     with Retry-After at once instead of queueing behind them. Today it waits."""
     handler = fresh_handler(chat_max_batch=1, chat_max_waiting=1)
-    served = Served(handler, handler.settings)
+    served = Served(handler)
     body = {"messages": [{"role": "user", "content": POEM}], "max_tokens": 60, "temperature": 0}
     stats = handler.engine.stats
     results: list[int] = []

@@ -11,7 +11,7 @@ from workers.chat.prompt import Message, Role, chat_prompt, text_prompt
 from workers.chat.sfw import WordFilter
 from workers.core.errors import InvalidJob
 
-from .conftest import Served, chat_settings
+from .conftest import Served
 
 SYSTEM = Message(Role.SYSTEM, "SYSTEM-RULES keep it short")
 
@@ -48,9 +48,9 @@ def test_too_long_even_when_cut_is_a_clear_error(handler):
     assert len(raw.ids) == 30 and raw.dropped_tokens > 0
 
 
-def test_truncation_over_http(fresh_handler, demo_models):
+def test_truncation_over_http(fresh_handler):
     handler = fresh_handler(chat_max_context_tokens=256, qwen_base_path=None)
-    served = Served(handler, chat_settings(demo_models))
+    served = Served(handler)
     try:
         messages = [m.as_dict() for m in conversation(30)]
         response = served.post("/chat", {"messages": messages, "max_tokens": 32, "temperature": 0})
@@ -89,11 +89,11 @@ def test_word_filter_streaming_never_splits_an_entry():
     assert out == "say *** then *** ok and hello"
 
 
-def test_sfw_mode_filters_the_reply_over_http(fresh_handler, demo_models, tmp_path):
+def test_sfw_mode_filters_the_reply_over_http(fresh_handler, tmp_path):
     """Filter a word the demo model really says: find one in a greedy reply, list it, ask again."""
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 80, "temperature": 0}
     plain_handler = fresh_handler(qwen_base_path=None)
-    served = Served(plain_handler, chat_settings(demo_models))
+    served = Served(plain_handler)
     try:
         reply = served.post("/chat", body).json()["response"]
     finally:
@@ -105,7 +105,7 @@ def test_sfw_mode_filters_the_reply_over_http(fresh_handler, demo_models, tmp_pa
     words_file.write_text(word.upper() + "\n")
 
     handler = fresh_handler(qwen_base_path=None, chat_sfw_words_path=words_file)
-    served = Served(handler, chat_settings(demo_models))
+    served = Served(handler)
     try:
         filtered = served.post("/chat", {**body, "sfw_mode": True}).json()
         assert filtered["response"] == WordFilter([word]).apply(reply)[0]

@@ -1,9 +1,10 @@
 """A fast, real handler for runtime tests: it makes a small PNG per job, and obeys test knobs in
 ``config``: ``sleep`` (seconds), ``crash`` (``"exit"`` kills the process mid-job), ``fail`` (an error type
 name to raise as a non-retryable WorkerError), ``retryable`` (raise RetryableError), ``images`` (count),
-``fatal`` (raise FatalWorkerError: the GPU is gone). Per-process knobs in the environment: ``FAKE_BROKEN``
-(every job raises a CUDA-style RuntimeError: a poisoned GPU context), ``FAKE_SETUP_ERROR`` (``fatal`` or
-``config``: ``setup()`` raises FatalWorkerError or ConfigError)."""
+``fatal`` (raise FatalWorkerError: the GPU is gone). ``load``/``unload`` take ``all`` or the handler's kind as
+``which`` and refuse anything else with ``InvalidJob``, as the real kinds do. Per-process knobs in the
+environment: ``FAKE_BROKEN`` (every job raises a CUDA-style RuntimeError: a poisoned GPU context),
+``FAKE_SETUP_ERROR`` (``fatal`` or ``config``: ``setup()`` raises FatalWorkerError or ConfigError)."""
 from __future__ import annotations
 
 import io
@@ -14,10 +15,10 @@ from typing import Any
 from PIL import Image
 
 from common.errors import ConfigError
-from workers.core.errors import ErrorType, FatalWorkerError, RetryableError, WorkerError
+from common.settings import Settings
+from workers.core.errors import ErrorType, FatalWorkerError, InvalidJob, RetryableError, WorkerError
 from workers.core.handler import Output, Progress, Result
 from workers.core.job import Job, Queue
-from common.settings import Settings
 from workers.media.thumbnail import thumbnail
 
 
@@ -62,18 +63,21 @@ class FakeHandler:
                                 "run": os.urandom(6).hex()})
 
     def load(self, which: str) -> str:
+        self._check(which)
         self.loaded = True
         return "loaded"
 
     def unload(self, which: str) -> str:
+        self._check(which)
         self.loaded = False
         return "unloaded"
 
+    def _check(self, which: str) -> None:
+        if which not in ("all", self.kind):
+            raise InvalidJob(f"'which' must be all or {self.kind}, got {which[:32]!r}")
+
     def status(self) -> dict[str, Any]:
         return {"loaded": self.loaded}
-
-    def register_routes(self, app: Any, service: Any) -> None:
-        return None
 
 
 def create_handler(settings: Settings) -> FakeHandler:

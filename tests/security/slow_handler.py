@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
-from flask import request
+from flask import Blueprint, request
 
+from common.settings import Settings
 from tests.fakes.handlers import FakeHandler
 from workers.core.job import Queue
-from common.settings import Settings
+from workers.core.residency import Residency
 
 
-class SlowRouteHandler(FakeHandler):
-    def register_routes(self, app: Any, service: Any) -> None:
-        @app.post("/slow")
-        def slow():
-            time.sleep(min(float(request.args.get("seconds", "5")), 60.0))
-            return {"success": True}
+def create_handler(settings: Settings) -> FakeHandler:
+    return FakeHandler(Queue(os.environ.get("FAKE_QUEUE", "sdxl_queue")))
 
 
-def create_handler(settings: Settings) -> SlowRouteHandler:
-    return SlowRouteHandler(Queue(os.environ.get("FAKE_QUEUE", "sdxl_queue")))
+def create_routes(handler: FakeHandler, residency: Residency) -> Blueprint:
+    routes = Blueprint("slow", __name__)
+
+    @routes.post("/slow")
+    def slow():
+        time.sleep(min(float(request.args.get("seconds", "5")), 60.0))
+        return {"success": True}
+    return routes

@@ -69,7 +69,9 @@ def _worker_app(kind: str, demo_models):
                         wan_model_path=demo_models["wan"], sdxl_model_path=demo_models["sdxl"], device="cpu")
     module = __import__(f"workers.{kind}", fromlist=["create_handler"])
     handler = module.create_handler(settings)  # constructed, never set up: no model is loaded
-    return Service(settings, handler, f"openapi-{kind}", exit_process=_never_exits).create_app()
+    create_routes = getattr(module, "create_routes", None)   # SDXL declares none
+    routes = (lambda residency: create_routes(handler, residency)) if create_routes else None
+    return Service(settings, handler, f"openapi-{kind}", exit_process=_never_exits, routes=routes).create_app()
 
 
 def _routes(app) -> set[tuple[str, str]]:

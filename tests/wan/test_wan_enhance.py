@@ -12,6 +12,7 @@ import requests
 from common.http import create_base_app
 from local.net import BackgroundServer, free_port
 from workers.wan.enhance import DEFAULT_TEMPLATE, PromptEnhancer
+from workers.wan.routes import create_routes
 
 from .conftest import CHAT_KEY, WAN_KEY, handler_with, make_job, no_progress
 
@@ -74,7 +75,7 @@ def test_operator_template_file_with_prompt_placeholder(wan_settings, chat, tmp_
 @pytest.fixture
 def wan_http(handler):
     app = create_base_app("wan-worker", lambda: (True, {}))
-    handler.register_routes(app, None)
+    app.register_blueprint(create_routes(handler))
     server = BackgroundServer(app, name="wan-http")
     yield server
     server.stop()
@@ -120,7 +121,7 @@ def test_enhance_route_without_chat_worker_is_503(models, wan_settings):
     handler = handler_with(models, wan_settings, chat_worker_url=f"http://127.0.0.1:{free_port()}",
                            chat_worker_api_key=None, allow_anonymous=True)
     app = create_base_app("wan-worker", lambda: (True, {}))
-    handler.register_routes(app, None)
+    app.register_blueprint(create_routes(handler))
     client = app.test_client()
     response = client.post("/enhance", json={"prompt": "x"})   # anonymous allowed by the setting
     assert response.status_code == 503 and response.get_json()["success"] is False

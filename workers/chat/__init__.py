@@ -11,14 +11,18 @@
     prompt.py    chat template, context cut from the oldest turns
     models.py    loading/unloading the two models
     request.py   body decoding (HTTP and jobs), errors naming the field
-    service.py   reply / stream: model choice, prompt, engine, sfw filter
-    api.py, openai.py  HTTP routes;  handler.py  the Handler (jobs, memory control, status)
+    service.py   reply / stream / enhance: model choice, prompt, engine, sfw filter
+    api.py, openai.py  the HTTP routes (a Blueprint, ``create_routes``);  handler.py  jobs, memory control, status
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from flask import Blueprint
+
+    from workers.core.residency import Residency
+
     from .handler import ChatHandler
     from .settings import ChatSettings
 
@@ -30,4 +34,11 @@ def create_handler(settings: ChatSettings) -> ChatHandler:
     return ChatHandler(settings)
 
 
-__all__ = ["create_handler"]
+def create_routes(handler: ChatHandler, residency: Residency) -> Blueprint:
+    """The chat HTTP routes on ``handler``, for the worker service to mount (api.py)."""
+    from .api import create_routes as chat_routes
+
+    return chat_routes(handler, residency)
+
+
+__all__ = ["create_handler", "create_routes"]

@@ -1,40 +1,40 @@
-"""The chat worker's HTTP routes (CONTRACT §5), added to the service's Flask app.
+"""The chat worker's HTTP routes (CONTRACT §5), declared as a Blueprint on the chat handler's ``ChatService``;
+the worker service mounts it (``create_routes``).
 
 Routes parse the body, call one ``ChatService`` method and shape the answer. Client routes need a Bearer key
 (``WAN_WORKER_API_KEY`` or ``CHAT_WORKER_API_KEY``; no header at all only with ``ALLOW_ANONYMOUS_API``).
-Generating routes first reload an evicted model (residency.py), then wait with the HTTP patience: the
-server-side deadline, the client's disconnect check (client.py), shed when the waiting line is full.
+Generating routes first reload an evicted model (the worker's ``Residency``), then wait with the HTTP patience:
+the server-side deadline, the client's disconnect check (client.py), shed when the waiting line is full.
 Errors: 400 bad input (naming the field), 401 bad key, 503 no model can serve or at capacity (with
 Retry-After when retrying helps), 504 timeout, 499 the client went away; never a trace.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import wraps
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
-from flask import jsonify, request as http_request
+from flask import Blueprint, jsonify
+from flask import request as http_request
 
-from workers.core.errors import InvalidJob, WorkerError
 from common.http import ApiError, json_body, require_key
+from common.settings import Settings
+from workers.core.errors import InvalidJob, WorkerError
+from workers.core.residency import Residency
 
 from .client import ClientGone, disconnect_check
-from .openai import register_openai_routes
-from .request import (DEFAULT_MAX_TOKENS, ENHANCE_MAX_TOKENS, Fields, chat_request, enhance_request,
-                      generate_request)
-from .residency import reload_if_evicted
+from .handler import ChatHandler
+from .openai import add_openai_routes
+from .request import DEFAULT_MAX_TOKENS, ENHANCE_MAX_TOKENS, Fields, chat_request, generate_request
 from .sampling import MAX_NEW_TOKENS
 from .service import Patience, Reply
 from .statuses import CLIENT_GONE, retry_after, status_of
-
-if TYPE_CHECKING:
-    from .handler import ChatHandler
 
 REQUEST_FIELDS = ["messages", "prompt", "max_tokens", "temperature", "top_p", "presence_penalty",
                   "frequency_penalty", "seed", "model", "sfw_mode"]
 
 
-def client_auth(service: Any) -> Callable:
-    settings = service.settings
+def client_auth(settings: Settings) -> Callable:
     return require_key(lambda: (settings.wan_worker_api_key, settings.chat_worker_api_key),
                        lambda: settings.allow_anonymous)
 
@@ -55,7 +55,7 @@ def api_errors(view: Callable) -> Callable:
     return wrapper
 
 
-def http_patience(handler: "ChatHandler") -> Patience:
+def http_patience(handler: ChatHandler) -> Patience:
     """This request's: the deadline, a disconnect check on its socket, shed when the line is full."""
     return handler.chat.http_patience(disconnect_check(http_request.environ))
 
@@ -65,12 +65,15 @@ def reply_body(reply: Reply, **extra: Any) -> dict[str, Any]:
             "tokens_generated": len(reply.generation.token_ids), "model_info": {**reply.model_info(), **extra}}
 
 
-def register_routes(app: Any, service: Any) -> None:
-    handler: "ChatHandler" = service.handler
-    auth = client_auth(service)
+def create_routes(handler: ChatHandler, residency: Residency) -> Blueprint:
+    """The chat routes on ``handler``'s service; ``residency`` reloads an evicted model before a generation and
+    lends its memory client to the lazy ``qwen_base`` load (one client per worker: the manager knows it)."""
+    handler.lazy.memory = residency.memory
+    routes = Blueprint("chat", __name__)
+    auth = client_auth(handler.settings)
 
     def reload() -> None:
-        reload_if_evicted(service, handler.default_models(), handler.settings.chat_reload_wait_seconds)
+        residency.reload_for_request(handler.default_models(), handler.settings.chat_reload_wait_seconds)
 
     def route(rule: str, methods: list[str], generates: bool = False):
         def decorate(view: Callable) -> Callable:
@@ -79,7 +82,7 @@ def register_routes(app: Any, service: Any) -> None:
                 reload()
                 return view(*args, **kwargs)
             inner = generating if generates else view
-            return app.route(rule, methods=methods, endpoint=f"chat_{view.__name__}")(auth(api_errors(inner)))
+            return routes.route(rule, methods=methods, endpoint=view.__name__)(auth(api_errors(inner)))
         return decorate
 
     @route("/chat", ["POST"], generates=True)
@@ -93,13 +96,10 @@ def register_routes(app: Any, service: Any) -> None:
 
     @route("/enhance", ["POST"], generates=True)
     def enhance():
-        request, original = enhance_request(Fields(json_body()), handler.chat.instruction)
-        reply = handler.chat.reply(request, http_patience(handler))
-        enhanced = enhanced_text(reply.text)
-        body = reply_body(reply, enhancement_empty=not enhanced)
+        enhancement = handler.chat.enhance(Fields(json_body()), http_patience(handler))
+        body = reply_body(enhancement.reply, enhancement_empty=not enhancement.rewrite)
         body.pop("response")
-        return jsonify({"success": True, "enhanced_prompt": enhanced or original, "original_prompt": original,
-                        "enhancement_source": reply.loaded.name.value, **body})
+        return jsonify({"success": True, **enhancement.fields(), **body})
 
     @route("/generate", ["POST"], generates=True)
     def generate():
@@ -134,15 +134,5 @@ def register_routes(app: Any, service: Any) -> None:
     def debug_model():
         return jsonify({"success": True, **handler.status(detail=True)})
 
-    register_openai_routes(app, handler, auth, reload, lambda: http_patience(handler))
-
-
-def enhanced_text(text: str) -> str:
-    """The model's rewrite without surrounding quotes or a leading label."""
-    text = text.strip()
-    for label in ("Enhanced prompt:", "Prompt:"):
-        if text.lower().startswith(label.lower()):
-            text = text[len(label):].strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
-        text = text[1:-1].strip()
-    return text
+    add_openai_routes(routes, handler, auth, reload, lambda: http_patience(handler))
+    return routes

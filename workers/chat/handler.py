@@ -1,4 +1,5 @@
-"""The chat worker's Handler: models + engine + service, chat-queue jobs, memory control, status.
+"""The chat worker's handler: models + engine + service, chat-queue jobs (``Handler``), memory control and
+status (``ModelControl``). Its HTTP routes are declared apart (api.py), on the same ``ChatService``.
 
 A chat job waits for its generation as long as the runner lets it: ``progress`` is called every wait slice
 and raises ``JobCancelled`` at the job's deadline (or when the app cancelled it); the engine request is then
@@ -8,16 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.settings import Settings
 from workers.core.errors import FatalWorkerError, InvalidJob
 from workers.core.handler import Progress, Result
-from common.http import ApiError
 from workers.core.job import Job, JobType, Queue
-from common.settings import Settings
 
-from . import api, memory
+from . import memory
 from .engine import Engine
 from .models import ModelName, ModelStore, ModelUnavailable, model_dtype
-from .request import Fields, chat_request, enhance_request
+from .request import Fields, chat_request
 from .residency import LazyLoads
 from .sampling import MAX_NEW_TOKENS
 from .service import ChatService, Patience, Reply
@@ -73,12 +73,8 @@ class ChatHandler:
         progress(0.0, "generating")
         patience = Patience(timeout=None, check=lambda: progress(0.0, "generating"), shed=False)
         if job.type is JobType.CHAT_ENHANCE:
-            request, original = enhance_request(fields, self.chat.instruction)
-            reply = self.chat.reply(request, patience)
-            enhanced = api.enhanced_text(reply.text) or original
-            return Result(outputs=[], metadata={**job_metadata(reply), "enhanced_prompt": enhanced,
-                                                "original_prompt": original,
-                                                "enhancement_source": reply.loaded.name.value})
+            enhancement = self.chat.enhance(fields, patience)
+            return Result(outputs=[], metadata={**job_metadata(enhancement.reply), **enhancement.fields()})
         unrestricted = job.type is JobType.CHAT_UNRESTRICTED
         reply = self.chat.reply(chat_request(fields), patience, unrestricted=unrestricted)
         metadata = job_metadata(reply)
@@ -100,10 +96,7 @@ class ChatHandler:
             if not self.store.configured(name):
                 done.append(f"{name.value} is not configured")
                 continue
-            try:
-                self.store.load(name)
-            except ModelUnavailable as exc:
-                raise ApiError(503, exc.message) from None
+            self.store.load(name)   # ModelUnavailable: a WorkerError, 503 on /memory/load
             self.engine.prepare(name)
             done.append(f"{name.value} loaded")
         return "; ".join(done)
@@ -140,10 +133,6 @@ class ChatHandler:
                 "limits": {"max_tokens": MAX_NEW_TOKENS, "max_context_tokens": self.store.max_context,
                            "max_batch": self.engine.max_batch}}
 
-    def register_routes(self, app: Any, service: Any) -> None:
-        self.lazy.memory = service.memory   # first-use loads reserve with the service's memory client
-        api.register_routes(app, service)
-
 
 def job_fields(job: Job) -> Fields:
     """The request fields of a chat job: ``config`` first, then top-level keys; a bare ``prompt`` becomes the
@@ -166,5 +155,5 @@ def job_metadata(reply: Reply) -> dict[str, Any]:
 def _which(which: str) -> tuple[ModelName, ...]:
     names = WHICH.get(which.strip().lower()) if isinstance(which, str) else None
     if names is None:
-        raise ApiError(400, "which must be instruct, base or all")
+        raise InvalidJob("which must be instruct, base or all")
     return names

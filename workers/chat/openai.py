@@ -6,29 +6,29 @@ import json
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from flask import Response, jsonify
+from flask import Blueprint, Response, jsonify
 
-from workers.core.errors import InvalidJob, WorkerError
 from common.http import ApiError, json_body
+from workers.core.errors import InvalidJob, WorkerError
 
 from .client import ClientGone
+from .handler import ChatHandler
 from .models import ModelName
 from .request import openai_request
 from .service import Patience, Reply
 from .statuses import CLIENT_GONE, retry_after, status_of
 
-if TYPE_CHECKING:
-    from .handler import ChatHandler
-
 log = logging.getLogger(__name__)
 
 
-def register_openai_routes(app: Any, handler: "ChatHandler", auth: Callable, reload: Callable[[], None],
-                           patience: Callable[[], Patience]) -> None:
-    """``reload`` brings an evicted model back (api.py); ``patience`` is this request's way of waiting."""
-    @app.post("/v1/chat/completions", endpoint="chat_openai_completions")
+def add_openai_routes(routes: Blueprint, handler: ChatHandler, auth: Callable, reload: Callable[[], None],
+                      patience: Callable[[], Patience]) -> None:
+    """Onto the chat Blueprint (api.py): ``reload`` brings an evicted model back; ``patience`` is this
+    request's way of waiting."""
+    @routes.post("/v1/chat/completions", endpoint="openai_completions")
     @auth
     def completions():
         try:
@@ -50,7 +50,7 @@ def register_openai_routes(app: Any, handler: "ChatHandler", auth: Callable, rel
             return (*_error(status, exc.message, "server_error"), retry_after(exc, status))
         return jsonify(_completion(reply))
 
-    @app.get("/v1/models", endpoint="chat_openai_models")
+    @routes.get("/v1/models", endpoint="openai_models")
     @auth
     def models():
         available = handler.models_available()
@@ -90,7 +90,8 @@ def _sse(events: Iterator[str | Reply], completion_id: str, model: str) -> Itera
                 yield chunk({"content": event})
     except WorkerError as exc:  # headers are sent: report in-band, as OpenAI does
         log.warning("stream ended early: %s", exc.message)
-        yield f"data: {json.dumps({'error': {'message': exc.message, 'type': 'server_error', 'code': exc.error_type.value}})}\n\n"
+        error = {"message": exc.message, "type": "server_error", "code": exc.error_type.value}
+        yield f"data: {json.dumps({'error': error})}\n\n"
     yield "data: [DONE]\n\n"
 
 

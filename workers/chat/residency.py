@@ -3,10 +3,11 @@
 The memory manager frees chat's GPU memory for on-demand work with ``/memory/unload`` (the service then marks
 itself ``unloaded``). Its own reload waits for the on-demand workers to go quiet, which a WAN backlog can
 postpone indefinitely; meanwhile every /chat, /enhance and /v1/* call would answer 503 "no chat model is
-loaded". Instead, the next request that needs a model reloads it: through the service's ``_load`` (reserve
-with the memory manager first, then load), under the service's ``gpu_lock`` so it never races a job or an
-unload, waiting at most ``CHAT_RELOAD_WAIT_SECONDS`` for that lock. A lock still held, or a reservation the
-manager refuses, is a 503 with Retry-After; concurrent requests wait for the first one's reload.
+loaded". Instead, the next request that needs a model reloads it: the routes (api.py) call the worker's
+``Residency.reload_for_request`` (workers/core/residency.py: reserve with the memory manager first, then load,
+under the GPU lock so it never races a job or an unload), waiting at most ``CHAT_RELOAD_WAIT_SECONDS`` for that
+lock. A lock still held, or a reservation the manager refuses, is a 503 with Retry-After; concurrent requests
+wait for the first one's reload.
 
 ``qwen_base`` loads at its first request unless preloaded (``LazyLoads``): it reserves its own memory first
 (label ``qwen_base``, sized by ``memory.reservation_gb``: weights + its KV cache + a prefill), and releases it
@@ -14,43 +15,23 @@ when it is unloaded. A refusal leaves it unloaded; the request is then served by
 """
 from __future__ import annotations
 
-import logging
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
 
-from workers.core.errors import ErrorType, RetryableError
+from workers.core.memory_client import MemoryClient, ReserveResult
 
 from .models import LoadedModel, ModelName, ModelStore, ModelUnavailable
-
-log = logging.getLogger(__name__)
-
-RETRY_AFTER_SECONDS = 5.0
-
-
-def reload_if_evicted(service: Any, which: str, wait_seconds: float) -> None:
-    """Load ``which`` again if the service was unloaded (evicted); return once it is loaded."""
-    if not service.unloaded:
-        return
-    if not service.gpu_lock.acquire(timeout=wait_seconds):
-        raise RetryableError("the chat model is being reloaded or the GPU is busy; retry shortly",
-                             ErrorType.WORKER_UNAVAILABLE, delay=RETRY_AFTER_SECONDS)
-    try:
-        if service.unloaded:   # not reloaded meanwhile by the request that held the lock
-            log.info("chat was unloaded (evicted); reloading %s for a request", which)
-            service._load(which)
-    finally:
-        service.gpu_lock.release()
 
 
 class LazyLoads:
     """First-use loads, each under a reservation of its own with the service's memory client (``memory``: set
-    when the routes are registered; None without a service, e.g. a bench: then nothing is reserved)."""
+    when the routes are created (api.py); None without a worker service, e.g. a bench: then nothing is reserved)."""
 
     def __init__(self, store: ModelStore, size_gb: Callable[[ModelName], float]):
         self.store = store
         self.size_gb = size_gb
-        self.memory: Any = None
-        self._grants: dict[ModelName, Any] = {}
+        self.memory: MemoryClient | None = None
+        self._grants: dict[ModelName, ReserveResult | None] = {}
         self._lock = threading.Lock()   # one reservation per model, even for concurrent first requests
 
     def load(self, name: ModelName) -> LoadedModel:
@@ -75,6 +56,6 @@ class LazyLoads:
         with self._lock:
             self._release(self._grants.pop(name, None))
 
-    def _release(self, grant: Any) -> None:
+    def _release(self, grant: ReserveResult | None) -> None:
         if grant is not None and self.memory is not None:
             self.memory.release(grant)

@@ -1,5 +1,8 @@
 """What the HTTP routes and the queue jobs call: pick a model, build the prompt, generate, filter.
 
+``enhance(fields, patience)`` is the prompt rewrite of both ``POST /enhance`` and the ``chat_enhance`` job: one
+parse, one generation, one clean-up of the answer; the route and the job only shape what it returns.
+
 ``reply(request, patience)`` waits for the whole answer, as ``patience`` says: an HTTP request until
 ``CHAT_REQUEST_TIMEOUT_SECONDS`` or until its client disconnects, refused at once when the waiting line is
 full; a queue job for as long as the runner's ``progress`` lets it (its deadline). ``stream(request)``
@@ -12,20 +15,21 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from common.errors import ConfigError
-from workers.core.errors import ErrorType, InvalidJob, RetryableError
 from common.settings import Settings
+from workers.core.errors import ErrorType, InvalidJob, RetryableError
 
 from .detokenize import IncrementalDecoder
 from .engine import Engine
 from .generation import Generation, GenerationRequest
 from .models import LoadedModel, ModelName, ModelStore, ModelUnavailable
 from .prompt import Prompt, chat_prompt, prompt_budget, text_prompt
-from .request import ChatRequest
+from .request import ChatRequest, Fields, enhance_request
 from .sfw import WordFilter
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,34 @@ class Reply:
         if self.filtered is not None:
             info["sfw_filtered_words"] = self.filtered
         return info
+
+
+@dataclass(frozen=True)
+class Enhancement:
+    reply: Reply
+    original: str    # the prompt as given (the last user message)
+    rewrite: str     # the model's rewrite without quotes or a label; "" when it gave nothing usable
+
+    @property
+    def prompt(self) -> str:
+        """The prompt to use: the rewrite, else the original (an empty rewrite never blanks a prompt)."""
+        return self.rewrite or self.original
+
+    def fields(self) -> dict[str, Any]:
+        """The enhancement's part of an answer, the same for the route and the job (CONTRACT §5, §4)."""
+        return {"enhanced_prompt": self.prompt, "original_prompt": self.original,
+                "enhancement_source": self.reply.loaded.name.value}
+
+
+def enhanced_text(text: str) -> str:
+    """The model's rewrite without surrounding quotes or a leading label."""
+    text = text.strip()
+    for label in ("Enhanced prompt:", "Prompt:"):
+        if text.lower().startswith(label.lower()):
+            text = text[len(label):].strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text
 
 
 def load_instruction(path: Path | None) -> str:
@@ -118,6 +150,12 @@ class ChatService:
             text, filtered = self.words.apply(text)
         return Reply(text, generation, prompt, loaded, request.model, filtered, time.monotonic() - start)
 
+    def enhance(self, fields: Fields, patience: Patience) -> Enhancement:
+        """Rewrite a prompt under the configured instruction (unless the body brings its own system message)."""
+        request, original = enhance_request(fields, self.instruction)
+        reply = self.reply(request, patience)
+        return Enhancement(reply, original, enhanced_text(reply.text))
+
     def stream(self, request: ChatRequest) -> Iterator[str | Reply]:
         start = time.monotonic()
         loaded, prompt = self._prepare(request)
@@ -128,7 +166,7 @@ class ChatService:
         return self._deltas(request, loaded, prompt, job, tokens, start)
 
     def _deltas(self, request: ChatRequest, loaded: LoadedModel, prompt: Prompt, job: GenerationRequest,
-                tokens: "queue.SimpleQueue[list[int] | None]", start: float) -> Iterator[str | Reply]:
+                tokens: queue.SimpleQueue[list[int] | None], start: float) -> Iterator[str | Reply]:
         decoder = IncrementalDecoder(loaded)
         text, sent, filtered = "", 0, 0
         try:
@@ -149,7 +187,7 @@ class ChatService:
         finally:
             job.cancel()
 
-    def _next(self, tokens: "queue.SimpleQueue[list[int] | None]") -> list[int] | None:
+    def _next(self, tokens: queue.SimpleQueue[list[int] | None]) -> list[int] | None:
         """The next tokens of a stream; a stream that goes ``timeout`` seconds without any ends with a timeout."""
         try:
             return tokens.get(timeout=self.timeout)

@@ -1,4 +1,5 @@
-"""The one extension point of a model worker: ``setup()`` once, then ``run(job, progress)`` per job.
+"""The extension points of a model worker: ``setup()`` once, then ``run(job, progress)`` per job (``Handler``),
+and model control apart from it (``ModelControl``).
 
 A handler returns a ``Result``: files to store (the runner uploads them to
 ``<user_id>/<job_id>/<name>`` and builds the callback's assets) and job metadata. It raises
@@ -6,8 +7,9 @@ A handler returns a ``Result``: files to store (the runner uploads them to
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from .job import Job, Queue
 
@@ -35,16 +37,11 @@ class Result:
 
 
 class Handler(Protocol):
-    """What ``workers/<kind>/__init__.py:create_handler(settings)`` returns.
-
-    The service (``workers.core.service``) calls ``setup()`` once in a background thread (``/health``
-    answers 503 until it returns), runs the job loop over ``run()``, and serves the common routes
-    (``/health``, ``/metrics``, ``/status``, ``/memory/status``, ``/memory/load``, ``/memory/unload``,
-    ``/debug/env``) from the methods below; ``register_routes`` adds the kind's own routes.
-    """
+    """The job interface: what the runner calls. ``setup()`` once (in the service's background thread;
+    ``/health`` answers 503 until it returns), then ``run()`` per job of ``queue``."""
 
     queue: Queue
-    kind: str   # "sdxl" | "wan" | "chat" | ...
+    kind: str   # "sdxl" | "wan" | "chat" | ...: names the worker in its id, logs and memory reservations
 
     def setup(self) -> None:
         """Load models; raise ``FatalWorkerError`` when it cannot."""
@@ -52,14 +49,24 @@ class Handler(Protocol):
     def run(self, job: Job, progress: Progress) -> Result:
         """Do one job of this handler's queue."""
 
+
+class ModelControl(Protocol):
+    """Model control, apart from jobs: what ``/memory/load``, ``/memory/unload``, ``/status`` and
+    ``/memory/status`` use (through ``workers.core.residency``, under the GPU lock)."""
+
     def load(self, which: str) -> str:
-        """(Re)load models (``which``: ``all`` or a kind-specific name); return a short message."""
+        """(Re)load models (``which``: ``all`` or a kind-specific name); return a short message. An unknown
+        ``which`` raises ``InvalidJob`` (400)."""
 
     def unload(self, which: str) -> str:
-        """Free models and GPU memory; return a short message. Never called while a job runs."""
+        """Free models and GPU memory; return a short message. Never called while a job runs. An unknown
+        ``which`` raises ``InvalidJob`` (400)."""
 
     def status(self) -> dict[str, Any]:
         """What is loaded, device, capabilities (no secrets, no filesystem paths)."""
 
-    def register_routes(self, app: Any, service: Any) -> None:
-        """Add kind-specific HTTP routes to the Flask ``app``."""
+
+class WorkerHandler(Handler, ModelControl, Protocol):
+    """What ``workers/<kind>/__init__.py:create_handler(settings)`` returns: one object, both interfaces; the
+    service hands it to the runner as a ``Handler`` and to the residency as a ``ModelControl``. A kind's own
+    HTTP routes are declared beside the factory (``create_routes``), not by the handler."""

@@ -22,30 +22,36 @@ import threading
 import time
 from typing import Any, Callable, NoReturn
 
-from flask import Flask, jsonify, request
+from flask import Blueprint, Flask, jsonify, request
 
 from common.exit_codes import ExitCode
 from common import openapi
 from . import storage as storage_mod
 from . import transport as transport_mod
-from workers.core.memory_client import MemoryClient, ReserveResult
+from workers.core.memory_client import MemoryClient
 
 from .callbacks import CallbackClient, OutboxSender
 from common.errors import ConfigError
-from workers.core.errors import ErrorType, InvalidJob, RetryableError, WorkerError
-from .handler import Handler
+from workers.core.errors import InvalidJob, RetryableError, WorkerError
+from .handler import Handler, ModelControl, WorkerHandler
 from common.http import ApiError, create_base_app, json_body, require_admin
 from .introspect import device_memory, versions
 from .metrics import Metrics
 from .queue import ReliableQueue
+from .residency import Residency
 from .runner import JobTimeouts, Runner
 from common.settings import Settings
+from .state import Lifecycle, WorkerState
 from .transport import TransportError
 from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
 TRIP_LINGER_SECONDS = 1.0   # a tripped worker answers /health 503 with its reason this long before it exits
+
+Routes = Callable[[Residency], Blueprint]
+"""A kind's own HTTP routes (``create_routes(handler, residency)`` beside its ``create_handler``, bound to the
+handler), mounted on the worker's app; ``residency`` is how a generating route reloads an evicted model."""
 
 
 def default_worker_id(settings: Settings, kind: str, slot: int) -> str:
@@ -59,23 +65,22 @@ def default_worker_id(settings: Settings, kind: str, slot: int) -> str:
 
 
 class Service:
-    def __init__(self, settings: Settings, handler: Handler, worker_id: str, metrics: Metrics | None = None, *,
-                 exit_process: Callable[[int], NoReturn]):
+    def __init__(self, settings: Settings, handler: WorkerHandler, worker_id: str, metrics: Metrics | None = None,
+                 *, exit_process: Callable[[int], NoReturn], routes: Routes | None = None):
         self.settings = settings
-        self.handler = handler
+        self.handler: Handler = handler
+        self.control: ModelControl = handler
         self.worker_id = worker_id
         self.metrics = metrics or Metrics()
         self.exit_process = exit_process   # ends the process with a code the orchestrator sees (__main__)
-        self.ready = threading.Event()
-        self.setup_error: str | None = None
-        self.tripped: str | None = None     # why this worker stopped itself; /health 503
-        self.stop_event = threading.Event()   # set: the job loop takes no more jobs
-        self.gpu_lock = threading.Lock()
-        self.unloaded = False
+        self.routes = routes
+        self.lifecycle = Lifecycle()
+        self.stop_event = self.lifecycle.stopped   # set by the lifecycle only: the job loop takes no more jobs
         self.runner: Runner | None = None
         self.queue: ReliableQueue | None = None
         self.memory = MemoryClient.from_settings(settings, worker=handler.kind)
-        self.reservation: ReserveResult | None = None
+        self.residency = Residency(handler, self.memory, self.lifecycle, handler.kind)
+        self.gpu_lock = self.residency.gpu_lock
         self._job_loop: threading.Thread | None = None
         self._liveness_thread: threading.Thread | None = None
         self._retired = threading.Event()   # set: the heartbeat and the watchdog end
@@ -101,10 +106,11 @@ class Service:
             self._setup()
         except ConfigError as exc:
             log.error("%s: configuration error: %s", self.handler.kind, exc)
+            self.lifecycle.move(WorkerState.SETUP_FAILED, "configuration error (see the worker log)")
             self.exit_process(ExitCode.CONFIG_ERROR)
         except Exception:   # FatalWorkerError and anything else: the models did not load
             log.exception("%s: model setup failed", self.handler.kind)
-            self.setup_error = "model setup failed (see the worker log)"
+            self.lifecycle.move(WorkerState.SETUP_FAILED, "model setup failed (see the worker log)")
             self.exit_process(ExitCode.BOOT_FAILED)
 
     def _setup(self) -> None:
@@ -114,8 +120,7 @@ class Service:
             return
         self.handler.setup()
         log.info("%s ready in %.1f s", self.handler.kind, time.monotonic() - began)
-        self.ready.set()
-        if self.stop_event.is_set():   # stopped while loading: take no job at all
+        if not self.lifecycle.move(WorkerState.READY):   # stopped while loading: take no job at all
             return
         if not self.settings.redis_configured:
             log.warning("no queue configured (REDIS_URL / UPSTASH_REDIS_REST_*): serving HTTP only")
@@ -141,12 +146,12 @@ class Service:
     def _reserve_until_granted(self) -> None:
         """Reserve GPU memory before loading; a manager that is away never blocks the load."""
         while not self.stop_event.is_set():
-            self.reservation = self.memory.reserve()
-            if self.reservation.may_load:
-                break
-            self.setup_error = f"waiting for GPU memory: {self.reservation.reason}"
+            grant = self.residency.reserve()
+            if grant.may_load:
+                self.lifecycle.move(WorkerState.LOADING)
+                return
+            self.lifecycle.move(WorkerState.WAITING_FOR_MEMORY, f"waiting for GPU memory: {grant.reason}")
             self.stop_event.wait(10.0)
-        self.setup_error = None
 
     def _first_heartbeat(self) -> None:
         """Be registered and alive before the first fetch, so a job taken is never in an unknown list."""
@@ -183,7 +188,7 @@ class Service:
     def begin_warm_stop(self, grace: float) -> None:
         """SIGTERM (called from the signal handler, before gunicorn's HTTP drain): stop taking jobs now and
         run the warm stop alongside the drain. Never blocks."""
-        self.stop_event.set()
+        self.lifecycle.move(WorkerState.STOPPING)
         with self._stop_lock:
             if self._stopper is None:
                 self._stopper = self._spawn(lambda: self.stop_warm(grace), "warm-stop")
@@ -201,7 +206,7 @@ class Service:
 
     def stop_warm(self, grace: float) -> None:
         """Stop taking jobs and wait up to ``grace`` s for the loop to end (its current job done); else cold."""
-        self.stop_event.set()
+        self.lifecycle.move(WorkerState.STOPPING)
         if self._loop_ended(grace):
             self._retire()
         else:
@@ -215,7 +220,7 @@ class Service:
         first one on the main thread, and gunicorn ends that handler with ``sys.exit(0)``, which would cut the
         first stop short between its hand-back and its exit. Every handler joins the same stop instead."""
         self._cold = True
-        self.stop_event.set()
+        self.lifecycle.move(WorkerState.STOPPING)
         with self._stop_lock:
             if self._cold_stopper is None:
                 self._cold_stopper = self._spawn(self._cold_stop, "cold-stop")
@@ -241,12 +246,9 @@ class Service:
         self._escalate(ExitCode.WATCHDOG, f"job {job_id} overran its deadline", hand_back=True)
 
     def _escalate(self, code: ExitCode, reason: str, hand_back: bool) -> None:
-        with self._stop_lock:
-            if self.tripped is not None:
-                return
-            self.tripped = reason
+        if not self.lifecycle.move(WorkerState.TRIPPED, reason):   # tripped once; the first reason stands
+            return
         log.error("%s: %s; stopping with %s", self.handler.kind, reason, code.name)
-        self.stop_event.set()
         self._spawn(lambda: self._exit_tripped(code, hand_back), "trip")
 
     def _exit_tripped(self, code: ExitCode, hand_back: bool) -> NoReturn:
@@ -300,53 +302,19 @@ class Service:
                 log.warning("could not retire (%s); the heartbeat expires and the reaper cleans up", exc)
 
     def _reload_if_unloaded(self) -> None:
-        if self.unloaded:
-            self._load("all")
-
-    def _load(self, which: str) -> str:
-        """Reserve, then load; a refusal is a retryable ``WORKER_UNAVAILABLE`` (HTTP 409 on /memory/load)."""
-        if self.reservation is None or self.reservation.id is None:
-            self.reservation = self.memory.reserve()
-            if not self.reservation.may_load:
-                raise RetryableError(f"no GPU memory for {self.handler.kind}: {self.reservation.reason}",
-                                     ErrorType.WORKER_UNAVAILABLE, delay=5.0)
-        message = self.handler.load(which)
-        self.unloaded = False
-        return message
-
-    def _unload(self, which: str) -> str:
-        message = self.handler.unload(which)
-        if which == "all":
-            self.unloaded = True
-            self.memory.release(self.reservation)
-            self.reservation = None
-        return message
+        self.residency.reload_if_unloaded()
 
     # -- HTTP ----------------------------------------------------------------------------------
     def health(self) -> tuple[bool, dict[str, Any]]:
         """200 only when ready to take jobs; ``state`` says what the worker is doing, ``error`` why not."""
-        state = self.state
-        details = {"kind": self.handler.kind, "worker_id": self.worker_id, "state": state, "busy": self.busy,
+        state, error = self.lifecycle.reported(self.busy)
+        details = {"kind": self.handler.kind, "worker_id": self.worker_id, "state": state.value, "busy": self.busy,
                    "queue": self.handler.queue.value,
                    "consuming": self.runner is not None and not self.stop_event.is_set(),
                    "jobs_done": self.runner.jobs_done if self.runner else 0}
-        error = self.tripped or self.setup_error
         if error:
             details["error"] = error
-        return state in ("ready", "busy", "unloaded"), details
-
-    @property
-    def state(self) -> str:
-        """loading, waiting for memory, ready, busy, unloaded (evicted; reloads on demand), tripped, stopping."""
-        if self.tripped is not None:
-            return "tripped"
-        if self.stop_event.is_set():
-            return "stopping"
-        if not self.ready.is_set():
-            return "waiting for memory" if self.setup_error else "loading"
-        if self.busy:
-            return "busy"
-        return "unloaded" if self.unloaded else "ready"
+        return state.serving, details
 
     def create_app(self) -> Flask:
         app = create_base_app(f"{self.handler.kind}-worker", self.health, self.metrics)
@@ -363,7 +331,7 @@ class Service:
         def memory_status():
             return jsonify({"success": True, "device": device_memory(), "models": self._handler_status(),
                             "busy": self.busy,  # memory_manager: what a restarted manager re-derives its ledger from
-                            "memory_manager": self.memory.describe(self.reservation, self.unloaded)})
+                            "memory_manager": self.residency.describe()})
 
         @app.post("/memory/unload")
         @admin
@@ -372,7 +340,7 @@ class Service:
             if not self.gpu_lock.acquire(timeout=2.0):
                 raise ApiError(409, "a job is running; try again when the worker is idle")
             try:
-                message = self._unload(which)
+                message = self.residency.unload(which)
             except WorkerError as exc:
                 raise _control_error(exc) from None
             finally:
@@ -385,7 +353,7 @@ class Service:
             which = _which()
             with self.gpu_lock:
                 try:
-                    message = self._load(which)
+                    message = self.residency.load(which)
                 except WorkerError as exc:
                     raise _control_error(exc) from None
             return jsonify({"success": True, "message": message})
@@ -396,13 +364,14 @@ class Service:
             return jsonify({"success": True, "versions": versions(), "device": device_memory(),
                             "settings_set": self.settings.is_set()})
 
-        self.handler.register_routes(app, self)
+        if self.routes is not None:
+            app.register_blueprint(self.routes(self.residency))
         openapi.serve(app, lambda: openapi.worker_document(self.handler.kind))
         return app
 
     def _handler_status(self) -> dict[str, Any]:
         try:
-            return self.handler.status()
+            return self.control.status()
         except Exception:
             log.exception("handler status failed")
             return {"error": "status unavailable"}

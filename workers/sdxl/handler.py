@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from common.errors import ConfigError
+from common.settings import Settings
 from workers.core.errors import ErrorType, FatalWorkerError, InvalidJob, RetryableError
 from workers.core.handler import Output, Progress, Result
 from workers.core.job import Job, Queue
 from workers.core.references import ReferenceFetcher, reference_or_fallback
-from common.settings import Settings
 
 from . import pipeline
 from .generation import Plan, generate
@@ -84,9 +85,6 @@ class SdxlHandler:
                        "compiled_blocks": pipes.compiled_blocks,
                        "cuda_graphs": pipes.describe_graphs(),
                        "shared_weights": pipes.i2i.unet is pipes.t2i.unet, "notes": list(pipes.notes)}
-
-    def register_routes(self, app: Any, service: Any) -> None:
-        """Nothing beyond the common routes (``/status`` comes from :meth:`status`)."""
 
     # ------------------------------------------------------------------ jobs
     def run(self, job: Job, progress: Progress) -> Result:

@@ -5,6 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from flask import Blueprint
+
+    from workers.core.residency import Residency
+
     from .handler import WanHandler
     from .settings import WanSettings
 
@@ -16,4 +20,11 @@ def create_handler(settings: WanSettings) -> WanHandler:
     return WanHandler(settings)
 
 
-__all__ = ["create_handler"]
+def create_routes(handler: WanHandler, residency: Residency) -> Blueprint:
+    """WAN's ``POST /enhance``, for the worker service to mount (routes.py)."""
+    from .routes import create_routes as wan_routes
+
+    return wan_routes(handler, residency)
+
+
+__all__ = ["create_handler", "create_routes"]

@@ -9,11 +9,11 @@ import logging
 import time
 from typing import Any
 
+from common.settings import Settings
 from workers.core.errors import InvalidJob
 from workers.core.handler import Progress, Result
 from workers.core.job import Job, Queue
 from workers.core.references import ReferenceFetcher
-from common.settings import Settings
 
 from . import encode
 from . import references as refs_mod
@@ -39,7 +39,7 @@ class WanHandler:
         self.fetcher = fetcher or ReferenceFetcher(settings)
         self.reference_policy = reference_policy or settings.reference_failure_policy
 
-    # -- Handler protocol ----------------------------------------------------------------------
+    # -- Handler and ModelControl (its HTTP route: routes.py) ------------------------------------
     def setup(self) -> None:
         log.info("WAN: %s", self.models.load("all"))
 
@@ -53,10 +53,6 @@ class WanHandler:
         return {**self.models.status(), "fps": FPS, "native_sizes": ["832x480", "480x832", "624x624"],
                 "reference_modes": [m.value for m in refs_mod.ReferenceMode],
                 "enhancement": {"via": "chat worker /enhance", "model": "qwen_base"}}
-
-    def register_routes(self, app: Any, service: Any) -> None:
-        from .routes import register
-        register(app, self.settings, self.enhancer)
 
     def run(self, job: Job, progress: Progress) -> Result:
         started = time.monotonic()
