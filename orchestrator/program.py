@@ -1,6 +1,6 @@
 """One supervised program: its spec, its state machine, and what the status page shows of it.
 
-States (DESIGN style 9)::
+States::
 
     EXITED ──start──> STARTING ──/health 200──> RUNNING
                         │  died / start timeout    │ died

@@ -143,7 +143,7 @@ def main() -> int:
 
 
 def baseline(t2i) -> dict:
-    """Plain diffusers on the same modules, before the handler touches them (the DESIGN.md reference)."""
+    """Plain diffusers on the same modules, before the handler touches them (the reference timings)."""
     rows = {}
     for n in (1, 3, 6):
         def call():

@@ -1,4 +1,4 @@
-"""Typed errors: each says what the caller should do (CONTRACT §7, DESIGN style 5).
+"""Typed errors: each says what the caller should do (CONTRACT §7).
 
 ``error_type`` is the wire code sent as ``metadata.error_type``; ``message`` is short, human and safe to
 send to the app (never a path, a stack trace or a secret).

@@ -1,4 +1,4 @@
-"""Every Redis key the fleet uses, with its type and lifetime (DESIGN style 7). Nothing else builds key names.
+"""Every Redis key the fleet uses, with its type and lifetime. Nothing else builds key names.
 
 | key | type | lifetime | meaning |
 |---|---|---|---|

@@ -1,4 +1,4 @@
-"""The one job loop (DESIGN "one extension point per axis"). It never branches on model kind.
+"""The one job loop, written once for every model kind: it never branches on one.
 
 Recipe for each element (every queue step is one atomic script, see ``queue``):
 
