@@ -22,6 +22,8 @@ from router.app import RouterDeps, resolve
 from router.app import create_app as router_app
 from workers.chat.settings import ChatSettings
 from workers.core.service import Service
+from workers.sdxl.settings import SdxlSettings
+from workers.wan.settings import WanSettings
 
 from .fleet import ADMIN_KEY, CHAT_KEY
 
@@ -65,8 +67,10 @@ def _never_exits(code):
 
 
 def _worker_app(kind: str, demo_models):
-    settings = ChatSettings(qwen_instruct_path=demo_models["qwen_instruct"], qwen_base_path=demo_models["qwen_base"],
-                        wan_model_path=demo_models["wan"], sdxl_model_path=demo_models["sdxl"], device="cpu")
+    settings = {"chat": lambda: ChatSettings(qwen_instruct_path=demo_models["qwen_instruct"],
+                                             qwen_base_path=demo_models["qwen_base"], device="cpu"),
+                "wan": lambda: WanSettings(wan_model_path=demo_models["wan"], device="cpu"),
+                "sdxl": lambda: SdxlSettings(sdxl_model_path=demo_models["sdxl"], device="cpu")}[kind]()
     module = __import__(f"workers.{kind}", fromlist=["create_handler"])
     handler = module.create_handler(settings)  # constructed, never set up: no model is loaded
     create_routes = getattr(module, "create_routes", None)   # SDXL declares none
