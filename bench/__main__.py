@@ -46,7 +46,7 @@ def meta(args: argparse.Namespace, profile) -> dict:
     import torch
     import transformers
 
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    info = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": "python -m bench " + " ".join(sys.argv[1:]), "profile": profile.name,
             "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__,
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from . import chat, levers, load, profile as profiles, sdxl, wan
+    from . import chat, levers, load, sdxl, wan
+    from . import profile as profiles
     from .ceilings import run as ceilings
     from .context import Context
     from .measure import Deadline

@@ -28,7 +28,7 @@ def _measure(ctx: Context) -> None:
     ctx.report.detail(SECTION, "bf16_matmul_tflops", round(2 * n ** 3 / (matmul_ms / 1e3) / 1e12, 1))
     ctx.report.detail(SECTION, "copy_tb_s", round(moved / (copy_ms / 1e3) / 1e12, 2))
     print(f"[ceilings] {ctx.report.sections[SECTION]}", flush=True)
-    del a, b, src, dst
+    a = b = src = dst = None  # drop the references (free the memory) before what follows
     torch.cuda.empty_cache()
 
 

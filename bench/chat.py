@@ -142,10 +142,10 @@ def run(ctx: Context) -> None:
     finally:
         engine.stop()
         ctx.report.detail(SECTION, "engine_stats", engine.stats())
-    del engine
+    engine = None  # drop the references (free the memory) before what follows
     free(dev)
     _variants(ctx, loaded, got)
-    del loaded, model
+    loaded = model = None  # drop the references (free the memory) before what follows
     free(dev)
 
 
@@ -203,10 +203,18 @@ def _measure(ctx: Context, model: Any, engine: Engine, got: dict[str, Any]) -> N
         ctx.report.detail(SECTION, "concurrent", {"ours_wall_s": round(wall, 3), "baseline_s": round(base_s, 3),
                                                   "ours_ttft_s": [round(s.ttft, 3) for s in streams],
                                                   "streams": len(batch), "tokens": total})
-        ctx.report.add(Row("qwen_aggregate", f"{name} {len(batch)} concurrent streams, aggregate", "tok/s",
-                           baseline=round(len(batch) * p.qwen_new / base_s, 1), ours=round(total / wall, 1),
-                           peak_gb=peak, note=f"all submitted at once, prefill included; decode: {decode_path(engine)}"),
-                       (">=", AGGREGATE_TARGET) if p.full else None)
+        ctx.report.add(
+            Row(
+                "qwen_aggregate",
+                f"{name} {len(batch)} concurrent streams, aggregate",
+                "tok/s",
+                baseline=round(len(batch) * p.qwen_new / base_s, 1),
+                ours=round(total / wall, 1),
+                peak_gb=peak,
+                note=f"all submitted at once, prefill included; decode: {decode_path(engine)}",
+            ),
+            (">=", AGGREGATE_TARGET) if p.full else None,
+        )
     ctx.step(SECTION, "concurrent", 40, concurrent)
     _check_tokens(ctx, model, batch, got)
 

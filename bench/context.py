@@ -1,8 +1,9 @@
 """What every section gets: the profile, the report, the deadline, and a guard that runs one step."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from .measure import Deadline
 from .profile import Profile

@@ -352,7 +352,9 @@ def summary(report: Report) -> str:
         data = report.sections.get(section, {})
         placement = data.get("placement", {})
         if placement:
-            lines.append(f"{section}: placement {placement.get('expected')} (visible {placement.get('visible_devices')})")
+            lines.append(
+                f"{section}: placement {placement.get('expected')} (visible {placement.get('visible_devices')})"
+            )
         for g in data.get("memory_manager", {}).get("gpus", []):
             lines.append(f"  GPU {g['index']}: ledger total {g['total_gb']} GiB, reserved {g['reserved_gb']}, "
                          f"free {g['free_gb']}, workers {g['workers']}"
@@ -391,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupted)
     path = args.json or (Path(os.environ["OUT"]) / "fleet.json" if os.environ.get("OUT") else None)
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    meta = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": "python -m bench fleet " + " ".join(argv if argv is not None else sys.argv[2:]),
             "profile": "tiny" if args.tiny else "full", "python": platform.python_version(),
             "host_cpus": os.cpu_count(), **versions()}

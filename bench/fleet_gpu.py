@@ -12,7 +12,8 @@ import os
 import re
 import shutil
 import subprocess
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import psutil
 

@@ -19,8 +19,8 @@ from typing import Any
 import redis
 import requests
 
-from workers.core import keys
 from local.supabase_standin import SupabaseStandin
+from workers.core import keys
 
 FAMILIES = ("sdxl", "wan", "chat")
 QUEUES = {"sdxl": "sdxl_queue", "wan": "wan_queue", "chat": "chat_queue"}
@@ -39,7 +39,7 @@ class Sizes:
     chat_tokens: int = 128
 
     @classmethod
-    def tiny(cls) -> "Sizes":
+    def tiny(cls) -> Sizes:
         return cls("64x64", 2, "64*48", 2, 5, 8)
 
 

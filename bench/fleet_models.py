@@ -18,8 +18,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 MODELS = ("sdxl", "wan", "qwen")
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,8 @@ def folder_gb(path: Path) -> float:
 
 def build_one(name: str, out: Path, demo: Path, tiny: bool) -> dict:
     """Build ``name`` on this process's device and save it to ``out`` (runs in the child process)."""
-    from . import models, profile as profiles
+    from . import models
+    from . import profile as profiles
     from .load import QWEN_TOKENIZER_FILES
     from .measure import sync
 

@@ -18,7 +18,8 @@ and chat should come back by the predictive reload.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import fleet_gpu, fleet_jobs
 from .fleet_rig import Ballast, Http, Orchestrated

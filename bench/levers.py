@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -125,10 +126,16 @@ def _sdxl(ctx: Context) -> None:
         cases[batch] = dict(
             sample=torch.randn(batch, 4, side, side, generator=generator, device=dev, dtype=dtype),
             timestep=torch.tensor(500.0, device=dev),
-            encoder_hidden_states=torch.randn(batch, 77, c.cross_attention_dim, generator=generator, device=dev, dtype=dtype),
-            added_cond_kwargs={"text_embeds": torch.randn(batch, pooled, generator=generator, device=dev, dtype=dtype),
-                               "time_ids": torch.tensor([[p.sdxl_side, p.sdxl_side, 0, 0, p.sdxl_side,
-                                                          p.sdxl_side]] * batch, device=dev, dtype=dtype)})
+            encoder_hidden_states=torch.randn(
+                batch, 77, c.cross_attention_dim, generator=generator, device=dev, dtype=dtype
+            ),
+            added_cond_kwargs={
+                "text_embeds": torch.randn(batch, pooled, generator=generator, device=dev, dtype=dtype),
+                "time_ids": torch.tensor(
+                    [[p.sdxl_side, p.sdxl_side, 0, 0, p.sdxl_side, p.sdxl_side]] * batch, device=dev, dtype=dtype
+                ),
+            },
+        )
 
     def call(batch: int) -> torch.Tensor:
         with torch.inference_mode():
@@ -144,7 +151,8 @@ def _sdxl(ctx: Context) -> None:
     unet.fuse_qkv_projections()
     v.measure("graphed_fused_qkv", unet, call, 2, graph=True)
     unet.unfuse_qkv_projections()
-    v.results["compiled_transformer_blocks"] = _compile_blocks(unet, ("BasicTransformerBlock",), dynamic=False, full=p.full)
+    v.results["compiled_transformer_blocks"] = _compile_blocks(unet, ("BasicTransformerBlock",), dynamic=False,
+                                                               full=p.full)
     v.measure("graphed_compiled_blocks_static", unet, call, 2, graph=True)
     _uncompile(unet)
     _compile_blocks(unet, ("BasicTransformerBlock",), dynamic=True, full=p.full)
@@ -159,7 +167,7 @@ def _sdxl(ctx: Context) -> None:
     _vae(ctx, pipe, v)
     _uncompile(unet)
     v.against_fp32(unet, lambda: unet(**_fp32(cases[2]), return_dict=False)[0], 2)
-    del pipe, unet, cases
+    pipe = unet = cases = None  # drop the references (free the memory) before what follows
     free(dev)
 
 
@@ -205,5 +213,5 @@ def _wan(ctx: Context) -> None:
     v.measure("compiled_blocks_dynamic", transformer, call, 1, graph=False)
     _uncompile(transformer)
     v.against_fp32(transformer, lambda: transformer(**_fp32(inputs), return_dict=False)[0], 1)
-    del transformer, inputs
+    transformer = inputs = None  # drop the references (free the memory) before what follows
     free(dev)

@@ -12,8 +12,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from workers.chat.models import ModelName, ModelStore
 from workers.chat.settings import ChatSettings
@@ -72,7 +73,7 @@ def _measure(ctx: Context, name: str, folder: Path, build: Callable[[], tuple[di
     dev = ctx.profile.device
     built, save = build()
     save_s, _ = timed(lambda: save(folder), dev)
-    del save  # the last reference to the built model: free it before the load
+    save = None  # the last reference to the built model: free it before the load
     free(dev)
     size = folder_gb(folder)
     cache = _cache_policy(ctx, size)
@@ -84,7 +85,7 @@ def _measure(ctx: Context, name: str, folder: Path, build: Callable[[], tuple[di
     ctx.report.add(Row(f"load_{name}", f"{name} load to ready ({size} GB safetensors, {cache.split(' ')[0]})", "s",
                        ours=round(load_s, 2), target="report", note=cache))
     compare_dtypes(ctx, name, built, loaded)
-    del loaded
+    loaded = None  # drop the references (free the memory) before what follows
     free(dev)
 
 

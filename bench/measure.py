@@ -9,7 +9,8 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ class Tap:
         self.captured: list[torch.Tensor] = []
         self._handle = None
 
-    def __enter__(self) -> "Tap":
+    def __enter__(self) -> Tap:
         self.captured.clear()
         self._handle = self.module.register_forward_pre_hook(self._hook)
         return self

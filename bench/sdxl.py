@@ -18,17 +18,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers.media import png
 from workers.core.job import decode
-from workers.sdxl.settings import SdxlSettings
+from workers.media import png
 from workers.sdxl import SdxlHandler
 from workers.sdxl.pipeline import SdxlPipelines
 from workers.sdxl.request import TIER_DEFAULTS
+from workers.sdxl.settings import SdxlSettings
 
 from . import models
 from .context import Context
-from .measure import (BF16_TOLERANCE, describe, free, peak_gb, rel_err, repeat, reset_peak, resident_gb, sync,
-                      timed)
+from .measure import BF16_TOLERANCE, describe, free, peak_gb, rel_err, repeat, reset_peak, resident_gb, sync, timed
 from .report import Row
 
 SECTION = "sdxl"
@@ -87,7 +86,9 @@ def run(ctx: Context) -> None:
     batches = sorted({n for _, n in p.sdxl_cases})
     base: dict[tuple[int, int], dict] = {}
 
-    ctx.step(SECTION, "baseline warm-up", 10, lambda: [baseline_call(pipe, p.sdxl_side, p.warm_steps, n) for n in batches])
+    ctx.step(
+        SECTION, "baseline warm-up", 10, lambda: [baseline_call(pipe, p.sdxl_side, p.warm_steps, n) for n in batches]
+    )
     for steps, n in p.sdxl_cases:
         def measure_baseline(steps=steps, n=n):
             reset_peak(dev)
@@ -119,7 +120,7 @@ def run(ctx: Context) -> None:
     ctx.step(SECTION, "after the last step", 10, lambda: _after_last_step(ctx, pipe))
     ctx.shared["sdxl_latents_15x1"] = base.get(p.sdxl_cases[0], {}).get("latents")
     ctx.report.detail(SECTION, "handler_status_after", handler.status())
-    del handler, pipe
+    handler = pipe = None  # drop the references (free the memory) before what follows
     free(dev)
 
 
@@ -250,7 +251,7 @@ def compiled(ctx: Context) -> None:
         if reference is not None:
             err = rel_err(latents, reference)
             ctx.report.check(f"SDXL compiled {steps}x{n} latents", err <= BF16_TOLERANCE, f"rel err {err:.2e}")
-        del handler, pipes
+        handler = pipes = None  # drop the references (free the memory) before what follows
         free(dev)
 
     ctx.step("sdxl_compiled", f"compile {steps}x{n}", 170, measure)

@@ -14,18 +14,19 @@ import io
 import json
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from workers.gpu import graphed, regional
 from workers.core.job import decode
-from workers.wan.settings import WanSettings
+from workers.gpu import graphed, regional
 from workers.wan.handler import WanHandler
 from workers.wan.pipeline import WanModels, to_uint8
 from workers.wan.request import TIER_DEFAULTS
+from workers.wan.settings import WanSettings
 
 from . import models
 from .context import Context
@@ -147,7 +148,7 @@ def run(ctx: Context) -> None:
     ctx.report.detail(SECTION, "handler_status_after", handler.status())
     if ours_image is not None and "image" in base:
         ctx.step(SECTION, "fp32 reference", 20, lambda: _against_fp32(ctx, pipe, base["image"], ours_image))
-    del handler, pipe
+    handler = pipe = None  # drop the references (free the memory) before what follows
     free(dev)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Optional
+from typing import Any
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
@@ -34,7 +34,7 @@ class BackgroundServer:
             logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._server: BaseWSGIServer = make_server(LOOPBACK, port, app, threaded=True, request_handler=handler)
         self.port: int = int(self._server.server_port)
-        self._thread: Optional[threading.Thread] = threading.Thread(
+        self._thread: threading.Thread | None = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name=name, daemon=True
         )
         self._thread.start()

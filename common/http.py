@@ -8,9 +8,10 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import wraps
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 import requests
 from flask import Flask, Response, jsonify, request

@@ -13,8 +13,9 @@ routes against it, so a route added without an entry here fails CI.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 OPENAPI_VERSION = "3.1.0"
 AUTH_KINDS = ("open", "client", "admin")
@@ -36,7 +37,7 @@ class Op:
     query: tuple[str, ...] = ()
     tag: str = "worker"
 
-    def prefixed(self, prefix: str, tag: str) -> "Op":
+    def prefixed(self, prefix: str, tag: str) -> Op:
         return Op(self.method, prefix + self.path, self.summary, self.auth, self.body, self.ok, self.ok_media,
                   self.errors + (502, 504), self.query, tag)
 
@@ -213,8 +214,8 @@ def _operation(op: Op) -> dict[str, Any]:
 
 
 _REASONS = {400: "bad input (the message names the field)", 401: "missing or invalid key", 409: "busy",
-            413: "request body too large", 502: "backend unreachable", 503: "no model can serve, loading, or at capacity (Retry-After says when to retry)",
-            504: "timed out"}
+            413: "request body too large", 502: "backend unreachable",
+            503: "no model can serve, loading, or at capacity (Retry-After says when to retry)", 504: "timed out"}
 
 
 def _operation_id(op: Op) -> str:

@@ -32,8 +32,9 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from gunicorn import util
 from gunicorn.app.base import BaseApplication

@@ -20,7 +20,7 @@ import time
 import weakref
 from pathlib import Path
 from types import TracebackType
-from typing import Any, List, Optional, Type
+from typing import Any
 
 import redis
 
@@ -63,10 +63,10 @@ class RedisServer:
 
     def __init__(
         self,
-        port: Optional[int] = None,
+        port: int | None = None,
         *,
         persistence: bool = False,
-        data_dir: Optional[Path] = None,
+        data_dir: Path | None = None,
         startup_timeout: float = 10.0,
         start: bool = True,
     ) -> None:
@@ -77,8 +77,8 @@ class RedisServer:
         self.port: int = port if port is not None else free_port()
         self._owns_dir = data_dir is None
         self.data_dir: Path = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="redis-"))
-        self._proc: Optional[subprocess.Popen] = None  # type: ignore[type-arg]
-        self._finalizer: Optional[weakref.finalize] = None
+        self._proc: subprocess.Popen | None = None  # type: ignore[type-arg]
+        self._finalizer: weakref.finalize | None = None
         if start:
             self.start()
 
@@ -94,7 +94,7 @@ class RedisServer:
         return self._proc is not None and self._proc.poll() is None
 
     @property
-    def pid(self) -> Optional[int]:
+    def pid(self) -> int | None:
         """Process id of the running server, if any."""
         return self._proc.pid if self.running and self._proc is not None else None
 
@@ -103,7 +103,7 @@ class RedisServer:
         return redis.Redis.from_url(self.url, **kwargs)
 
     # ----------------------------------------------------------------- lifecycle
-    def _command(self) -> List[str]:
+    def _command(self) -> list[str]:
         cmd = [
             self.binary,
             "--bind", LOOPBACK,
@@ -120,7 +120,7 @@ class RedisServer:
             cmd += ["--appendonly", "no"]
         return cmd
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         """Start the server (if not running) and wait until PING answers."""
         if self.running:
             return self
@@ -159,7 +159,7 @@ class RedisServer:
         raise RedisServerError(f"redis-server did not answer PING within {self.startup_timeout}s: {self._log_tail()}")
 
     def _log_tail(self) -> str:
-        parts: List[str] = []
+        parts: list[str] = []
         if self._proc is not None and self._proc.stderr is not None and self._proc.poll() is not None:
             parts.append(self._proc.stderr.read().decode(errors="replace"))
         log = self.data_dir / "redis.log"
@@ -194,7 +194,7 @@ class RedisServer:
         self._proc.kill()
         self._reap(5.0)
 
-    def restart(self) -> "RedisServer":
+    def restart(self) -> RedisServer:
         """Stop (gracefully) if running, then start again on the same port and directory."""
         self.stop()
         return self.start()
@@ -205,11 +205,11 @@ class RedisServer:
         if self._owns_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(
-        self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
 

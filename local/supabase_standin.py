@@ -3,7 +3,8 @@
 It checks what the real gateway and functions check (service key in ``Authorization`` and ``apikey``,
 the HMAC ``X-Callback-Signature`` over the exact body bytes, Storage's content-type and upsert rules)
 and records what it received, with controls to inject failures (``fail_next``, ``fail_storage_next``,
-``set_storage_failing`` for a storage outage window, ``set_down``, ``delay``, ``skip_job_ids``). It only ever contacts loopback addresses (the registration health check).
+``set_storage_failing`` for a storage outage window, ``set_down``, ``delay``, ``skip_job_ids``). It only ever
+contacts loopback addresses (the registration health check).
 
 CLI for the demo, printing each callback as one JSON line on stdout::
 
@@ -23,8 +24,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -40,18 +42,18 @@ class ReceivedCallback:
     """One accepted ``job-callback`` request: parsed body, exact raw bytes, headers (lower-case names),
     arrival time (``time.time()``), and whether it was answered as skipped."""
 
-    body: Dict[str, Any]
+    body: dict[str, Any]
     raw: bytes
-    headers: Dict[str, str]
+    headers: dict[str, str]
     at: float
     skipped: bool = False
 
     @property
-    def job_id(self) -> Optional[str]:
+    def job_id(self) -> str | None:
         return self.body.get("job_id")
 
     @property
-    def status(self) -> Optional[str]:
+    def status(self) -> str | None:
         return self.body.get("status")
 
 
@@ -60,11 +62,11 @@ class Registration:
     """One registration call (``register-chat-worker`` or ``update-worker-url``) and how it was answered."""
 
     function: str
-    body: Dict[str, Any]
-    headers: Dict[str, str]
+    body: dict[str, Any]
+    headers: dict[str, str]
     at: float
     accepted: bool
-    error: Optional[str] = None
+    error: str | None = None
 
 
 def sign(body: bytes, secret: str) -> str:
@@ -93,16 +95,16 @@ class StandinState:
     callback_secret: str
     health_check: bool = True
     delay: float = 0.0
-    skip_job_ids: Set[str] = field(default_factory=set)
-    on_callback: Optional[Callable[[ReceivedCallback], None]] = None
+    skip_job_ids: set[str] = field(default_factory=set)
+    on_callback: Callable[[ReceivedCallback], None] | None = None
     _lock: threading.Condition = field(default_factory=threading.Condition, repr=False)
-    _callbacks: List[ReceivedCallback] = field(default_factory=list, repr=False)
-    _registrations: List[Registration] = field(default_factory=list, repr=False)
-    _objects: Dict[str, Tuple[bytes, str]] = field(default_factory=dict, repr=False)
-    _fail_callbacks: List[int] = field(default_factory=list, repr=False)
-    _fail_storage: List[int] = field(default_factory=list, repr=False)
+    _callbacks: list[ReceivedCallback] = field(default_factory=list, repr=False)
+    _registrations: list[Registration] = field(default_factory=list, repr=False)
+    _objects: dict[str, tuple[bytes, str]] = field(default_factory=dict, repr=False)
+    _fail_callbacks: list[int] = field(default_factory=list, repr=False)
+    _fail_storage: list[int] = field(default_factory=list, repr=False)
     _down: bool = False
-    _storage_failing: Optional[int] = None
+    _storage_failing: int | None = None
     callback_attempts: int = 0
     storage_attempts: int = 0
     storage_refused: int = 0
@@ -118,7 +120,7 @@ class StandinState:
         with self._lock:
             self._fail_storage.extend([status] * n)
 
-    def set_storage_failing(self, status: Optional[int]) -> None:
+    def set_storage_failing(self, status: int | None) -> None:
         """While ``status`` is set, every storage upload is answered with it (an outage window of Supabase
         Storage alone); ``None`` ends the window."""
         with self._lock:
@@ -130,17 +132,17 @@ class StandinState:
 
     # ------------------------------------------------------------- accessors
     @property
-    def objects(self) -> Dict[str, Tuple[bytes, str]]:
+    def objects(self) -> dict[str, tuple[bytes, str]]:
         """Stored objects: ``"bucket/path"`` → ``(bytes, content_type)`` (a copy)."""
         with self._lock:
             return dict(self._objects)
 
     @property
-    def registrations(self) -> List[Registration]:
+    def registrations(self) -> list[Registration]:
         with self._lock:
             return list(self._registrations)
 
-    def callbacks(self, job_id: Optional[str] = None, status: Optional[str] = None) -> List[ReceivedCallback]:
+    def callbacks(self, job_id: str | None = None, status: str | None = None) -> list[ReceivedCallback]:
         """Accepted callbacks in arrival order, optionally filtered by job id and/or status."""
         with self._lock:
             return [
@@ -150,8 +152,8 @@ class StandinState:
 
     def wait_for(
         self,
-        predicate_or_job_id: Union[str, Callable[[ReceivedCallback], bool]],
-        status: Optional[str] = "completed",
+        predicate_or_job_id: str | Callable[[ReceivedCallback], bool],
+        status: str | None = "completed",
         timeout: float = 30.0,
     ) -> ReceivedCallback:
         """Block until a matching callback has arrived and return it; ``TimeoutError`` otherwise.
@@ -160,9 +162,9 @@ class StandinState:
         """
         if isinstance(predicate_or_job_id, str):
             job_id = predicate_or_job_id
-            match: Callable[[ReceivedCallback], bool] = lambda c: c.job_id == job_id and (
-                status is None or c.status == status
-            )
+
+            def match(c: ReceivedCallback) -> bool:
+                return c.job_id == job_id and (status is None or c.status == status)
         else:
             match = predicate_or_job_id
         deadline = time.monotonic() + timeout
@@ -178,7 +180,7 @@ class StandinState:
                 self._lock.wait(remaining)
 
     # ------------------------------------------------------------- used by the app
-    def _take(self, queue: List[int]) -> Optional[int]:
+    def _take(self, queue: list[int]) -> int | None:
         with self._lock:
             return queue.pop(0) if queue else None
 
@@ -190,7 +192,7 @@ class StandinState:
             self.on_callback(cb)
 
 
-def _headers() -> Dict[str, str]:
+def _headers() -> dict[str, str]:
     """The request's headers with lower-case names (``apikey``, ``x-callback-signature``, …)."""
     return {name.lower(): value for name, value in request.headers.items()}
 
@@ -199,14 +201,14 @@ def _json(payload: Any, status: int = 200) -> Response:
     return Response(json.dumps(payload), status=status, mimetype="application/json")
 
 
-def create_app(service_key: str, callback_secret: str, state: Optional[StandinState] = None) -> Flask:
+def create_app(service_key: str, callback_secret: str, state: StandinState | None = None) -> Flask:
     """Flask app for the stand-in; its :class:`StandinState` is ``app.extensions["supabase_standin"]``."""
     st = state if state is not None else StandinState(service_key, callback_secret)
     app = Flask("supabase_standin")
     app.extensions["supabase_standin"] = st
 
     @app.before_request
-    def gateway() -> Optional[Response]:
+    def gateway() -> Response | None:
         """What happens before a function runs: outages, injected failures, then the key check."""
         if st._down:
             return _json({"error": "service unavailable"}, 503)
@@ -283,7 +285,7 @@ def create_app(service_key: str, callback_secret: str, state: Optional[StandinSt
     return app
 
 
-def _health_error(worker_url: Any) -> Optional[str]:
+def _health_error(worker_url: Any) -> str | None:
     """``None`` if ``worker_url + "/health"`` answers 2xx with a body within 5 s; else why not.
 
     Only loopback URLs are contacted; anything else fails the check without any network traffic.
@@ -319,14 +321,14 @@ class SupabaseStandin(StandinState):
     def stop(self) -> None:
         self._server.stop()
 
-    def __enter__(self) -> "SupabaseStandin":
+    def __enter__(self) -> SupabaseStandin:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Serve until SIGINT/SIGTERM, printing each accepted callback body as one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, default=0)

@@ -31,8 +31,9 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 
 import redis
@@ -43,7 +44,7 @@ from redis.utils import SENTINEL
 
 from local.net import BackgroundServer
 
-Command = List[bytes]
+Command = list[bytes]
 
 #: Commands that block the connection: Upstash REST refuses them (a REST consumer polls instead).
 BLOCKING_COMMANDS = frozenset(
@@ -187,13 +188,13 @@ class RedisExecutor:
             redis_url, protocol=2, parser_class=_StatusAwareParser, socket_timeout=60, socket_connect_timeout=5
         )
 
-    def run(self, commands: Sequence[Command]) -> List[Any]:
+    def run(self, commands: Sequence[Command]) -> list[Any]:
         """Send ``commands`` in one round trip and read one reply per command.
 
         A connection that fails while *sending* is replaced and the send retried once (nothing ran yet);
         a failure while reading is raised, since the commands may have run.
         """
-        packed: Optional[List[bytes]] = None
+        packed: list[bytes] | None = None
         for attempt in (1, 2):
             conn = self.pool.get_connection()
             try:
@@ -205,7 +206,7 @@ class RedisExecutor:
                     if attempt == 2:
                         raise
                     continue
-                replies: List[Any] = []
+                replies: list[Any] = []
                 for _ in commands:
                     try:
                         replies.append(conn.read_response())
@@ -219,7 +220,7 @@ class RedisExecutor:
                 self.pool.release(conn)
         raise AssertionError("unreachable")
 
-    def transaction(self, commands: Sequence[Command]) -> Union[List[Any], ResponseError]:
+    def transaction(self, commands: Sequence[Command]) -> list[Any] | ResponseError:
         """MULTI … EXEC on one connection: the per-command replies, or the EXECABORT error."""
         replies = self.run([[b"MULTI"], *commands, [b"EXEC"]])
         queue_errors = [r for r in replies[1:-1] if isinstance(r, ResponseError)]
@@ -274,7 +275,7 @@ class Faults:
     def off(self) -> None:
         self.set()
 
-    def draw(self) -> tuple[Optional[str], float]:
+    def draw(self) -> tuple[str | None, float]:
         """The fault for the next request (``None``: serve it normally), counted, with the hold time."""
         with self._lock:
             rates = self.rates
@@ -287,7 +288,7 @@ class Faults:
                 roll -= rate
             return None, 0.0
 
-    def snapshot(self) -> Dict[str, int]:
+    def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self.counts)
 
@@ -327,7 +328,7 @@ def _authorized(token: str) -> bool:
     return bool(given) and hmac.compare_digest(given.encode(), token.encode())
 
 
-def create_app(redis_url: str, token: str, faults: Optional[Faults] = None) -> Flask:
+def create_app(redis_url: str, token: str, faults: Faults | None = None) -> Flask:
     """Flask app serving Upstash's REST API over the Redis at ``redis_url``, guarded by ``token``; command
     requests go through ``faults`` (none injected unless switched on)."""
     app = Flask("upstash_front")
@@ -340,7 +341,7 @@ def create_app(redis_url: str, token: str, faults: Optional[Faults] = None) -> F
         return request.headers.get("Upstash-Encoding", "").lower() == "base64"
 
     @app.before_request
-    def require_token() -> Optional[Response]:
+    def require_token() -> Response | None:
         return None if _authorized(token) else _reply({"error": "Unauthorized"}, 401)
 
     @app.errorhandler(CommandError)
@@ -364,7 +365,7 @@ def create_app(redis_url: str, token: str, faults: Optional[Faults] = None) -> F
     def json_command() -> Response:
         return single(_json_command(_json_body()))
 
-    def command_list() -> List[Command]:
+    def command_list() -> list[Command]:
         body = _json_body()
         if not isinstance(body, list) or not body:
             raise CommandError("ERR the body must be a non-empty JSON array of commands")
@@ -372,8 +373,8 @@ def create_app(redis_url: str, token: str, faults: Optional[Faults] = None) -> F
 
     @app.post("/pipeline")
     def pipeline() -> Response:
-        replies: List[Any] = []
-        runnable: List[Command] = []
+        replies: list[Any] = []
+        runnable: list[Command] = []
         for cmd in command_list():
             try:
                 check_command(cmd)
@@ -434,7 +435,7 @@ class UpstashFront:
         self._server.stop()
         self.app.extensions["upstash_executor"].close()
 
-    def __enter__(self) -> "UpstashFront":
+    def __enter__(self) -> UpstashFront:
         return self
 
     def __exit__(self, *exc: object) -> None:

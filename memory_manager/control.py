@@ -5,8 +5,9 @@ the JSON body. A worker answers 409 while it runs a job (it is busy: not unloade
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import requests
 

@@ -12,9 +12,10 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 
 class Pressure(str, Enum):
@@ -24,7 +25,7 @@ class Pressure(str, Enum):
     CRITICAL = "critical"
 
     @classmethod
-    def of(cls, free_gb: float, critical: float, high: float, medium: float) -> "Pressure":
+    def of(cls, free_gb: float, critical: float, high: float, medium: float) -> Pressure:
         if free_gb < critical:
             return cls.CRITICAL
         if free_gb < high:

@@ -41,8 +41,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Mapping
+from typing import Any
 
 from .config import MemorySettings
 from .control import WorkerControl
@@ -145,7 +146,9 @@ class MemoryPolicy:
         """Under ``_decide``: book ``request`` if it fits now (replacing its previous reservation), else None."""
         if not self._fits(request):
             return None
-        replaced = self.ledger.take(lambda r: (r.worker, r.gpu, r.label) == (request.worker, request.gpu, request.label))
+        replaced = self.ledger.take(
+            lambda r: (r.worker, r.gpu, r.label) == (request.worker, request.gpu, request.label)
+        )
         if replaced:
             self.ledger.record("replace", request.worker, request.gpu, sum(r.gb for r in replaced),
                                "re-reservation replaces the previous one")

@@ -5,8 +5,9 @@ Every field is checked here, at the edge; a request that can never be granted as
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from .ledger import Reservation, WorkerPolicy
 
@@ -26,7 +27,7 @@ class ReservationRequest:
 
     @classmethod
     def decode(cls, body: Mapping[str, Any], workers: Mapping[str, WorkerPolicy], gpu_count: int
-               ) -> "ReservationRequest":
+               ) -> ReservationRequest:
         worker = body.get("worker")
         if not isinstance(worker, str) or worker not in workers:
             raise InvalidRequest("worker must be one of " + ", ".join(workers))

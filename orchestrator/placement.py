@@ -9,8 +9,8 @@ GPU indices count the GPUs the orchestrator itself sees: when the orchestrator i
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from common.errors import ConfigError
 

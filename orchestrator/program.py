@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from common.exit_codes import ExitCode
 
@@ -84,7 +85,7 @@ class ProgramState(str, Enum):
         """Nothing will happen to the program any more (until the orchestrator restarts)."""
         return self in (ProgramState.EXITED, ProgramState.FATAL)
 
-    def can_become(self, other: "ProgramState") -> bool:
+    def can_become(self, other: ProgramState) -> bool:
         return other in _TRANSITIONS[self]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from typing import Container
+from collections.abc import Container
 
 log = logging.getLogger("orchestrator")
 

@@ -6,13 +6,15 @@ key. ``python -m orchestrator status`` prints it as a table (``--json`` for the 
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import requests
 from flask import Flask
 
 from common.background import LOOPBACK
 from common.http import create_base_app
+
 
 def create_app(status: Callable[[], dict[str, Any]]) -> Flask:
     def health() -> tuple[bool, dict[str, Any]]:

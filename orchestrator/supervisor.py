@@ -36,11 +36,11 @@ import logging
 import signal
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from common.exit_codes import ExitCode
-
 from common.http import Health, check_health
+
 from .child import Child
 from .program import Backoff, Program, ProgramSpec, ProgramState, describe_exit, restart_is_futile
 from .reaper import reap_orphans

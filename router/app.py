@@ -23,19 +23,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Mapping, TypeVar
+from typing import Generic, TypeVar
 from urllib.parse import quote
 
 import requests
 from flask import Flask, Response, request
 
-
 from common import openapi
-from common.http import ApiError, create_base_app, pooled_session
-
-from common.http import check_health
+from common.http import ApiError, check_health, create_base_app, pooled_session
 
 log = logging.getLogger("router")
 

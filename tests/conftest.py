@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis
 
+from local.demo_models import build as build_demo_models
 from local.redis_server import RedisServer
 from local.supabase_standin import SupabaseStandin
 from local.upstash_front import UpstashFront
-from local.demo_models import build as build_demo_models
 
 UPSTASH_TEST_TOKEN = "test-upstash-token"
 SUPABASE_TEST_SERVICE_KEY = "test-service-key"

@@ -43,7 +43,7 @@ class WorkerProcess:
                                      start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def wait_healthy(self, timeout: float = 60.0) -> "WorkerProcess":
+    def wait_healthy(self, timeout: float = 60.0) -> WorkerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

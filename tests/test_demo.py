@@ -17,6 +17,6 @@ def test_demo_completes_every_job():
     assert "demo succeeded: every job completed" in result.stdout
     assert "orchestrator exited with 0" in result.stdout
     for name in ("SDXL, 3 images", "SDXL img2img", "WAN video", "WAN image", "WAN video, enhanced", "chat_queue"):
-        line = next(l for l in result.stdout.splitlines() if l.startswith(name + " "))
+        line = next(x for x in result.stdout.splitlines() if x.startswith(name + " "))
         assert " completed " in line, line
     assert ".mp4" in result.stdout and ".png" in result.stdout

@@ -23,16 +23,17 @@ import multiprocessing.sharedctypes
 import os
 import signal
 import sys
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from gunicorn.app.base import BaseApplication
 
+from common.errors import ConfigError
 from common.exit_codes import ExitCode
 from common.serving import deadline_worker
-
-from common.errors import ConfigError
-from .core.service import Service, default_worker_id
 from common.settings import Settings
+
+from .core.service import Service, default_worker_id
 
 KINDS = {"sdxl": 7859, "chat": 7861, "wan": 7862}
 KIND_SETTINGS = {"sdxl": "workers.sdxl.settings:SdxlSettings", "chat": "workers.chat.settings:ChatSettings",

@@ -29,8 +29,10 @@ def test_every_lever_is_measured_and_compared_with_the_plain_module(demo_models,
     assert unet["graphed_batch2"]["s"] > 0 and "rel_err" not in unet["graphed_batch2"]   # the reference
     for name in variants:
         entry = unet[f"{name}_batch2"]
-        assert entry["s"] > 0 and entry["rel_err"] < 1e-5, (name, entry)   # fp32 on the CPU: the same math
-    assert unet["compiled_transformer_blocks"] > 0 and unet["compiled_resnet_blocks"] > unet["compiled_transformer_blocks"]
+        assert entry["s"] > 0 and entry["rel_err"] < 1e-5, (name, entry)  # fp32 on the CPU: the same math
+    assert (
+        unet["compiled_transformer_blocks"] > 0 and unet["compiled_resnet_blocks"] > unet["compiled_transformer_blocks"]
+    )
     assert unet["vae_decode_fp32_cudnn_benchmark_batch1"]["rel_err"] < 1e-5
     wan = report["sections"]["levers"]["wan_transformer_video"]
     assert wan["compiled_blocks"] > 0 and wan["compiled_blocks_dynamic_batch1"]["rel_err"] < 1e-5

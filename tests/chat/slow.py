@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from workers.chat import create_routes  # noqa: F401 - the real chat routes, mounted by ``python -m workers``
 from workers.chat.batch import DecodeBatch

@@ -15,17 +15,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import requests
 import torch
 
+from local.net import free_port
 from tests.procs import ROOT
 from workers.chat.models import ModelName
 from workers.chat.slots import SlotCache
-from local.net import free_port
 
 from .conftest import ADMIN, ADMIN_KEY, AUTH, Served
 

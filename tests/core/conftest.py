@@ -1,5 +1,6 @@
 import pytest
 
+from tests.procs import runtime_env
 from workers.core.transport import RedisProtocolTransport, UpstashRestTransport
 
 
@@ -21,3 +22,8 @@ def procs():
     yield started
     for proc in started:
         proc.close()
+
+
+@pytest.fixture
+def env(redis_server, redis_client, supabase_standin, tmp_path):
+    return runtime_env(redis_server.url, supabase_standin, tmp_path / "storage")

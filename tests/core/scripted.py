@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from flask import Flask, Response, request
+from flask import Flask, Response
 
 from local.net import BackgroundServer
 

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from tests.conftest import SUPABASE_TEST_CALLBACK_SECRET as SECRET, SUPABASE_TEST_SERVICE_KEY as KEY
+from tests.conftest import SUPABASE_TEST_CALLBACK_SECRET as SECRET
+from tests.conftest import SUPABASE_TEST_SERVICE_KEY as KEY
 from workers.core import callbacks as cb
 from workers.core import keys
 from workers.core.callbacks import CallbackClient, OutboxSender, Outcome

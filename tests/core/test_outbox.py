@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SUPABASE_TEST_CALLBACK_SECRET as SECRET, SUPABASE_TEST_SERVICE_KEY as KEY
+from tests.conftest import SUPABASE_TEST_CALLBACK_SECRET as SECRET
+from tests.conftest import SUPABASE_TEST_SERVICE_KEY as KEY
 from tests.procs import WorkerProcess, runtime_env
 from workers.core import callbacks as cb
 from workers.core import keys
@@ -120,7 +121,7 @@ def test_the_documented_replay_puts_a_rejected_body_back_and_it_is_delivered(sup
                                                                              redis_server):
     """README "Replaying refused callbacks": the EVAL one-liner moves the body back to the outbox, where a
     sender (now with the right secret) delivers it, re-signed."""
-    line = next(l for l in README.read_text().splitlines() if l.startswith("EVAL ") and "callbacks:rejected" in l)
+    line = next(x for x in README.read_text().splitlines() if x.startswith("EVAL ") and "callbacks:rejected" in x)
     command = shlex.split(line.split("  #")[0].replace("<job_id>", "refused"))
     body = cb.encode("refused", "w", "completed")
     redis_client.hset(keys.REJECTED, "refused", body)

@@ -250,8 +250,8 @@ def test_rest_transport_polls_with_backoff(redis_client, upstash_front):
 
 
 def test_unreachable_redis_raises_transport_error():
-    from workers.core.transport import RedisProtocolTransport
     from local.net import free_port
+    from workers.core.transport import RedisProtocolTransport
     t = RedisProtocolTransport(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
     with pytest.raises(TransportError):
         make(t).fetch(0.1)

@@ -19,13 +19,13 @@ import pytest
 import requests
 
 from common.exit_codes import ExitCode
-from tests.core.test_worker_processes import element, env, start  # noqa: F401 (fixtures)
+from common.settings import Settings
+from local.net import free_port
+from tests.core.worker_procs import element, start
 from tests.fleet.jobs import FAKE_TYPES, fake_element
 from tests.procs import ROOT, WorkerProcess
 from workers.core import keys
 from workers.core.service import default_worker_id
-from common.settings import Settings
-from local.net import free_port
 
 Q = "sdxl_queue"
 TTL = 2   # WORKER_HEARTBEAT_TTL_SECONDS in tests.procs.runtime_env
@@ -147,7 +147,9 @@ def test_sigterm_while_idle_and_a_job_arriving_in_the_same_instant_loses_nothing
         wait_until(lambda: all(supabase_standin.callbacks(i, "completed") for i in ids), 60, "every job completed")
         time.sleep(0.5)
         assert all(len(supabase_standin.callbacks(i, "completed")) == 1 for i in ids)
-        by_stopping = [i for i in ids if "-fake-9" not in supabase_standin.callbacks(i, "completed")[0].body["worker_id"]]
+        by_stopping = [
+            i for i in ids if "-fake-9" not in supabase_standin.callbacks(i, "completed")[0].body["worker_id"]
+        ]
         print(f"{len(by_stopping)} of {len(ids)} jobs were taken and finished by the worker being stopped")
     finally:
         for finisher in finishers:

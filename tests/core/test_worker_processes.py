@@ -9,26 +9,10 @@ import pytest
 import requests
 
 from common.settings import Settings
-from tests.procs import WorkerProcess, runtime_env
+from tests.core.worker_procs import element, start
 from workers.core import keys
 
 Q = "sdxl_queue"
-
-
-def element(job_id, form="string", **config):
-    job = {"id": job_id, "type": "sdxl_image_fast", "prompt": "p", "user_id": "user-1", "config": config}
-    return {"object": json.dumps(job), "string": json.dumps([json.dumps(job)]), "array": json.dumps([job])}[form]
-
-
-@pytest.fixture
-def env(redis_server, redis_client, supabase_standin, tmp_path):
-    return runtime_env(redis_server.url, supabase_standin, tmp_path / "storage")
-
-
-def start(procs, env, slot=0, tmp_path=None, **kw):
-    proc = WorkerProcess(env, slot=slot, log_path=(tmp_path / f"worker{slot}.log") if tmp_path else None, **kw)
-    procs.append(proc)
-    return proc.wait_healthy()
 
 
 def assert_drained(redis_client, timeout=10.0):

@@ -7,8 +7,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 import requests
@@ -84,7 +85,7 @@ class Fleet:
         return f"http://127.0.0.1:{self.env[PORT_VARIABLES[program]]}"
 
     # ------------------------------------------------------------------ life cycle
-    def start(self, timeout: float = 120.0) -> "Fleet":
+    def start(self, timeout: float = 120.0) -> Fleet:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator"], cwd=ROOT, env=self.env,
                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import redis
 
-from workers.core import keys
 from local.supabase_standin import SupabaseStandin
+from workers.core import keys
 
 QUEUES = ("sdxl_queue", "wan_queue", "chat_queue")
 FAKE_TYPES = {"sdxl_queue": "sdxl_image_fast", "wan_queue": "image_fast", "chat_queue": "chat_conversation"}

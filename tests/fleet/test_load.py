@@ -130,13 +130,13 @@ def test_200_concurrent_requests_on_the_router(model_fleet, report):
         calls.append(kinds[label])
         labels.append(label)
     statuses, latencies, wall = burst(calls)
-    by_path = {label: Counter(s for s, l in zip(statuses, labels) if l == label) for label in kinds}
+    by_path = {label: Counter(s for s, lab in zip(statuses, labels) if lab == label) for label in kinds}
     assert all(counts == {200: CONCURRENCY // len(kinds)} for counts in by_path.values()), by_path
     assert len(enhanced) == CONCURRENCY // len(kinds)
     assert all(e["success"] is True and e["enhanced_prompt"] for e in enhanced)
     summary = ", ".join(
-        f"{label} p50 {percentile([t for t, l in zip(latencies, labels) if l == label], 0.5):.2f} s / p99 "
-        f"{percentile([t for t, l in zip(latencies, labels) if l == label], 0.99):.2f} s" for label in kinds)
+        f"{label} p50 {percentile([t for t, lab in zip(latencies, labels) if lab == label], 0.5):.2f} s / p99 "
+        f"{percentile([t for t, lab in zip(latencies, labels) if lab == label], 0.99):.2f} s" for label in kinds)
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     report("200 concurrent router requests", f"all 200 answered 200 in {wall:.1f} s; {summary}",
            router_p50_s=round(p50, 3), router_p99_s=round(p99, 3), router_wall_s=round(wall, 2))

@@ -4,7 +4,7 @@ the default policy, fallback)."""
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

@@ -14,8 +14,18 @@ from workers.core import keys
 
 from .faults import Mode
 from .fleet import wait_for
-from .jobs import (COMPLETED, QUEUES, assert_drained, assert_exactly_once, dead_ids, fake_element, held,
-                   new_id, terminal, wait_terminal)
+from .jobs import (
+    COMPLETED,
+    QUEUES,
+    assert_drained,
+    assert_exactly_once,
+    dead_ids,
+    fake_element,
+    held,
+    new_id,
+    terminal,
+    wait_terminal,
+)
 
 WORKERS = {"sdxl": "sdxl_queue", "chat": "chat_queue", "wan": "wan_queue"}
 

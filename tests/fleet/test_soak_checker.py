@@ -7,9 +7,9 @@ import time
 
 import requests
 
+from local.supabase_standin import sign
 from workers.core import keys
 from workers.core.callbacks import encode
-from local.supabase_standin import sign
 
 from .faults import Exchange
 from .jobs import USER

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 import threading
-from typing import Any, Dict, Optional
+from typing import Any
 
 import pytest
 import requests
@@ -18,12 +18,12 @@ KEY = "test-service-key"
 SECRET = "test-callback-secret"
 
 
-def auth(key: str = KEY) -> Dict[str, str]:
+def auth(key: str = KEY) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}", "apikey": key}
 
 
 def send_callback(standin: SupabaseStandin, body: Any, *, secret: str = SECRET,
-                  headers: Optional[Dict[str, str]] = None, timeout: float = 10) -> requests.Response:
+                  headers: dict[str, str] | None = None, timeout: float = 10) -> requests.Response:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     hdrs = {"Content-Type": "application/json", "X-Callback-Signature": sign(raw, secret), **auth()}
     hdrs.update(headers or {})
@@ -31,7 +31,7 @@ def send_callback(standin: SupabaseStandin, body: Any, *, secret: str = SECRET,
     return requests.post(standin.url + "/functions/v1/job-callback", data=raw, headers=hdrs, timeout=timeout)
 
 
-def upload(standin: SupabaseStandin, path: str, data: bytes, content_type: Optional[str],
+def upload(standin: SupabaseStandin, path: str, data: bytes, content_type: str | None,
            upsert: bool = True) -> requests.Response:
     headers = {**auth(), **({"Content-Type": content_type} if content_type else {})}
     if upsert:
@@ -66,7 +66,7 @@ def test_signature_must_match_exact_bytes(supabase_standin: SupabaseStandin) -> 
 @pytest.mark.parametrize(
     "headers", [{"apikey": None}, {"Authorization": None}, {"apikey": "wrong"}, {"Authorization": "Bearer wrong"}]
 )
-def test_gateway_auth_required(supabase_standin: SupabaseStandin, headers: Dict[str, Optional[str]]) -> None:
+def test_gateway_auth_required(supabase_standin: SupabaseStandin, headers: dict[str, str | None]) -> None:
     resp = send_callback(supabase_standin, {"job_id": "j1", "status": "completed"}, headers=headers)
     assert resp.status_code == 401
     assert supabase_standin.callbacks() == []
@@ -153,7 +153,7 @@ def test_storage_outage_window_refuses_every_upload_until_ended(supabase_standin
 # ----------------------------------------------------------------------------- registration
 @pytest.fixture
 def healthy_worker() -> Any:
-    def app(environ: Dict[str, Any], start_response: Any) -> list:
+    def app(environ: dict[str, Any], start_response: Any) -> list:
         start_response("200 OK", [("Content-Type", "application/json")])
         return [b'{"status": "healthy"}']
 

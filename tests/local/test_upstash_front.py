@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Dict
+from typing import Any
 
 import pytest
 import redis
@@ -17,7 +17,7 @@ from local.upstash_front import UpstashFront
 
 
 @pytest.fixture
-def http(upstash_front: UpstashFront, redis_client: redis.Redis) -> "Http":
+def http(upstash_front: UpstashFront, redis_client: redis.Redis) -> Http:
     return Http(upstash_front)
 
 
@@ -26,7 +26,7 @@ class Http:
 
     def __init__(self, front: UpstashFront) -> None:
         self.url = front.url
-        self.headers: Dict[str, str] = {"Authorization": f"Bearer {front.token}"}
+        self.headers: dict[str, str] = {"Authorization": f"Bearer {front.token}"}
 
     def post(self, path: str = "", body: Any = None, *, data: Any = None, b64: bool = False) -> requests.Response:
         headers = dict(self.headers, **({"Upstash-Encoding": "base64"} if b64 else {}))
@@ -105,7 +105,7 @@ def test_base64_encoding_encodes_every_string_but_ok(http: Http) -> None:
     "headers, query",
     [({}, ""), ({"Authorization": "Bearer wrong"}, ""), ({"Authorization": "Basic x"}, ""), ({}, "?_token=wrong")],
 )
-def test_auth_refused(upstash_front: UpstashFront, headers: Dict[str, str], query: str) -> None:
+def test_auth_refused(upstash_front: UpstashFront, headers: dict[str, str], query: str) -> None:
     for resp in (
         requests.post(upstash_front.url + "/" + query, json=["PING"], headers=headers, timeout=10),
         requests.get(upstash_front.url + "/ping" + query, headers=headers, timeout=10),
@@ -120,8 +120,16 @@ def test_token_query_parameter_accepted(upstash_front: UpstashFront) -> None:
 
 @pytest.mark.parametrize(
     "command",
-    [["BLPOP", "q", "0"], ["BRPOP", "q", "1"], ["BLMOVE", "a", "b", "LEFT", "RIGHT", "0"], ["BRPOPLPUSH", "a", "b", "0"],
-     ["BZPOPMIN", "z", "0"], ["XREAD", "BLOCK", "0", "STREAMS", "s", "$"], ["SUBSCRIBE", "ch"], ["MONITOR"]],
+    [
+        ["BLPOP", "q", "0"],
+        ["BRPOP", "q", "1"],
+        ["BLMOVE", "a", "b", "LEFT", "RIGHT", "0"],
+        ["BRPOPLPUSH", "a", "b", "0"],
+        ["BZPOPMIN", "z", "0"],
+        ["XREAD", "BLOCK", "0", "STREAMS", "s", "$"],
+        ["SUBSCRIBE", "ch"],
+        ["MONITOR"],
+    ],
 )
 def test_blocking_commands_refused(http: Http, command: list) -> None:
     resp = http.post("", command)

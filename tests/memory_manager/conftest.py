@@ -4,21 +4,22 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
 
+from common.settings import Secret
+from local.net import BackgroundServer
 from memory_manager.app import MemoryDeps, create_app
-from workers.core.memory_client import MemoryClient, ReserveResult
 from memory_manager.config import MemorySettings
 from memory_manager.control import WorkerControl
 from memory_manager.ledger import Ledger
 from memory_manager.policy import MemoryPolicy, seed_policies
 from memory_manager.probe import FixedProbe
-from common.settings import Secret
-from local.net import BackgroundServer
+from workers.core.memory_client import MemoryClient, ReserveResult
 
 ADMIN = "test-admin-key"
 

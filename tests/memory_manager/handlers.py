@@ -2,10 +2,9 @@
 process reserves GPU memory as ``chat`` or ``wan`` (``--handler tests.memory_manager.handlers:create_chat``)."""
 from __future__ import annotations
 
-from workers.core.job import Queue
 from common.settings import Settings
-
 from tests.fakes.handlers import FakeHandler
+from workers.core.job import Queue
 
 
 def _named(kind: str, queue: Queue) -> FakeHandler:

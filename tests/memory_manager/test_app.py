@@ -7,14 +7,13 @@ import sys
 import pytest
 import requests
 
-from workers.core.memory_client import Grant, MemoryClient
-from memory_manager.config import MemorySettings
-from memory_manager.ledger import Pressure
 from common.errors import ConfigError
 from common.settings import Secret
 from local.net import free_port
-
+from memory_manager.config import MemorySettings
+from memory_manager.ledger import Pressure
 from tests.orchestrator.support import ROOT, wait_for
+from workers.core.memory_client import Grant, MemoryClient
 
 from .conftest import ADMIN, start_manager, stop_manager
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import threading
 
-from workers.core.memory_client import Grant
 from memory_manager.ledger import Ledger, Pressure
 from memory_manager.policy import MemoryPolicy
 from memory_manager.probe import FixedProbe
-
 from tests.orchestrator.support import wait_for
+from workers.core.memory_client import Grant
 
 from .conftest import ADMIN, start_manager, stop_manager
 

@@ -17,7 +17,6 @@ import pytest
 import requests
 
 from local.net import free_port
-
 from tests.orchestrator.support import ROOT, wait_for
 
 from .conftest import ADMIN

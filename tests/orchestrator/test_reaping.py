@@ -19,10 +19,10 @@ import psutil
 import pytest
 
 from common.exit_codes import ExitCode
-from orchestrator import child as child_mod
 from common.http import check_health
-from orchestrator.child import Child
 from local.net import free_port
+from orchestrator import child as child_mod
+from orchestrator.child import Child
 
 from .support import ROOT, all_running, fake_command, fleet_env, read_events, status, wait_for
 

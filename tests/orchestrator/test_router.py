@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import requests
 
-from router.app import RouterDeps, create_app
 from local.net import BackgroundServer, free_port
+from router.app import RouterDeps, create_app
 
 from .support import ROOT, fleet_env, wait_for
 

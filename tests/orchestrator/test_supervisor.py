@@ -11,9 +11,9 @@ import pytest
 import requests
 
 from common.exit_codes import ExitCode
+from local.net import free_port
 from orchestrator.program import Backoff, ProgramSpec, ProgramState
 from orchestrator.supervisor import Supervisor
-from local.net import free_port
 
 from .support import alive, fake_command, read_events, wait_for
 

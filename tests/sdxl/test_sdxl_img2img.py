@@ -49,7 +49,12 @@ def test_reference_strength_and_one_step_floor(sdxl_handler, references):
     assert meta["denoise_strength"] == pytest.approx(0.3)
     assert meta["denoise_strength_source"] == "1 - metadata.reference_strength"
     # 2 steps x 0.3 < 1 real step: raised to 4 scheduler steps, one of which runs; both reported
-    assert (meta["steps"], meta["num_inference_steps"], meta["denoising_steps"], meta["requested_steps"]) == (4, 4, 1, 2)
+    assert (meta["steps"], meta["num_inference_steps"], meta["denoising_steps"], meta["requested_steps"]) == (
+        4,
+        4,
+        1,
+        2,
+    )
     assert result.outputs[0].metadata["steps"] == 4
 
 

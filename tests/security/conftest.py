@@ -11,8 +11,8 @@ reference hosts of :mod:`tests.security.fleet`. Everything listens on loopback o
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -22,9 +22,9 @@ import requests
 from flask import Flask, Response, redirect, request
 from werkzeug.serving import make_server
 
-from tests.refserver import png_bytes
 from local.demo import fleet_env
 from local.net import free_port
+from tests.refserver import png_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,13 +110,25 @@ class Fleet:
         env = fleet_env(models, _Redis, standin, ports)
         env.update({k: v for k, v in SECRETS.items() if k != "REDIS_PASSWORD"})
         env.pop("UPSTASH_REDIS_REST_TOKEN")
-        env.update({
-            "STORAGE_DIR": str(self.storage), "LOG_DIR": str(self.log_dir), "REFERENCE_ALLOW_HOSTS": "127.0.0.1",
-            "REFERENCE_TIMEOUT_SECONDS": "5", "CHAT_MAX_CONTEXT_TOKENS": "1024", "ROUTER_MAX_BODY_MB": "2",
-            "CALLBACK_RETRY_SECONDS": "20", "FLEET_STOP_GRACE_SECONDS": "20", "WAN_ENHANCE_TIMEOUT_SECONDS": "20",
-            "HF_HUB_OFFLINE": "1", "QUEUE_POLL_MIN_SECONDS": "0.05", "QUEUE_POLL_MAX_SECONDS": "0.3",
-            "FLEET_HEALTH_INTERVAL_SECONDS": "2", "FLEET_UNHEALTHY_RESTART_CHECKS": "30", "TMPDIR": str(workdir / "tmp"),
-        })
+        env.update(
+            {
+                "STORAGE_DIR": str(self.storage),
+                "LOG_DIR": str(self.log_dir),
+                "REFERENCE_ALLOW_HOSTS": "127.0.0.1",
+                "REFERENCE_TIMEOUT_SECONDS": "5",
+                "CHAT_MAX_CONTEXT_TOKENS": "1024",
+                "ROUTER_MAX_BODY_MB": "2",
+                "CALLBACK_RETRY_SECONDS": "20",
+                "FLEET_STOP_GRACE_SECONDS": "20",
+                "WAN_ENHANCE_TIMEOUT_SECONDS": "20",
+                "HF_HUB_OFFLINE": "1",
+                "QUEUE_POLL_MIN_SECONDS": "0.05",
+                "QUEUE_POLL_MAX_SECONDS": "0.3",
+                "FLEET_HEALTH_INTERVAL_SECONDS": "2",
+                "FLEET_UNHEALTHY_RESTART_CHECKS": "30",
+                "TMPDIR": str(workdir / "tmp"),
+            }
+        )
         (workdir / "tmp").mkdir(exist_ok=True)
         if upstash is not None:
             env.pop("REDIS_URL")
@@ -139,7 +151,7 @@ class Fleet:
     def settings(self) -> dict[str, str]:
         return self.env
 
-    def wait_ready(self, timeout: float = 180.0) -> "Fleet":
+    def wait_ready(self, timeout: float = 180.0) -> Fleet:
         deadline = time.monotonic() + timeout
         pending = list(PROGRAMS)
         while pending and time.monotonic() < deadline:

@@ -96,7 +96,7 @@ def test_key_comparison_is_constant_time_and_checks_every_key():
     assert not http.key_matches("k", [None])
 
 
-RUNTIME_PACKAGES = ("workers/core", "workers/sdxl", "workers/wan", "workers/chat", "orchestrator",
+RUNTIME_PACKAGES = ("common", "workers", "orchestrator", "router",
                     "memory_manager", "registration")
 
 

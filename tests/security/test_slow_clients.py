@@ -17,17 +17,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import requests
 
+from local.net import BackgroundServer, free_port
 from tests.orchestrator.support import ROOT, fleet_env, wait_for
 from tests.procs import WorkerProcess, runtime_env
-from local.net import BackgroundServer, free_port
 
 DEADLINE = 3.0          # HTTP_READ_TIMEOUT_SECONDS in these tests
 DRIP_SECONDS = 1.0      # one byte per second: never idle long enough for a per-read timeout
@@ -101,7 +102,7 @@ class Prober:
     interval: float = 1.0
     results: list[tuple[str, float, Any]] = field(default_factory=list)
 
-    def run(self) -> "Prober":
+    def run(self) -> Prober:
         def probe(url: str) -> tuple[str, float, Any]:
             began = time.monotonic()
             try:

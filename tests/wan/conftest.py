@@ -6,8 +6,9 @@ from __future__ import annotations
 import io
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any, Iterator
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every load below must work without the hub
 

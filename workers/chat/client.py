@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import select
 import socket
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 
 class ClientGone(Exception):

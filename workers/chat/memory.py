@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -36,7 +36,7 @@ def reservation_gb(path: Path, dtype: torch.dtype, slots: int, max_context: int,
     context, as ``load_model`` caps it), and a prefill of ``prefill_tokens`` through the widest layer (the MLP's
     gate and up projections, and the hidden state in and out). Graph pools and penalty counts are small next to
     these; the margin the memory manager keeps covers them."""
-    from transformers import AutoConfig   # noqa: PLC0415 - only when sizing a load
+    from transformers import AutoConfig  # noqa: PLC0415 - only when sizing a load
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     itemsize = torch.empty(0, dtype=dtype).element_size()

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from common.settings import Settings
 from workers.core.errors import ErrorType, WorkerError
 from workers.gpu.device import resolve_device
-from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class ModelName(str, Enum):
         return self.value.removeprefix("qwen_")
 
     @property
-    def other(self) -> "ModelName":
+    def other(self) -> ModelName:
         return ModelName.BASE if self is ModelName.INSTRUCT else ModelName.INSTRUCT
 
 
@@ -79,11 +79,18 @@ class LoadedModel:
 
     def describe(self) -> dict[str, Any]:
         config = self.model.config
-        return {"loaded": True, "architecture": type(self.model).__name__, "dtype": str(self.dtype).removeprefix("torch."),
-                "device": self.device.type, "parameters": sum(p.numel() for p in self.model.parameters()),
-                "layers": getattr(config, "num_hidden_layers", None), "hidden_size": getattr(config, "hidden_size", None),
-                "vocab_size": getattr(config, "vocab_size", None), "max_context_tokens": self.max_context,
-                "chat_template": self.has_chat_template}
+        return {
+            "loaded": True,
+            "architecture": type(self.model).__name__,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": self.device.type,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "layers": getattr(config, "num_hidden_layers", None),
+            "hidden_size": getattr(config, "hidden_size", None),
+            "vocab_size": getattr(config, "vocab_size", None),
+            "max_context_tokens": self.max_context,
+            "chat_template": self.has_chat_template,
+        }
 
 
 def model_dtype(device: torch.device) -> torch.dtype:

@@ -5,8 +5,9 @@ HTTP maps it to 400, the job loop to a ``failed`` callback. Unknown keys are ign
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from workers.core.errors import InvalidJob
 from workers.core.params import describe, finite_number

@@ -11,8 +11,8 @@ alone (``finish = "error"``) and the engine fails its request only.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -55,7 +55,7 @@ class RowParams:
     sampled: list[int]          # rows that sample (temperature > 0); the others are greedy
 
     @classmethod
-    def build(cls, params: Sequence[SamplingParams], device: torch.device) -> "RowParams":
+    def build(cls, params: Sequence[SamplingParams], device: torch.device) -> RowParams:
         def column(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)
 

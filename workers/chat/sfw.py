@@ -24,7 +24,7 @@ class WordFilter:
         self._max_words = max((len(w.split()) for w in self.words), default=1)
 
     @classmethod
-    def from_file(cls, path: Path | None) -> "WordFilter":
+    def from_file(cls, path: Path | None) -> WordFilter:
         path = path or DEFAULT_WORDS
         try:
             lines = path.read_text(encoding="utf-8").splitlines()

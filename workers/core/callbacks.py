@@ -17,14 +17,16 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 import requests
 
+from common.settings import Settings
+
 from . import keys, retry
 from .metrics import Metrics
-from common.settings import Settings
 from .transport import Transport, TransportError
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ class CallbackClient:
         self.clock = clock
 
     @classmethod
-    def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> "CallbackClient":
+    def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> CallbackClient:
         settings.require("supabase_url", "supabase_service_key", "job_callback_secret")
         return cls(settings.supabase_url, settings.supabase_service_key.reveal(),
                    settings.job_callback_secret.reveal(), settings.callback_retry_seconds,

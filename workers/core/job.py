@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import InvalidJob
 
@@ -49,7 +50,7 @@ class JobType(str, Enum):
     ADMIN_UTILITIES = "admin_utilities"
 
     @classmethod
-    def parse(cls, name: str) -> "JobType":
+    def parse(cls, name: str) -> JobType:
         """The type for a wire name, accepting the ``wan_video_*`` aliases."""
         name = ALIASES.get(name, name)
         return cls(name)

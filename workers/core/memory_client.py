@@ -64,7 +64,7 @@ class MemoryClient:
         self._timeout = timeout
 
     @classmethod
-    def from_settings(cls, settings: Settings, worker: str, gpu: int | None = None) -> "MemoryClient":
+    def from_settings(cls, settings: Settings, worker: str, gpu: int | None = None) -> MemoryClient:
         """``gpu`` defaults to ``settings.gpu_index`` (FLEET_GPU_INDEX, set by the orchestrator)."""
         return cls(settings.memory_manager_url, worker, settings.gpu_index if gpu is None else gpu,
                    settings.worker_admin_key)

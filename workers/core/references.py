@@ -16,8 +16,8 @@ import ipaddress
 import socket
 import threading
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Callable
 from urllib.parse import SplitResult, urljoin, urlsplit
 
 import requests
@@ -28,9 +28,10 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util.connection import create_connection
 
+from common.settings import References
+
 from . import retry
 from .errors import ErrorType, WorkerError
-from common.settings import References
 
 MAX_REDIRECTS = 3
 MAX_PIXELS = 64 * 1024 * 1024
@@ -124,7 +125,7 @@ class ReferenceFetcher:
             data = self._download(url.strip(), fetch, self.clock() + self.timeout)
         return self._decode(data)
 
-    def _download(self, url: str, fetch: "_Fetch", deadline: float) -> bytes:
+    def _download(self, url: str, fetch: _Fetch, deadline: float) -> bytes:
         """Up to 3 tries within the deadline, on connection errors, 5xx and 429 (``Retry-After`` honoured)."""
         def attempt() -> retry.Answer:
             try:
@@ -138,7 +139,7 @@ class ReferenceFetcher:
             raise ReferenceFailure(f"download failed ({answer.problem})")
         return answer.value
 
-    def _follow(self, url: str, fetch: "_Fetch", deadline: float) -> bytes:
+    def _follow(self, url: str, fetch: _Fetch, deadline: float) -> bytes:
         for _ in range(MAX_REDIRECTS + 1):
             address = check_url(url, self.allow_hosts, self.resolve)
             parts = _split(url)
@@ -167,7 +168,7 @@ class ReferenceFetcher:
                 return self._read(response, fetch)
         raise ReferenceFailure(f"more than {MAX_REDIRECTS} redirects")
 
-    def _read(self, response: requests.Response, fetch: "_Fetch") -> bytes:
+    def _read(self, response: requests.Response, fetch: _Fetch) -> bytes:
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
             raise ReferenceFailure(f"image is larger than {self.max_bytes} bytes")
@@ -233,7 +234,7 @@ def _pin_key(host: str, port: int) -> tuple[str, int]:
     return host.lower().strip("[]").rstrip("."), int(port)
 
 
-_CURRENT: ContextVar["_Fetch | None"] = ContextVar("reference_fetch", default=None)
+_CURRENT: ContextVar[_Fetch | None] = ContextVar("reference_fetch", default=None)
 
 
 class _Fetch:
@@ -276,7 +277,7 @@ class _Fetch:
         for sock in sockets:
             _shut(sock)
 
-    def __enter__(self) -> "_Fetch":
+    def __enter__(self) -> _Fetch:
         self._token = _CURRENT.set(self)
         self._timer.start()
         return self
@@ -322,7 +323,7 @@ class _Pinned:
         try:
             sock = create_connection((address, self.port), self.timeout, source_address=self.source_address,
                                      socket_options=self.socket_options)
-        except socket.timeout:
+        except TimeoutError:
             raise ConnectTimeoutError(self, f"connection to {self.host} timed out") from None
         except OSError as exc:
             raise NewConnectionError(self, f"failed to connect: {exc}") from None

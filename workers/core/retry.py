@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import email.utils
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 from tenacity import RetryCallState, Retrying, retry_if_result
 from tenacity.wait import wait_exponential_jitter
@@ -41,7 +42,7 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
         return None
     if when.tzinfo is None:
         return None
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def call(attempt: Callable[[], Answer], *, initial: float, cap: float, deadline: float | None = None,

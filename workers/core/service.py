@@ -20,27 +20,28 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from flask import Blueprint, Flask, jsonify, request
 
-from common.exit_codes import ExitCode
 from common import openapi
-from . import storage as storage_mod
-from . import transport as transport_mod
+from common.errors import ConfigError
+from common.exit_codes import ExitCode
+from common.http import ApiError, create_base_app, json_body, require_admin
+from common.settings import Settings
+from workers.core.errors import InvalidJob, RetryableError, WorkerError
 from workers.core.memory_client import MemoryClient
 
+from . import storage as storage_mod
+from . import transport as transport_mod
 from .callbacks import CallbackClient, OutboxSender
-from common.errors import ConfigError
-from workers.core.errors import InvalidJob, RetryableError, WorkerError
 from .handler import Handler, ModelControl, WorkerHandler
-from common.http import ApiError, create_base_app, json_body, require_admin
 from .introspect import device_memory, versions
 from .metrics import Metrics
 from .queue import ReliableQueue
 from .residency import Residency
 from .runner import JobTimeouts, Runner
-from common.settings import Settings
 from .state import Lifecycle, WorkerState
 from .transport import TransportError
 from .watchdog import Watchdog

@@ -9,15 +9,17 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 from urllib.parse import quote
 
 import requests
 
+from common.settings import Settings
+
 from . import retry
 from .errors import ErrorType, RetryableError, WorkerError
-from common.settings import Settings
 
 _COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")  # \Z, not $ (no trailing newline)
 TRIES = 4            # 1, 2, 4 s of backoff (+ jitter) in between

@@ -9,10 +9,9 @@ failure, a reply that came too late included: the command may have run, so the c
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
-
 import base64
 import binascii
+from typing import Any, Protocol
 
 import httpx
 import redis

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from workers.core.errors import ErrorType, WorkerError
 from workers.core.handler import Progress

@@ -9,8 +9,8 @@ and the package is importable. On CUDA: VAE slicing (a batch of 6 decodes one im
 else (the defaults) the UNet's transformer blocks compiled (``COMPILE_BLOCKS``, workers/gpu/regional.py) and
 the UNet and text encoders replayed as one CUDA graph per input shape (``CUDA_GRAPHS``, workers/gpu/graphed.py:
 the same kernels without ~2,000 Python-side launches per UNet step), all warmed up by
-:meth:`SdxlPipelines.warm_up` for the default shapes before the worker reports ready. Channels-last was measured on an H100 and
-left out: no gain at batch 2, 11 % slower at batch 12 (SDPA dominates at 1024²).
+:meth:`SdxlPipelines.warm_up` for the default shapes before the worker reports ready. Channels-last was measured
+on an H100 and left out: no gain at batch 2, 11 % slower at batch 12 (SDPA dominates at 1024²).
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ class SdxlPipelines:
     @classmethod
     def from_t2i(cls, t2i: Any, device: Any, name: str, *, attention: str = "sdpa",
                  compile_unet: bool = False, cuda_graphs: bool = False,
-                 compile_blocks: bool = False) -> "SdxlPipelines":
+                 compile_blocks: bool = False) -> SdxlPipelines:
         """Finish a loaded text-to-image pipeline: device, attention, VAE slicing, compile (the whole UNet,
         or its transformer blocks) and/or CUDA graphs, the img2img twin."""
         from diffusers import StableDiffusionXLImg2ImgPipeline

@@ -11,11 +11,11 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from common.settings import Settings
 from workers.core import params
 from workers.core.errors import ErrorType, InvalidJob
 from workers.core.job import Job, Queue
 from workers.core.params import describe, finite_number
-from common.settings import Settings
 
 from . import weighting
 from .weighting import Segment
@@ -62,7 +62,7 @@ class SdxlRequest:
     exact_copy: bool
 
     @classmethod
-    def from_job(cls, job: Job, settings: Settings) -> "SdxlRequest":
+    def from_job(cls, job: Job, settings: Settings) -> SdxlRequest:
         if job.queue is not Queue.SDXL:
             raise InvalidJob(f"job type {job.type.value} does not belong to sdxl_queue")
         steps_default, guidance_default = TIER_DEFAULTS.get(job.type.tier, TIER_DEFAULTS["fast"])

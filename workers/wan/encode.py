@@ -15,8 +15,8 @@ import av
 import numpy as np
 from PIL import Image
 
-from workers.media import png
 from workers.core.handler import Output
+from workers.media import png
 from workers.media.thumbnail import thumbnail
 
 from .request import FPS

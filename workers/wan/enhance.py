@@ -74,7 +74,7 @@ class PromptEnhancer:
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="enhance")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "PromptEnhancer":
+    def from_settings(cls, settings: Settings) -> PromptEnhancer:
         return cls(settings.chat_worker_url, settings.chat_worker_api_key or settings.wan_worker_api_key,
                    settings.wan_enhance_template, settings.wan_enhance_timeout_seconds, settings.max_prompt_chars)
 

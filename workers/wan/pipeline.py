@@ -16,19 +16,25 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-from diffusers import (DPMSolverMultistepScheduler, UniPCMultistepScheduler, WanPipeline,
-                       WanVACEPipeline, WanVACETransformer3DModel)
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanVACEPipeline,
+    WanVACETransformer3DModel,
+)
 
+from common.settings import Settings
+from workers.core.errors import ErrorType, FatalWorkerError, RetryableError, WorkerError
 from workers.gpu import graphed, regional
 from workers.gpu.device import resolve_device
-from workers.core.errors import ErrorType, FatalWorkerError, RetryableError, WorkerError
-from common.settings import Settings
 
 from .references import VaceConditioning
 from .request import Solver
@@ -105,7 +111,7 @@ class WanModels:
         self.dtype: torch.dtype | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, progress_bar: bool = False) -> "WanModels":
+    def from_settings(cls, settings: Settings, *, progress_bar: bool = False) -> WanModels:
         """The one way the worker and ``wan_generate.py`` build their models, so both honour every setting;
         only the progress bar (the CLI's) is not a setting."""
         return cls(model_path=settings.wan_model_path, vace_path=settings.wan_vace_model_path,
@@ -266,8 +272,8 @@ BATCHED_CFG_MAX_TOKENS = 8192
 
 
 # Compiled in place when COMPILE_BLOCKS is on (workers/gpu/regional.py): one 81-frame transformer pass
-# 0.646 -> 0.532 s on an H100 (`python -m bench levers`, WAN case), ~5 s of compile per variant; VACE's own blocks compile
-# on its first job.
+# 0.646 -> 0.532 s on an H100 (`python -m bench levers`, WAN case), ~5 s of compile per variant; VACE's own
+# blocks compile on its first job.
 COMPILED_BLOCKS = ("WanTransformerBlock", "WanVACETransformerBlock")
 
 

@@ -39,7 +39,7 @@ class ReferenceMode(str, Enum):
     BOTH = "both"
 
     @classmethod
-    def of(cls, refs: References) -> "ReferenceMode":
+    def of(cls, refs: References) -> ReferenceMode:
         if refs.first and refs.last:
             return cls.BOTH
         if refs.first:

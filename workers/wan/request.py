@@ -40,7 +40,7 @@ class Solver(str, Enum):
     DPMPP = "dpm++"
 
     @classmethod
-    def parse(cls, value: object) -> "Solver | None":
+    def parse(cls, value: object) -> Solver | None:
         """The solver for a wire name, or ``None`` when it is not one we run."""
         if not isinstance(value, str):
             return None

@@ -19,7 +19,8 @@ and the caller keeps the plain pipeline otherwise.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from diffusers import WanPipeline

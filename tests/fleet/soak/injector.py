@@ -15,9 +15,9 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 from local.redis_server import RedisServer
 from local.supabase_standin import SupabaseStandin

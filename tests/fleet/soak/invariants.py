@@ -19,14 +19,14 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import redis
 
-from workers.core import keys
 from local.supabase_standin import ReceivedCallback, SupabaseStandin
+from workers.core import keys
 
 from ..faults import Exchange
 from ..jobs import QUEUES, TERMINAL
@@ -94,7 +94,7 @@ class RedisState:
     active: set[str]
 
     @classmethod
-    def read(cls, client: redis.Redis) -> "RedisState":
+    def read(cls, client: redis.Redis) -> RedisState:
         text = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
         processing = {text(k): [job_id_of(e) or "?" for e in client.lrange(k, 0, -1)]
                       for k in client.scan_iter(match="*:processing:*", count=1000)}
