@@ -17,82 +17,35 @@ loop stops and ``trip(code, reason)`` tells the service (which reports unhealthy
 """
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
 from common.exit_codes import ExitCode
-from common.settings import Settings
 
 from . import callbacks as cb
 from .callbacks import CallbackClient, Outbox, Outcome
-from .errors import ErrorType, FatalWorkerError, InvalidJob, JobCancelled, RetryableError, WorkerError
+from .errors import ErrorType, FatalWorkerError, InvalidJob, JobCancelled, WorkerError
 from .handler import Handler, Result
-from .job import Job, JobType, OutputKind, Queue, decode
+from .job import Job, decode
 from .metrics import Metrics
+from .outcomes import as_worker_error, completed_metadata, failed_body, first_line, not_the_jobs_fault, retryable
 from .queue import Claim, Delivery, ReliableQueue, Settled, Skipped
 from .storage import Storage, object_path
+from .timeouts import JobTimeouts
 from .transport import TransportError
 
 log = logging.getLogger(__name__)
 
-DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-APP_OWNED_KEYS = frozenset({"destination", "scene_id", "character_id", "conversation_id", "project_id",
-                            "user_id", "job_id", "status", "credits", "cost"})
-NOT_THE_JOBS_FAULT = frozenset({ErrorType.OOM_ERROR, ErrorType.MODEL_LOAD_ERROR})
 LEASE_MARGIN_SECONDS = 5.0   # the runner's outbox lease outlasts its own delivery budget by this much
 MAX_PAUSE_SECONDS = 30.0
 
 
-@dataclass(frozen=True)
-class JobTimeouts:
-    """Each job type's deadline in seconds (``JOB_TIMEOUT_*_SECONDS``), a little above the slowest expected
-    job; past it the job's next ``progress`` call raises ``JobCancelled`` and the job is retried."""
-
-    sdxl: float = 300.0
-    wan_video: float = 1200.0
-    wan_image: float = 300.0
-    chat: float = 120.0
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> JobTimeouts:
-        return cls(sdxl=settings.job_timeout_sdxl_seconds, wan_video=settings.job_timeout_wan_video_seconds,
-                   wan_image=settings.job_timeout_wan_image_seconds, chat=settings.job_timeout_chat_seconds)
-
-    def seconds_for(self, job_type: JobType) -> float:
-        if job_type.queue is Queue.SDXL:
-            return self.sdxl
-        if job_type.queue is Queue.CHAT:
-            return self.chat
-        return self.wan_video if job_type.output_kind is OutputKind.VIDEO else self.wan_image
-
-
 def _log_trip(code: ExitCode, reason: str) -> None:
     log.error("the job loop stopped itself (%s): %s", code.name, reason)
-
-
-def _not_the_jobs_fault(exc: Exception) -> bool:
-    """Failures the breaker counts: anything unexpected (CUDA errors, a full disk, bugs), OOM, model loads."""
-    return not isinstance(exc, WorkerError) or (not isinstance(exc, JobCancelled)
-                                                and exc.error_type in NOT_THE_JOBS_FAULT)
-
-
-def _first_line(exc: Exception) -> str:
-    """For the operator (``/health``, the log): the exception's type and the first line of its text."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
-
-
-def _retryable(exc: Exception) -> bool:
-    if isinstance(exc, JobCancelled):
-        return exc.reason == "deadline"
-    return isinstance(exc, RetryableError) or not isinstance(exc, WorkerError)
 
 
 class _Tripped(Exception):
@@ -205,7 +158,7 @@ class Runner:
         self.deadline = self.clock() + self.timeouts.seconds_for(job.type)
         if begun.attempt > self.max_attempts:
             error = WorkerError(f"job failed {self.max_attempts} times; giving up", ErrorType.INTERNAL_ERROR)
-            return self._settle(delivery, job.id, job, self._failed_body(job.id, job, error), "dead",
+            return self._settle(delivery, job.id, job, failed_body(job.id, job, error, self.worker_id), "dead",
                                 dead_reason=f"attempt limit ({self.max_attempts}) reached")
         self.callbacks.progress(cb.encode(job.id, self.worker_id, "processing",
                                           metadata={"job_type": job.type.value, "worker_id": self.worker_id,
@@ -220,7 +173,7 @@ class Runner:
         except Exception as exc:  # typed below: WorkerError subclasses decide, anything else retries
             return self._on_error(delivery, job, exc, begun)
         self._infra_failures = 0
-        metadata = self._job_metadata(job, result.metadata, started)
+        metadata = completed_metadata(job, result.metadata, self.worker_id, self.clock() - started)
         body = cb.encode(job.id, self.worker_id, "completed", assets, None, metadata)
         self._settle(delivery, job.id, job, body, "completed", started=started)
 
@@ -238,7 +191,7 @@ class Runner:
                 self._until_acknowledged(lambda: self.queue.dead_letter(delivery, reason))
                 self.metrics.jobs.labels("unknown", "dead").inc()
             else:
-                self._settle(delivery, exc.job_id, None, self._failed_body(exc.job_id, None, exc), "invalid")
+                self._settle(delivery, exc.job_id, None, failed_body(exc.job_id, None, exc, self.worker_id), "invalid")
             return None
 
     def _skipped(self, job: Job, skipped: Skipped) -> None:
@@ -252,38 +205,25 @@ class Runner:
         if isinstance(exc, FatalWorkerError):
             log.error("job %s (%s): fatal worker error: %s", job.id, job.type.value, exc)
             return self._trip(delivery, job, ExitCode.FATAL_WORKER_ERROR, str(exc) or "fatal worker error")
-        retry = _retryable(exc)
-        infra = _not_the_jobs_fault(exc)
-        error = self._as_worker_error(job, exc)
+        retry = retryable(exc)
+        infra = not_the_jobs_fault(exc)
+        error = as_worker_error(job, exc)
         if infra:
             self._infra_failures += 1
             if self._infra_failures >= self.breaker_threshold:
                 return self._trip(delivery, job, ExitCode.BREAKER_OPEN,
                                   f"{self._infra_failures} jobs in a row failed for reasons not theirs "
-                                  f"(last: {_first_line(exc)})")
+                                  f"(last: {first_line(exc)})")
         if not retry:
-            return self._settle(delivery, job.id, job, self._failed_body(job.id, job, error), "failed")
+            return self._settle(delivery, job.id, job, failed_body(job.id, job, error, self.worker_id), "failed")
         if claim.attempt >= self.max_attempts:
-            return self._settle(delivery, job.id, job, self._failed_body(job.id, job, error), "dead",
+            return self._settle(delivery, job.id, job, failed_body(job.id, job, error, self.worker_id), "dead",
                                 dead_reason=f"{error.error_type.value} on the last attempt")
         self._until_acknowledged(lambda: self.queue.hand_back(delivery, job.id, claim.token, count_attempt=True))
         self.metrics.jobs.labels(job.type.value, "retried").inc()
         # Pause before the next fetch, so the retry is likely taken by a healthy worker.
         pause = max(getattr(exc, "delay", 0.0), self.breaker_pause * self._infra_failures if infra else 0.0)
         self._pause = min(pause, MAX_PAUSE_SECONDS)
-
-    def _as_worker_error(self, job: Job, exc: Exception) -> WorkerError:
-        """The wire error for ``exc``, logged once; never a path, a stack trace or a secret on the wire."""
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-            # Any handler's temporary files (e.g. the MP4 encoder's): say so clearly; no path in the message.
-            log.error("job %s (%s): the worker's disk is full: %s", job.id, job.type.value, exc)
-            return WorkerError(f"no space left on the worker's disk for temporary files ({os.strerror(exc.errno)})",
-                               ErrorType.INTERNAL_ERROR)
-        if not isinstance(exc, WorkerError):
-            log.exception("job %s (%s) raised an unexpected error", job.id, job.type.value)
-            return WorkerError("internal error while running the job", ErrorType.INTERNAL_ERROR)
-        log.warning("job %s (%s) failed: %s %s", job.id, job.type.value, exc.error_type.value, exc.message)
-        return exc
 
     def _trip(self, delivery: Delivery, job: Job, code: ExitCode, reason: str) -> None:
         """Not the job's fault: it goes back uncounted, the loop stops, and the service is told."""
@@ -362,16 +302,6 @@ class Runner:
                 asset["thumbnail_url"] = thumb
             assets.append(asset)
         return assets
-
-    def _job_metadata(self, job: Job, metadata: dict[str, Any], started: float) -> dict[str, Any]:
-        clean = {k: v for k, v in metadata.items() if k not in APP_OWNED_KEYS}
-        return {**clean, "job_type": job.type.value, "worker_id": self.worker_id,
-                "processing_time": round(self.clock() - started, 3)}
-
-    def _failed_body(self, job_id: str, job: Job | None, error: WorkerError) -> bytes:
-        metadata = {"job_type": job.type.value if job else None, "error_type": error.error_type.value,
-                    "retryable": error.retryable, "worker_id": self.worker_id}
-        return cb.encode(job_id, self.worker_id, "failed", [], error.message, metadata)
 
     def _progress(self, fraction: float, message: str = "") -> None:
         """The handler's progress report, and its one cooperative cancellation point (the deadline)."""
