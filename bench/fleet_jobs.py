@@ -19,8 +19,8 @@ from typing import Any
 import redis
 import requests
 
+from common import keys
 from local.supabase_standin import SupabaseStandin
-from workers.core import keys
 
 FAMILIES = ("sdxl", "wan", "chat")
 QUEUES = {"sdxl": "sdxl_queue", "wan": "wan_queue", "chat": "chat_queue"}

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common import keys
 from tests.conftest import SUPABASE_TEST_CALLBACK_SECRET, SUPABASE_TEST_SERVICE_KEY
-from workers.core import keys
 from workers.core.callbacks import CallbackClient
 from workers.core.handler import Output, Progress, Result
 from workers.core.job import Job, Queue

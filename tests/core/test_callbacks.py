@@ -7,10 +7,10 @@ import time
 
 import pytest
 
+from common import keys
 from tests.conftest import SUPABASE_TEST_CALLBACK_SECRET as SECRET
 from tests.conftest import SUPABASE_TEST_SERVICE_KEY as KEY
 from workers.core import callbacks as cb
-from workers.core import keys
 from workers.core.callbacks import CallbackClient, OutboxSender, Outcome
 from workers.core.transport import RedisProtocolTransport
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from common import keys
 from tests.conftest import SUPABASE_TEST_CALLBACK_SECRET as SECRET
 from tests.conftest import SUPABASE_TEST_SERVICE_KEY as KEY
 from tests.procs import WorkerProcess, runtime_env
 from workers.core import callbacks as cb
-from workers.core import keys
 from workers.core.callbacks import CallbackClient, Outbox, OutboxSender
 from workers.core.transport import RedisProtocolTransport, UpstashRestTransport
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from workers.core import keys
+from common import keys
 from workers.core.queue import Claim, ReliableQueue, Settled, Skipped
 from workers.core.transport import TransportError, UpstashRestTransport
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from common import keys
 from tests.core.rig import Hold, Q, Rig, Scripted, element, held, process_on_a_thread, wait_until
 from tests.procs import WorkerProcess, runtime_env
-from workers.core import keys
 from workers.core.transport import RedisProtocolTransport
 
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
+from common import keys
 from common.exit_codes import ExitCode
 from tests.conftest import SUPABASE_TEST_SERVICE_KEY
 from tests.core.rig import Q, Rig, Scripted, element, held, made_by, wait_until
 from tests.core.scripted import FakeTime
 from tests.fakes.handlers import FakeHandler
-from workers.core import keys
 from workers.core import queue as queue_mod
 from workers.core.errors import ErrorType, FatalWorkerError, JobCancelled, RetryableError
 from workers.core.handler import Progress, Result

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from common import keys
 from common.exit_codes import ExitCode
 from common.settings import Settings
 from local.net import free_port
 from tests.core.worker_procs import element, start
 from tests.fleet.jobs import FAKE_TYPES, fake_element
 from tests.procs import ROOT, WorkerProcess
-from workers.core import keys
 from workers.core.service import default_worker_id
 
 Q = "sdxl_queue"

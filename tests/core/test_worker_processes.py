@@ -8,9 +8,9 @@ import uuid
 import pytest
 import requests
 
+from common import keys
 from common.settings import Settings
 from tests.core.worker_procs import element, start
-from workers.core import keys
 
 Q = "sdxl_queue"
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import redis
 
+from common import keys
 from local.supabase_standin import SupabaseStandin
-from workers.core import keys
 
 QUEUES = ("sdxl_queue", "wan_queue", "chat_queue")
 FAKE_TYPES = {"sdxl_queue": "sdxl_image_fast", "wan_queue": "image_fast", "chat_queue": "chat_conversation"}

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from workers.core import keys
+from common import keys
 
 from .faults import Mode
 from .fleet import wait_for

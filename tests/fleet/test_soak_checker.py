@@ -7,8 +7,8 @@ import time
 
 import requests
 
+from common import keys
 from local.supabase_standin import sign
-from workers.core import keys
 from workers.core.callbacks import encode
 
 from .faults import Exchange

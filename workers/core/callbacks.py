@@ -23,9 +23,10 @@ from typing import Any
 
 import requests
 
+from common import keys
 from common.settings import Settings
 
-from . import keys, retry
+from . import retry
 from .metrics import Metrics
 from .transport import Transport, TransportError
 

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
 
-from . import keys
+from common import keys
+
 from .transport import Transport, TransportError
 
 log = logging.getLogger(__name__)

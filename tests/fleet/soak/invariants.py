@@ -25,8 +25,8 @@ from pathlib import Path
 
 import redis
 
+from common import keys
 from local.supabase_standin import ReceivedCallback, SupabaseStandin
-from workers.core import keys
 
 from ..faults import Exchange
 from ..jobs import QUEUES, TERMINAL

@@ -1,5 +1,8 @@
 """Every Redis key the fleet uses, with its type and lifetime. Nothing else builds key names.
 
+In the kernel because two kinds of process use them: the workers' job runtime (``workers/core``) writes
+them, and the router's ops page (``router/collector.py``) reads queue depths and the job journal.
+
 | key | type | lifetime | meaning |
 |---|---|---|---|
 | ``<queue>`` | list | permanent | waiting jobs only (ops read ``LLEN``); producers RPUSH |
@@ -14,6 +17,7 @@
 | ``callbacks:outbox`` | hash job_id → body | until delivered (or rejected) | terminal callbacks owed to the app; written atomically with the job leaving its processing list, before the runner delivers it itself |
 | ``callbacks:outbox:lease:<job_id>`` | string owner id | TTL: a sender's, 2 × one POST; the runner's (set by the terminal step), its whole delivery budget + a margin; deleted when the holder is done | the one sender now delivering this outbox entry: other senders skip it |
 | ``callbacks:rejected`` | hash job_id → body | permanent (ops replay or drop it) | terminal callbacks the app refused with a 4xx (e.g. a rotated secret), kept for a manual replay |
+| ``jobs:journal`` | list of JSON, newest first, capped at 2000 | permanent (capped) | one small record per terminal outcome (id prefix, type, outcome, duration, worker, attempt, error type; never user text), for the ops page |
 """
 from __future__ import annotations
 
@@ -22,6 +26,10 @@ DEAD_LOG_MAX = 1000
 ACTIVE_WORKERS = "workers:active"
 OUTBOX = "callbacks:outbox"
 REJECTED = "callbacks:rejected"
+JOURNAL = "jobs:journal"
+JOURNAL_MAX = 2000
+#: The job queues (``workers.core.job.Queue``'s values): the ops page reads their depths.
+QUEUES = ("sdxl_queue", "wan_queue", "chat_queue")
 
 
 def processing(queue: str, worker_id: str) -> str:
