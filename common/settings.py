@@ -133,6 +133,10 @@ class Lifecycle(Declared):
                                                "deadline of a WAN image job")
     job_timeout_chat_seconds: float = var("JOB_TIMEOUT_CHAT_SECONDS", number(1, 86400), 120.0,
                                           "deadline of a chat job (`chat_*` and `admin_utilities`)")
+    cancel_check_seconds: float = var(
+        "CANCEL_CHECK_SECONDS", number(0, 3600), 10.0,
+        "how often a running job reads its `jobs` row to learn the app cancelled it (once before it starts too; "
+        "`0` = never; off without Supabase)")
     worker_breaker_threshold: int = var(
         "WORKER_BREAKER_THRESHOLD", integer(2, 1000), 5,
         "jobs in a row failing for reasons not theirs (unexpected exceptions such as CUDA errors, `OOM_ERROR`, "

@@ -1,9 +1,11 @@
-"""A local Supabase stand-in: the ``job-callback`` function, Storage uploads and worker registration.
+"""A local Supabase stand-in: the ``job-callback`` function, Storage uploads, worker registration and the
+``jobs`` table's status over the REST API (``GET /rest/v1/jobs``, local/supabase_jobs.py).
 
 It checks what the real gateway and functions check (service key in ``Authorization`` and ``apikey``,
 the HMAC ``X-Callback-Signature`` over the exact body bytes, Storage's content-type and upsert rules)
 and records what it received, with controls to inject failures (``fail_next``, ``fail_storage_next``,
-``set_storage_failing`` for a storage outage window, ``set_down``, ``delay``, ``skip_job_ids``). It only ever
+``set_storage_failing`` for a storage outage window, ``set_down``, ``delay``, ``skip_job_ids``; the jobs
+table's ``set_job_status`` and ``jobs_table.set_failing`` / ``set_hanging``). It only ever
 contacts loopback addresses (the registration health check).
 
 CLI for the demo, printing each callback as one JSON line on stdout::
@@ -33,6 +35,8 @@ import requests
 from flask import Flask, Response, request
 
 from local.net import BackgroundServer
+from local.supabase_jobs import ENDPOINT as JOBS_ENDPOINT
+from local.supabase_jobs import JobsTable, add_jobs_route
 
 HEALTH_TIMEOUT_S = 5.0
 
@@ -97,6 +101,7 @@ class StandinState:
     delay: float = 0.0
     skip_job_ids: set[str] = field(default_factory=set)
     on_callback: Callable[[ReceivedCallback], None] | None = None
+    jobs_table: JobsTable = field(default_factory=JobsTable)
     _lock: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _callbacks: list[ReceivedCallback] = field(default_factory=list, repr=False)
     _registrations: list[Registration] = field(default_factory=list, repr=False)
@@ -125,6 +130,10 @@ class StandinState:
         Storage alone); ``None`` ends the window."""
         with self._lock:
             self._storage_failing = status
+
+    def set_job_status(self, job_id: str, status: str | None) -> None:
+        """The app's ``jobs`` row of ``job_id`` now says ``status`` (e.g. ``"cancelled"``; ``None``: no row)."""
+        self.jobs_table.set_status(job_id, status)
 
     def set_down(self, down: bool) -> None:
         """While down, every request is answered 503."""
@@ -226,6 +235,8 @@ def create_app(service_key: str, callback_secret: str, state: StandinState | Non
             if failure is not None:
                 with st._lock:
                     st.storage_refused += 1
+        elif request.endpoint == JOBS_ENDPOINT:
+            failure = st.jobs_table.before_lookup()
         if failure is not None:
             return _json({"statusCode": str(failure), "error": "injected failure"}, failure)
         bearer = request.headers.get("Authorization", "").encode()
@@ -249,6 +260,8 @@ def create_app(service_key: str, callback_secret: str, state: StandinState | Non
         skipped = body.get("job_id") in st.skip_job_ids
         st._record_callback(ReceivedCallback(body, raw, _headers(), time.time(), skipped))
         return _json({"success": True, "skipped": True} if skipped else {"success": True})
+
+    add_jobs_route(app, st.jobs_table)
 
     @app.post("/storage/v1/object/<bucket>/<path:path>")
     def upload(bucket: str, path: str) -> Response:
@@ -319,6 +332,7 @@ class SupabaseStandin(StandinState):
         return self._server.url
 
     def stop(self) -> None:
+        self.jobs_table.release()
         self._server.stop()
 
     def __enter__(self) -> SupabaseStandin:

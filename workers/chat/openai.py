@@ -35,7 +35,7 @@ def add_openai_routes(routes: Blueprint, handler: ChatHandler, auth: Callable, r
             request, stream = openai_request(json_body())
             reload()
             if stream:
-                events = handler.chat.stream(request)
+                events = handler.chat.stream(request, patience().check)
                 return Response(_sse(events, _completion_id(), request.model.value), mimetype="text/event-stream",
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             reply = handler.chat.reply(request, patience())
@@ -88,6 +88,9 @@ def _sse(events: Iterator[str | Reply], completion_id: str, model: str) -> Itera
                     "total_tokens": event.generation.prompt_tokens + tokens})
             elif event:
                 yield chunk({"content": event})
+    except ClientGone:  # nobody left to tell; the generation was cancelled on the way out (ChatService.stream)
+        log.info("stream ended early: the client closed the connection")
+        return
     except WorkerError as exc:  # headers are sent: report in-band, as OpenAI does
         log.warning("stream ended early: %s", exc.message)
         error = {"message": exc.message, "type": "server_error", "code": exc.error_type.value}

@@ -8,7 +8,8 @@ parse, one generation, one clean-up of the answer; the route and the job only sh
 full; a queue job for as long as the runner's ``progress`` lets it (its deadline). ``stream(request)``
 resolves and submits at once (so a bad request or a missing model fails before anything is sent) and returns
 an iterator of text deltas that ends with the ``Reply``; it ends with a timeout when no token came for
-``CHAT_REQUEST_TIMEOUT_SECONDS``, and is cancelled when a write to its client fails.
+``CHAT_REQUEST_TIMEOUT_SECONDS``, and is cancelled when a write to its client fails or, while it waits for
+tokens (in the waiting line, in a long prefill), when its ``check`` says the client went away.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from common.settings import Settings
 from workers.core.errors import ErrorType, InvalidJob, RetryableError
 
 from .detokenize import IncrementalDecoder
-from .engine import Engine
+from .engine import WAIT_SLICE_SECONDS, Engine
 from .generation import Generation, GenerationRequest
 from .models import LoadedModel, ModelName, ModelStore, ModelUnavailable
 from .prompt import Prompt, chat_prompt, prompt_budget, text_prompt
@@ -156,21 +157,22 @@ class ChatService:
         reply = self.reply(request, patience)
         return Enhancement(reply, original, enhanced_text(reply.text))
 
-    def stream(self, request: ChatRequest) -> Iterator[str | Reply]:
+    def stream(self, request: ChatRequest, check: Callable[[], None] | None = None) -> Iterator[str | Reply]:
         start = time.monotonic()
         loaded, prompt = self._prepare(request)
         tokens: queue.SimpleQueue[list[int] | None] = queue.SimpleQueue()
         job = GenerationRequest(loaded.name, prompt.ids, request.sampling, on_tokens=tokens.put)
         future = self.engine.submit(job, shed=True)
         future.add_done_callback(lambda _: tokens.put(None))
-        return self._deltas(request, loaded, prompt, job, tokens, start)
+        return self._deltas(request, loaded, prompt, job, tokens, start, check)
 
     def _deltas(self, request: ChatRequest, loaded: LoadedModel, prompt: Prompt, job: GenerationRequest,
-                tokens: queue.SimpleQueue[list[int] | None], start: float) -> Iterator[str | Reply]:
+                tokens: queue.SimpleQueue[list[int] | None], start: float,
+                check: Callable[[], None] | None) -> Iterator[str | Reply]:
         decoder = IncrementalDecoder(loaded)
         text, sent, filtered = "", 0, 0
         try:
-            while (ids := self._next(tokens)) is not None:
+            while (ids := self._next(tokens, check)) is not None:
                 text += decoder.push(ids)
                 cut = self.words.stream_cut(text, sent) if request.sfw_mode else len(text)
                 if cut > sent:
@@ -187,13 +189,20 @@ class ChatService:
         finally:
             job.cancel()
 
-    def _next(self, tokens: queue.SimpleQueue[list[int] | None]) -> list[int] | None:
-        """The next tokens of a stream; a stream that goes ``timeout`` seconds without any ends with a timeout."""
-        try:
-            return tokens.get(timeout=self.timeout)
-        except queue.Empty:
-            raise RetryableError(f"no token was generated within {self.timeout:g} s",
-                                 ErrorType.TIMEOUT_ERROR) from None
+    def _next(self, tokens: queue.SimpleQueue[list[int] | None], check: Callable[[], None] | None) -> list[int] | None:
+        """The next tokens of a stream, waited for in the engine's wait slices with ``check`` after each (no write
+        tells a gone client apart while no token comes); a stream that goes ``timeout`` seconds without any ends
+        with a timeout."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return tokens.get(timeout=max(0.0, min(WAIT_SLICE_SECONDS, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    raise RetryableError(f"no token was generated within {self.timeout:g} s",
+                                         ErrorType.TIMEOUT_ERROR) from None
+                if check is not None:
+                    check()
 
     def _filter(self, text: str, sfw_mode: bool) -> tuple[str, int]:
         return self.words.apply(text) if sfw_mode else (text, 0)

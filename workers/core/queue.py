@@ -90,10 +90,10 @@ local attempt = redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
 redis.call('SET', KEYS[5], ARGV[4] .. ':' .. attempt, 'EX', ARGV[5])
 return attempt
 """
-# KEYS processing, queue, attempts, done, claim, outbox, lease, dead, dead log; ARGV[3] job id, [4] claim
-# token ('' for a job that never began), [5] body, [6] done TTL, [7] lease TTL, [8] owner, [9] dead-log entry
-# ('' unless dead-lettered), [10] dead-log cap, [11] head push. Returns 2 when this very settle already ran (a
-# retry after its reply was lost: the claim is gone, but the outbox holds our body under our lease).
+# KEYS processing, queue, attempts, done, claim, outbox, lease, dead, dead log; ARGV[3] job id, [4] claim token
+# ('' for a job that never began), [5] body ('' none owed), [6] done TTL, [7] lease TTL, [8] owner, [9] dead-log
+# entry ('' unless dead-lettered), [10] dead-log cap, [11] head push. Returns 2 when this very settle already ran
+# (a retry after its reply was lost: the claim is gone, but the outbox holds our body under our lease).
 _SETTLE = _ELEMENT + """
 if ARGV[4] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[4] then
   if redis.call('HGET', KEYS[6], ARGV[3]) == ARGV[5] and redis.call('GET', KEYS[7]) == ARGV[8] then
@@ -111,8 +111,8 @@ if item and ARGV[9] ~= '' then
 end
 redis.call('HDEL', KEYS[3], ARGV[3])
 redis.call('SET', KEYS[4], '1', 'EX', ARGV[6])
-redis.call('HSET', KEYS[6], ARGV[3], ARGV[5])
-redis.call('SET', KEYS[7], ARGV[8], 'EX', ARGV[7])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[6], ARGV[3], ARGV[5]) end
+if ARGV[5] ~= '' then redis.call('SET', KEYS[7], ARGV[8], 'EX', ARGV[7]) end
 if ARGV[4] ~= '' then redis.call('DEL', KEYS[5]) end
 if item then return 1 end
 return 0
@@ -296,10 +296,10 @@ class ReliableQueue:
     # -- leaving the processing list (each atomic) ---------------------------------------------
     def settle(self, delivery: Delivery, job_id: str, body: bytes, token: str | None, lease_seconds: float,
                dead_reason: str | None = None) -> Settled:
-        """The terminal step: done marker + the owed callback ``body`` in the outbox under this worker's
-        lease (``lease_seconds``), and the element out of the processing list (into the dead list with
-        ``dead_reason``), in one step, only while ``token`` holds the claim (``None``: a job that never began,
-        e.g. invalid)."""
+        """The terminal step: done marker + the owed callback ``body`` (``b""``: none, a cancelled job) in the
+        outbox under this worker's lease (``lease_seconds``), and the element out of the processing list (into
+        the dead list with ``dead_reason``), in one step, only while ``token`` holds the claim (``None``: a job
+        that never began, e.g. invalid)."""
         entry = self._dead_entry(job_id, dead_reason) if dead_reason else ""
         code = int(self._script(_SETTLE, delivery, [
             self.processing, self.queue, keys.attempts(self.queue), keys.done(job_id), keys.claim(job_id),

@@ -4,10 +4,13 @@ Recipe for each element (every queue step is one atomic script, see ``queue``):
 
 fetch → decode (undecodable → dead list; bad fields → ``failed``) → begin (a finished job's copy is dropped,
 a copy another worker runs goes to the tail; else the attempt is counted and the claim taken; past the limit
-→ dead list + ``failed``) → ``processing`` callback → ``handler.run`` (its ``progress`` raises
-``JobCancelled`` once the job's deadline passed) → is the claim still ours? (else the result is discarded) →
-upload → settle (done marker + the owed callback in the outbox under our lease, atomically with the element
-leaving the processing list) → deliver the callback → clear the outbox entry (or keep it for the sender).
+→ dead list + ``failed``) → did the app cancel it? (``cancellation``) → ``processing`` callback →
+``handler.run`` (its ``progress`` raises ``JobCancelled`` once the job's deadline passed or the app cancelled
+it) → is the claim still ours? (else the result is discarded) → upload → settle (done marker + the owed
+callback in the outbox under our lease, atomically with the element leaving the processing list) → deliver
+the callback → clear the outbox entry (or keep it for the sender).
+A job the app cancelled, before or while it runs, takes the terminal step with no callback owed: nothing is
+uploaded or sent, and its copies are dropped as done.
 
 Typed errors decide: ``InvalidJob``/``WorkerError`` fail the job now; ``RetryableError``, a passed deadline
 and unexpected exceptions hand it back until the attempt limit. Failures that are not the job's fault
@@ -28,6 +31,7 @@ from common.exit_codes import ExitCode
 
 from . import callbacks as cb
 from .callbacks import CallbackClient, Outbox, Outcome
+from .cancellation import CancelChecks, CancelWatch
 from .errors import ErrorType, FatalWorkerError, InvalidJob, JobCancelled, WorkerError
 from .handler import Handler, Result
 from .job import Job, decode
@@ -58,10 +62,12 @@ class Runner:
                  metrics: Metrics, worker_id: str, max_attempts: int = 3, gpu_lock: threading.Lock | None = None,
                  before_job: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Any] | None = None, trip: Callable[[ExitCode, str], None] = _log_trip,
-                 breaker_threshold: int = 5, breaker_pause: float = 1.0, timeouts: JobTimeouts = JobTimeouts()):
+                 breaker_threshold: int = 5, breaker_pause: float = 1.0, timeouts: JobTimeouts = JobTimeouts(),
+                 cancel: CancelChecks | None = None):
         """``clock`` times deadlines and jobs; ``sleep`` makes every wait of the runner (the pause before the
         next fetch after a retry, the backoff while Redis is away): ``None`` waits in real time, the loop's
-        pauses ending early once its stop event is set; a given one (a simulation, a test) is called instead."""
+        pauses ending early once its stop event is set; a given one (a simulation, a test) is called instead.
+        ``cancel``: how a job learns the app cancelled it (``None``: it never does)."""
         self.handler = handler
         self.queue = queue
         self.callbacks = callbacks
@@ -77,6 +83,7 @@ class Runner:
         self.breaker_threshold = breaker_threshold
         self.breaker_pause = breaker_pause
         self.timeouts = timeouts
+        self.cancel = cancel
         # The runner delivers each terminal callback itself within the client's budget; its lease covers that.
         self.lease_seconds = callbacks.retry_seconds + callbacks.timeout + LEASE_MARGIN_SECONDS
         self.outbox = Outbox(queue.transport, worker_id, self.lease_seconds)
@@ -88,6 +95,7 @@ class Runner:
         self.jobs_done = 0
         self.stopped = False                   # the breaker opened: the loop takes no more jobs
         self._claim: Claim | None = None
+        self._watch: CancelWatch | None = None
         self._infra_failures = 0
         self._pause = 0.0
         self._orphan: tuple[Delivery, str] | None = None
@@ -141,7 +149,7 @@ class Runner:
         except _Tripped:
             self.stopped = True
         finally:
-            self.current, self.current_job, self._claim, self.deadline = None, None, None, None
+            self.current, self.current_job, self._claim, self.deadline, self._watch = None, None, None, None, None
             self.settling, self.progress_state = False, {}
 
     def _process(self, delivery: Delivery, started: float) -> None:
@@ -160,6 +168,9 @@ class Runner:
             error = WorkerError(f"job failed {self.max_attempts} times; giving up", ErrorType.INTERNAL_ERROR)
             return self._settle(delivery, job.id, job, failed_body(job.id, job, error, self.worker_id), "dead",
                                 dead_reason=f"attempt limit ({self.max_attempts}) reached")
+        self._watch = self.cancel.watch(job.id) if self.cancel else None
+        if self._watch is not None and self._watch.before_start():
+            return self._cancelled(delivery, job, "before it started")
         self.callbacks.progress(cb.encode(job.id, self.worker_id, "processing",
                                           metadata={"job_type": job.type.value, "worker_id": self.worker_id,
                                                     "attempt": begun.attempt}))
@@ -169,6 +180,8 @@ class Runner:
                 result = self.handler.run(job, self._progress)
             if not self._until_acknowledged(lambda: self.queue.holds_claim(job.id, begun.token)):
                 return self._discard(delivery, job, "its claim was taken over while it ran")
+            if self._watch is not None and self._watch.cancelled:   # the answer came after its last step
+                return self._cancelled(delivery, job, "as it finished")
             assets = self._store(job, result)
         except Exception as exc:  # typed below: WorkerError subclasses decide, anything else retries
             return self._on_error(delivery, job, exc, begun)
@@ -202,6 +215,8 @@ class Runner:
 
     # -- outcomes ------------------------------------------------------------------------------
     def _on_error(self, delivery: Delivery, job: Job, exc: Exception, claim: Claim) -> None:
+        if isinstance(exc, JobCancelled) and exc.reason == "cancelled":
+            return self._cancelled(delivery, job, "while it ran")
         if isinstance(exc, FatalWorkerError):
             log.error("job %s (%s): fatal worker error: %s", job.id, job.type.value, exc)
             return self._trip(delivery, job, ExitCode.FATAL_WORKER_ERROR, str(exc) or "fatal worker error")
@@ -239,6 +254,19 @@ class Runner:
         self.metrics.jobs.labels(job.type.value, "claim_lost").inc()
         claim = self._claim
         self._until_acknowledged(lambda: self.queue.hand_back(delivery, job.id, claim.token, count_attempt=True))
+
+    def _cancelled(self, delivery: Delivery, job: Job, when: str) -> None:
+        """The app cancelled the job: the terminal step with no callback owed (the app ignores callbacks of a
+        cancelled job), so it is never run again; nothing is uploaded."""
+        self.settling = True
+        token = self._claim.token
+        settled = self._until_acknowledged(lambda: self.queue.settle(delivery, job.id, b"", token,
+                                                                     self.lease_seconds))
+        if settled is Settled.FENCED:
+            return self._discard(delivery, job, "its claim was taken over before its terminal step")
+        log.info("job %s (%s) was cancelled by the app %s: acknowledged, no callback", job.id, job.type.value, when)
+        self.metrics.jobs.labels(job.type.value, "cancelled").inc()
+        self.jobs_done += 1
 
     def _settle(self, delivery: Delivery, job_id: str, job: Job | None, body: bytes, outcome: str,
                 started: float | None = None, dead_reason: str | None = None) -> None:
@@ -304,10 +332,14 @@ class Runner:
         return assets
 
     def _progress(self, fraction: float, message: str = "") -> None:
-        """The handler's progress report, and its one cooperative cancellation point (the deadline)."""
+        """The handler's progress report, and its one cooperative cancellation point (the deadline, the app's
+        cancellation: ``CancelWatch.poll`` never waits for the network)."""
         deadline = self.deadline
         if deadline is not None and self.clock() >= deadline:
             raise JobCancelled("the job ran past its deadline")
+        watch = self._watch
+        if watch is not None:
+            watch.poll()
         try:
             self.progress_state = {"fraction": round(max(0.0, min(1.0, float(fraction))), 3), "message": message}
         except (TypeError, ValueError):

@@ -41,7 +41,7 @@ from .introspect import device_memory, versions
 from .metrics import Metrics
 from .queue import ReliableQueue
 from .residency import Residency
-from .runner import JobTimeouts, Runner
+from .runner import CancelChecks, JobTimeouts, Runner
 from .state import Lifecycle, WorkerState
 from .transport import TransportError
 from .watchdog import Watchdog
@@ -126,8 +126,7 @@ class Service:
         if not self.settings.redis_configured:
             log.warning("no queue configured (REDIS_URL / UPSTASH_REDIS_REST_*): serving HTTP only")
             return
-        transport = transport_mod.from_settings(self.settings)
-        s = self.settings
+        s, transport = self.settings, transport_mod.from_settings(self.settings)
         self.queue = ReliableQueue(transport=transport, queue=self.handler.queue.value, worker_id=self.worker_id,
                                    side=s.queue_pop_side, heartbeat_ttl=s.heartbeat_ttl_seconds,
                                    poll_min=s.poll_min_seconds, poll_max=s.poll_max_seconds)
@@ -135,7 +134,8 @@ class Service:
         self.runner = Runner(handler=self.handler, queue=self.queue, callbacks=callbacks, metrics=self.metrics,
                              storage=storage_mod.from_settings(s), worker_id=self.worker_id, gpu_lock=self.gpu_lock,
                              max_attempts=s.max_attempts, before_job=self._reload_if_unloaded, trip=self.trip,
-                             breaker_threshold=s.worker_breaker_threshold, timeouts=JobTimeouts.from_settings(s))
+                             breaker_threshold=s.worker_breaker_threshold, timeouts=JobTimeouts.from_settings(s),
+                             cancel=CancelChecks.from_settings(s))
         self._first_heartbeat()
         self._liveness_thread = self._spawn(self._liveness, "heartbeat")
         sender = OutboxSender(transport, callbacks, self.metrics, owner=f"{self.worker_id}:outbox")
