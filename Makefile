@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 
-.PHONY: test lint demo install redis models clean audit soak lock
+.PHONY: test lint demo install redis chromium models clean audit soak lock
 
 # The venv holds exactly the lock's versions: what CI tested. The lock is regenerated only by `make lock`.
 $(STAMP): $(LOCK)
@@ -24,10 +24,14 @@ install: $(STAMP) redis
 redis:
 	@.ci/check-machine redis
 
+# Debian's chromium for the ops page's browser test (tests/ops/test_ops_page.py skips, saying why, without it).
+chromium:
+	@.ci/check-machine chromium
+
 models: install
 	$(PY) -m local.demo_models --out var/models
 
-test: install
+test: install chromium
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -36,6 +36,7 @@ class Op:
     errors: tuple[int, ...] = ()
     query: tuple[str, ...] = ()
     tag: str = "worker"
+    basic: bool = False     # the admin key is also taken as HTTP Basic's password (the ops page: browsers)
 
     def prefixed(self, prefix: str, tag: str) -> Op:
         return Op(self.method, prefix + self.path, self.summary, self.auth, self.body, self.ok, self.ok_media,
@@ -63,6 +64,52 @@ _SAMPLING = {
     "seed": _INT,
     "model": {"type": "string", "enum": ["qwen_instruct", "qwen_base"]},
     "sfw_mode": _BOOL,
+}
+
+_N = lambda kind: {"type": [kind, "null"]}  # noqa: E731
+_SERIES = {"type": "object", "description": "a time series: t (epoch seconds) and one array per value name",
+           "properties": {"t": {"type": "array", "items": _NUM}}, "required": ["t"]}
+_OUTCOME = {"enum": ["completed", "failed", "invalid", "dead", "cancelled"]}
+OPS_SCHEMAS: dict[str, dict[str, Any]] = {
+    "OpsData": _obj({
+        "generated_at": _NUM, "interval_seconds": _NUM, "window_seconds": _NUM,
+        "sources": {"type": "object", "additionalProperties": _obj(
+            {"state": {"enum": ["ok", "unreachable", "waiting", "off"]}, "age_seconds": _N("number")},
+            ("state", "age_seconds"))},
+        "pod": _obj({"cpu_percent": _N("number"), "cpu_count": _N("integer"), "memory": _N("object"),
+                     "disks": {"type": "array", "items": _obj({"label": _STR, "total_bytes": _INT,
+                                                               "used_bytes": _INT, "percent": _NUM})},
+                     "history": _SERIES}),
+        "gpus": {"type": "array", "items": _REF("OpsGpu")},
+        "orchestrator": _obj({"uptime_seconds": _N("number"), "stopping": _BOOL}),
+        "programs": {"type": "array", "items": _obj({
+            "name": _STR, "state": _STR, "pid": _N("integer"), "port": _N("integer"), "gpu": _N("string"),
+            "uptime_seconds": _N("number"), "restarts": _N("integer"), "health": _N("string"),
+            "last_exit": _N("integer"), "last_exit_name": _N("string"), "reason": _N("string")}, ("name", "state"))},
+        "queues": {"type": "array", "items": _obj({"name": _STR, "waiting": _INT, "processing": _INT, "dead": _INT},
+                                                  ("name", "waiting", "processing", "dead"))},
+        "outbox": _N("integer"), "rejected": _N("integer"), "queue_history": _SERIES,
+        "jobs": _obj({"bucket_seconds": _NUM, "types": {"type": "array", "items": _REF("OpsJobType")},
+                      "recent": {"type": "array", "maxItems": 50, "items": _REF("OpsJob")}},
+                     ("bucket_seconds", "types", "recent")),
+        "chat": _obj({"ready": _N("boolean"), "engine": _BOOL, "loaded_models": {"type": "array", "items": _STR},
+                      "active": _N("integer"), "waiting": _N("integer"), "tokens_per_second": _N("number"),
+                      "ttft_seconds": _N("number"), "history": _SERIES}),
+    }, ("generated_at", "interval_seconds", "sources", "pod", "gpus", "programs", "queues", "jobs", "chat")),
+    "OpsGpu": _obj({
+        "index": _INT, "total_gb": _N("number"), "free_gb": _N("number"), "used_gb": _N("number"),
+        "reserved_gb": _N("number"), "available_gb": _N("number"), "pressure": _N("string"),
+        "utilization_percent": _N("number"),
+        "models": {"type": "array", "items": _obj({"worker": _STR, "label": _STR, "gb": _N("number")})},
+        "history": _SERIES}, ("index", "models", "history")),
+    "OpsJobType": _obj({
+        "type": _STR, "count": _INT, "completed": _INT, "failed": _INT, "p50_seconds": _N("number"),
+        "p95_seconds": _N("number"), "per_minute": {"type": "array", "items": _obj({
+            "t": _NUM, "completed": _INT, "failed": _INT, "p50_seconds": _N("number"),
+            "p95_seconds": _N("number")})}}, ("type", "count", "failed", "per_minute")),
+    "OpsJob": _obj({"id": {**_STR, "maxLength": 8}, "type": _STR, "outcome": _OUTCOME, "seconds": _N("number"),
+                    "worker": _STR, "attempt": _N("integer"), "error_type": _N("string"), "t": _NUM},
+                   ("id", "type", "outcome", "t"), description="one finished job; never its prompt or any user text"),
 }
 
 SCHEMAS: dict[str, dict[str, Any]] = {
@@ -102,9 +149,16 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                              "enhancement_source": _STR, "generation_time": _NUM, "processing_time": _NUM},
                             ("success", "enhanced_prompt")),
     "ChatCompletion": _obj({"id": _STR, "object": _STR, "choices": {"type": "array"}, "usage": {"type": "object"}}),
+    **OPS_SCHEMAS,
 }
 
 ADMIN_ERRORS = (400, 401, 409, 503)
+OPS: tuple[Op, ...] = (
+    Op("GET", "/ops", "the ops page (HTML, refreshes itself from /ops/data)", "admin", ok_media="text/html",
+       errors=(401,), tag="ops", basic=True),
+    Op("GET", "/ops/data", "the ops page's data: GPUs, programs, queues, jobs, chat, pod; the last hour's history",
+       "admin", ok="OpsData", errors=(401,), tag="ops", basic=True),
+)
 COMMON: tuple[Op, ...] = (
     Op("GET", "/health", "200 once the worker can serve, 503 while loading or broken", ok="Health", errors=(503,)),
     Op("GET", "/metrics", "Prometheus metrics", ok_media="text/plain"),
@@ -142,7 +196,7 @@ ROUTER_OWN: tuple[Op, ...] = (
     Op("GET", "/health", "200 while either worker serves; shows each", ok="Health", errors=(503,), tag="router"),
     Op("GET", "/router/health", "200 while the router process serves", ok="Health", tag="router"),
     Op("GET", "/openapi.json", "this document", tag="router"),
-)
+) + OPS
 LEGACY_WAN_PATHS = ("/enhance", "/memory/status", "/memory/load", "/memory/unload", "/debug/env")
 
 
@@ -185,7 +239,9 @@ def document(title: str, ops: tuple[Op, ...]) -> dict[str, Any]:
         "components": {"schemas": schemas, "securitySchemes": {
             "clientKey": {"type": "http", "scheme": "bearer",
                           "description": "WAN_WORKER_API_KEY or CHAT_WORKER_API_KEY"},
-            "adminKey": {"type": "http", "scheme": "bearer", "description": "WORKER_ADMIN_KEY"}}},
+            "adminKey": {"type": "http", "scheme": "bearer", "description": "WORKER_ADMIN_KEY"},
+            "adminBasic": {"type": "http", "scheme": "basic",
+                           "description": "any user name, WORKER_ADMIN_KEY as the password (what a browser sends)"}}},
     }
 
 
@@ -205,6 +261,8 @@ def _operation(op: Op) -> dict[str, Any]:
                                  "x-auth": op.auth, "responses": responses}
     if op.auth != "open":
         operation["security"] = [{"clientKey" if op.auth == "client" else "adminKey": []}]
+        if op.basic:
+            operation["security"].append({"adminBasic": []})
     if op.body:
         operation["requestBody"] = {"required": op.method == "POST" and op.body != "Which",
                                     "content": {"application/json": {"schema": _REF(op.body)}}}

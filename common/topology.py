@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from common.declare import Declared, each
+from common.declare import Declared, each, var
 from common.errors import ConfigError
 from common.parsers import integer
 
@@ -37,3 +37,12 @@ class Topology(Declared):
     def url(self, program: str) -> str:
         """Loopback base URL of a program (every program listens on 127.0.0.1)."""
         return f"http://127.0.0.1:{self.ports[program]}"
+
+
+@dataclass(frozen=True)
+class StatusPort(Declared):
+    """Orchestrator status"""
+
+    status_port: int = var("ORCHESTRATOR_STATUS_PORT", integer(0, 65535), 7871,
+                           "loopback status port of the orchestrator (`python -m orchestrator status`, the router's "
+                           "ops page); 0 = off")

@@ -14,7 +14,7 @@ from common.declare import each, var
 from common.errors import ConfigError
 from common.parsers import Invalid, Parser, command, integer, number, pairs, path
 from common.settings import AdminKey, ChatModels, GpuCount, QueueConnection, SdxlModel, WanModel
-from common.topology import MODEL_WORKERS, PROGRAM_ORDER, Topology
+from common.topology import MODEL_WORKERS, PROGRAM_ORDER, StatusPort, Topology
 
 #: Seconds a program may take from spawn to its first ``/health`` 200 (models load in minutes).
 DEFAULT_START_TIMEOUTS = {"memory_manager": 30.0, "router": 30.0, "registration": 30.0, "sdxl": 900.0, "chat": 900.0,
@@ -31,13 +31,11 @@ def _program_list(value: str) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class FleetSettings(Topology, GpuCount):
+class FleetSettings(Topology, StatusPort, GpuCount):
     """Orchestrator"""
 
     programs: tuple[str, ...] = var("FLEET_PROGRAMS", Parser(_program_list, "a list of programs"), PROGRAM_ORDER,
                                     "what to run (start order is fixed)")
-    status_port: int = var("ORCHESTRATOR_STATUS_PORT", integer(0, 65535), 7871,
-                           "loopback status port for `python -m orchestrator status`; 0 = off")
     gpu_placement: Mapping[str, int] = var(
         "GPU_PLACEMENT", pairs(MODEL_WORKERS, integer(0, 63)), {},
         "e.g. `sdxl:0,chat:1,wan:1` (sets each child's `CUDA_VISIBLE_DEVICES`)", shown="round-robin SDXL, chat, WAN")

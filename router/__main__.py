@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import replace
 
 from common.errors import ConfigError
 from common.exit_codes import ExitCode
@@ -12,6 +13,7 @@ from common.serving import serve
 
 from .app import HEALTH_PATHS, RouterDeps, create_app
 from .config import RouterSettings
+from .ops import collector_from
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,8 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.CONFIG_ERROR
     deps = RouterDeps(backends={"sdxl": settings.url("sdxl"), "wan": settings.url("wan")},
                       timeout=settings.timeout_seconds, connect_timeout=settings.connect_timeout_seconds,
-                      max_body=settings.max_body_bytes)
-    serve(lambda: create_app(deps), host=args.host, port=args.port or settings.ports["router"],
+                      max_body=settings.max_body_bytes, admin_key=settings.worker_admin_key)
+
+    def factory():
+        # in gunicorn's worker process (no preload): the collector's thread runs where the app serves
+        return create_app(replace(deps, collector=collector_from(settings).start()))
+
+    serve(factory, host=args.host, port=args.port or settings.ports["router"],
           threads=settings.threads, name="router", read_timeout=settings.http_read_timeout_seconds,
           health_paths=HEALTH_PATHS)
     return ExitCode.OK

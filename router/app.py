@@ -7,6 +7,7 @@
                                            fan-out at a time, its answer reused for HEALTH_CACHE_SECONDS)
     GET /router/health                   → 200 while the router process serves (the orchestrator's gate)
     GET /openapi.json                    → the OpenAPI 3.1 document of this port (common.openapi)
+    GET /ops, /ops/data                  → the ops page and its JSON, under the admin key (router/ops.py)
 
 It forwards the method, the body, the query string and every end-to-end header (``Authorization``
 included); hop-by-hop headers are stripped both ways. It is not an open proxy: the destination is always
@@ -34,6 +35,10 @@ from flask import Flask, Response, request
 
 from common import openapi
 from common.http import ApiError, check_health, create_base_app, pooled_session
+from common.settings import Secret
+
+from . import ops
+from .collector import Collector, Sources
 
 log = logging.getLogger("router")
 
@@ -58,6 +63,8 @@ class RouterDeps:
     max_body: int = 16 * 1024 * 1024
     health_timeout: float = 2.0
     session: requests.Session = field(default_factory=pooled_session)
+    admin_key: Secret | None = None         # the ops page's key; unset: /ops refuses everything
+    collector: Collector | None = None      # the ops page's data; None: an idle one (nothing asked)
 
 
 def resolve(path: str) -> tuple[str, str] | None:
@@ -134,6 +141,7 @@ def create_app(deps: RouterDeps) -> Flask:
         return {"status": "healthy", "service": "router"}
 
     openapi.serve(app, openapi.router_document)
+    ops.install(app, deps.collector or Collector(Sources(pod=None), interval=0), lambda: deps.admin_key)
 
     @app.route("/", defaults={"path": ""}, methods=METHODS, provide_automatic_options=False)
     @app.route("/<path:path>", methods=METHODS, provide_automatic_options=False)

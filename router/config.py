@@ -1,17 +1,18 @@
 """The router's settings: the backends' ports (``common.topology``), the read deadline every server shares, and
-its own limits. Parsed once in ``main``."""
+its own limits; for the ops page (router/ops.py) the admin key, the queue connection and the orchestrator's status
+port. Parsed once in ``main``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from common.declare import var
 from common.parsers import integer, megabytes, number
-from common.settings import Serving
-from common.topology import Topology
+from common.settings import AdminKey, QueueConnection, Serving
+from common.topology import StatusPort, Topology
 
 
 @dataclass(frozen=True)
-class RouterSettings(Topology, Serving):
+class RouterSettings(Topology, StatusPort, Serving, AdminKey, QueueConnection):
     """Router"""
 
     timeout_seconds: float = var("ROUTER_TIMEOUT_SECONDS", number(0.1, 7200), 600.0,
@@ -23,3 +24,7 @@ class RouterSettings(Topology, Serving):
     threads: int = var("ROUTER_THREADS", integer(1, 256), 16,
                        "requests the router forwards at once (connections still being read and the health routes "
                        "do not count)")
+    ops_collect_seconds: float = var(
+        "OPS_COLLECT_SECONDS", number(0, 300), 5.0,
+        "how often the ops page's collector asks the memory manager, the orchestrator, the chat worker and Redis "
+        "(2 Redis commands a round); history is kept for an hour in memory; 0 = no collector")

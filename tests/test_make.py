@@ -171,3 +171,20 @@ def test_lock_holds_every_pin_of_the_requirements_files() -> None:
     requirements = [line for line in (ROOT / "requirements.lock").read_text().splitlines()
                     if line.strip() and not line.lstrip().startswith("#")]
     assert len(requirements) == len(lock), "every line of requirements.lock is an exact name==version pin"
+
+
+def test_missing_chromium_is_installed_with_apt(bin_dir: Path, tmp_path: Path) -> None:
+    log, browser = tmp_path / "apt.log", bin_dir / "chromium"
+    installs = (f"printf '#!/bin/sh\\necho \"Chromium 150.0.1 built on Debian\"\\n' > \"{browser}\"; "
+                f"chmod +x \"{browser}\"")
+    fake_apt(bin_dir, log, known="chromium", installs=installs)
+    result = check("chromium", bin_dir)
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().splitlines() == ["update", "install -y chromium"]
+    assert "chromium: Chromium 150.0.1 built on Debian" in result.stdout
+
+
+def test_chromium_that_cannot_be_installed_is_a_warning_not_a_failure(bin_dir: Path) -> None:
+    result = check("chromium", bin_dir)
+    assert result.returncode == 0
+    assert "chromium could not be installed: tests/ops/test_ops_page.py will be skipped" in result.stderr

@@ -1,7 +1,8 @@
 """No secret ever shows: the demo path (one job of each family, the HTTP APIs, errors, registration, a clean
 SIGTERM stop) on two fleets whose every secret is a distinctive ``SEKRET-…`` value, then a scan of every log
 line (the orchestrator's stdout, which carries every child's output, and LOG_DIR), every HTTP response
-body and header collected, and every callback body. Raw, base64 and URL-encoded forms are all searched.
+body and header collected (the ops page and its JSON included, which must not show a job's prompt either), and
+every callback body. Raw, base64 and URL-encoded forms are all searched.
 
 This module runs last in tests/security (it stops the fleets to include the shutdown logs).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from urllib.parse import quote
 
@@ -60,7 +62,7 @@ def collect_http(fleet) -> list[str]:
     client, admin = {"Authorization": f"Bearer {CHAT_KEY}"}, {"Authorization": f"Bearer {ADMIN_KEY}"}
     gets = {
         "router": ["/health", "/router/health", "/openapi.json", "/debug/env", "/memory/status", "/sdxl/status",
-                   "/sdxl/debug/env", "/wan/status", "/wan/metrics", "/nope", "/sdxl/nope"],
+                   "/sdxl/debug/env", "/wan/status", "/wan/metrics", "/nope", "/sdxl/nope", "/ops", "/ops/data"],
         "chat": ["/health", "/status", "/metrics", "/memory/status", "/debug/env", "/worker/info", "/debug/model",
                  "/enhancement/info", "/v1/models", "/openapi.json"],
         "wan": ["/health", "/status", "/debug/env", "/memory/status"],
@@ -85,6 +87,17 @@ def collect_http(fleet) -> list[str]:
     return seen
 
 
+def ops_page(fleet) -> list[str]:
+    """The ops page and its JSON as a browser gets them (HTTP Basic, the admin key as password), once the
+    collector has had a round after the jobs."""
+    basic = {"Authorization": "Basic " + base64.b64encode(f"ops:{ADMIN_KEY}".encode()).decode()}
+    data = requests.get(fleet.url("router") + "/ops/data", headers=basic, timeout=30)
+    assert data.status_code == 200 and data.json()["jobs"]["recent"], data.text[:300]
+    page = requests.get(fleet.url("router") + "/ops", headers=basic, timeout=30)
+    assert page.status_code == 200, page.text[:300]
+    return [_record(data), _record(page)]
+
+
 def _record(answer: requests.Response) -> str:
     return f"{answer.request.method} {answer.url} {answer.status_code}\n{dict(answer.headers)}\n{answer.text}"
 
@@ -99,7 +112,12 @@ def test_no_secret_in_logs_responses_or_callbacks(fleets, refs, standin):
     bodies = wait_all(standin, job_ids, timeout=150)
     # failures: the invalid job on both fleets, and the blocked reference on fleet B (REFERENCE_FAILURE_POLICY=fail)
     assert sorted(b["status"] for b in bodies.values()) == ["completed"] * 15 + ["failed"] * 3, bodies
+    time.sleep(6)   # one collector round (OPS_COLLECT_SECONDS, 5 s) after the last job
+    ops = {name: ops_page(fleet) for name, fleet in fleets.items() if name == "a"}   # fleet B has no admin key
+    prompts = {body["prompt"] for _, body in demo_jobs(refs) if len(body.get("prompt", "")) >= 5}
+    assert [p for texts in ops.values() for text in texts for p in prompts if p in text] == []
     responses = [text for fleet in fleets.values() for text in collect_http(fleet)]
+    responses += [text for texts in ops.values() for text in texts]
     env_report = requests.get(fleets["a"].url("router") + "/debug/env", timeout=30,
                               headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
     assert env_report["settings_set"]["WORKER_ADMIN_KEY"] is True

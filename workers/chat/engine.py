@@ -80,7 +80,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._slot_retry: dict[ModelName, memory.Retry] = {}   # models decoding on a fallback, and when to retry
-        self._counters = {"steps": 0, "tokens": 0, "completed": 0, "failed": 0, "shed": 0, "largest_batch": 0}
+        self._counters = {"steps": 0, "tokens": 0, "completed": 0, "failed": 0, "shed": 0, "largest_batch": 0,
+                          "first_tokens": 0, "ttft_seconds_total": 0.0}
         self._active = 0
         self._admitting = 0     # taken out of the waiting line, being prefilled (neither waiting nor active)
 
@@ -314,6 +315,9 @@ class Engine:
         for row in batch.rows:
             request = row.request
             new = row.tokens[row.notified:]
+            if new and not row.notified:   # the round that chose this request's first token
+                self._counters["first_tokens"] += 1
+                self._counters["ttft_seconds_total"] += time.monotonic() - request.submitted
             row.notified = len(row.tokens)
             self._counters["tokens"] += len(new)
             if new and request.on_tokens is not None and not request.cancelled.is_set():

@@ -35,6 +35,7 @@ from .cancellation import CancelChecks, CancelWatch
 from .errors import ErrorType, FatalWorkerError, InvalidJob, JobCancelled, WorkerError
 from .handler import Handler, Result
 from .job import Job, decode
+from .journal import Journal
 from .metrics import Metrics
 from .outcomes import as_worker_error, completed_metadata, failed_body, first_line, not_the_jobs_fault, retryable
 from .queue import Claim, Delivery, ReliableQueue, Settled, Skipped
@@ -87,12 +88,14 @@ class Runner:
         # The runner delivers each terminal callback itself within the client's budget; its lease covers that.
         self.lease_seconds = callbacks.retry_seconds + callbacks.timeout + LEASE_MARGIN_SECONDS
         self.outbox = Outbox(queue.transport, worker_id, self.lease_seconds)
+        self.journal = Journal(queue.transport, worker_id)
         self.current: Delivery | None = None
         self.current_job: Job | None = None
         self.deadline: float | None = None     # monotonic; the watchdog escalates past it (plus a grace)
         self.settling = False                  # past the terminal step: the element is gone, the callback owed
         self.progress_state: dict[str, Any] = {}
         self.jobs_done = 0
+        self.started = 0.0                     # clock() when the current job was fetched
         self.stopped = False                   # the breaker opened: the loop takes no more jobs
         self._claim: Claim | None = None
         self._watch: CancelWatch | None = None
@@ -139,9 +142,9 @@ class Runner:
         (stop.wait if self.sleep is None else self.sleep)(seconds)
 
     def process(self, delivery: Delivery) -> None:
-        self.current, started = delivery, self.clock()
+        self.current, self.started = delivery, self.clock()
         try:
-            self._process(delivery, started)
+            self._process(delivery, self.started)
         except TransportError as exc:
             # Only at begin (every later step retries until Redis answers): the element stays in our processing
             # list and `run` returns it to the queue once Redis answers again. Nothing is lost.
@@ -286,6 +289,8 @@ class Runner:
         if started is not None:
             self.metrics.job_seconds.labels(job_type).observe(self.clock() - started)
         self.jobs_done += 1
+        self.journal.write(job_id, job_type, outcome, self.clock() - self.started, claim.attempt if claim else None,
+                           body)
 
     def _deliver(self, job_id: str, body: bytes) -> None:
         outcome = self.callbacks.deliver(body)
