@@ -1,4 +1,4 @@
-"""HTTP adapter helpers shared by every worker: the app factory with ``/health`` and ``/metrics``,
+"""HTTP adapter helpers shared by every worker: the app factory with ``/health``, ``/live`` and ``/metrics``,
 JSON errors (never an HTML page or a stack trace), body limits, and Bearer-key auth.
 
 Routes stay a few lines: parse, call one method, map a typed error to a status code.
@@ -42,8 +42,11 @@ class ApiError(Exception):
 
 
 def create_base_app(name: str, health: Callable[[], tuple[bool, dict[str, Any]]],
-                    metrics: RequestMetrics | None = None, max_body: int = MAX_BODY_BYTES) -> Flask:
-    """A Flask app with ``GET /health`` (200 when ``health()`` says ready, else 503) and ``GET /metrics``."""
+                    metrics: RequestMetrics | None = None, max_body: int = MAX_BODY_BYTES,
+                    live: Callable[[], tuple[bool, dict[str, Any]]] = lambda: (True, {})) -> Flask:
+    """A Flask app with ``GET /health`` (readiness: 200 when ``health()`` says ready to take work, else 503),
+    ``GET /live`` (liveness: 200 while ``live()`` says the process and its threads work, even while loading or
+    busy; 503 when restarting it is the cure; the orchestrator restarts on this one only) and ``GET /metrics``."""
     app = Flask(name)
     app.config["MAX_CONTENT_LENGTH"] = max_body
     app.json.sort_keys = False
@@ -53,6 +56,11 @@ def create_base_app(name: str, health: Callable[[], tuple[bool, dict[str, Any]]]
         ready, details = health()
         body = {"status": "healthy" if ready else "unavailable", "service": name, **details}
         return jsonify(body), 200 if ready else 503
+
+    @app.get("/live")
+    def live_route():
+        alive, details = live()
+        return jsonify({"status": "alive" if alive else "dead", "service": name, **details}), 200 if alive else 503
 
     if metrics is not None:
         @app.get("/metrics")

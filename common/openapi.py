@@ -117,6 +117,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "Error": _obj({"success": {"const": False}, "error": _STR}, ("success", "error")),
     "OpenAIError": _obj({"error": _obj({"message": _STR, "type": _STR})}, ("error",)),
     "Health": _obj({"status": {"enum": ["healthy", "unavailable"]}, "service": _STR}, ("status",)),
+    "Live": _obj({"status": {"enum": ["alive", "dead"]}, "service": _STR, "error": _STR}, ("status",)),
     "Control": _obj({"success": _BOOL, "message": _STR}, ("success",)),
     "Which": _obj({"which": {"type": "string", "description": "all, or a model name of this worker "
                                                             "(chat: instruct, base)"}}),
@@ -160,7 +161,10 @@ OPS: tuple[Op, ...] = (
        "admin", ok="OpsData", errors=(401,), tag="ops", basic=True),
 )
 COMMON: tuple[Op, ...] = (
-    Op("GET", "/health", "200 once the worker can serve, 503 while loading or broken", ok="Health", errors=(503,)),
+    Op("GET", "/health", "readiness: 200 once the worker can take work, 503 while loading or broken", ok="Health",
+       errors=(503,)),
+    Op("GET", "/live", "liveness: 200 while the process and its job loop run (loading and busy included), 503 "
+       "when the job loop died; the orchestrator restarts on this one only", ok="Live", errors=(503,)),
     Op("GET", "/metrics", "Prometheus metrics", ok_media="text/plain"),
     Op("GET", "/status", "state, current job progress, loaded model (no secrets, no paths)"),
     Op("GET", "/memory/status", "device memory and loaded models"),
@@ -195,6 +199,7 @@ KIND_ROUTES = {"chat": CHAT, "wan": WAN, "sdxl": ()}
 ROUTER_OWN: tuple[Op, ...] = (
     Op("GET", "/health", "200 while either worker serves; shows each", ok="Health", errors=(503,), tag="router"),
     Op("GET", "/router/health", "200 while the router process serves", ok="Health", tag="router"),
+    Op("GET", "/live", "liveness: 200 while the router process serves", ok="Live", tag="router"),
     Op("GET", "/openapi.json", "this document", tag="router"),
 ) + OPS
 LEGACY_WAN_PATHS = ("/enhance", "/memory/status", "/memory/load", "/memory/unload", "/debug/env")

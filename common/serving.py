@@ -38,11 +38,16 @@ from typing import Any
 
 from gunicorn import util
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
 from gunicorn.http.body import Body
 from gunicorn.workers.gthread import _DEFER, DEFAULT_WORKER_DATA_TIMEOUT, ThreadWorker
 
+from common.logs import current_format
+
 #: Body bytes read ahead when the app states no limit of its own (every fleet app does: create_base_app).
 DEFAULT_MAX_BODY = 1024 * 1024
+#: Readiness and liveness (``create_base_app``): answered outside the app's bound on every server.
+PROBE_PATHS = ("/health", "/live")
 
 
 class RequestTimeout(Exception):
@@ -105,7 +110,7 @@ class DeadlineWorker(ThreadWorker):
     Configure it with :func:`deadline_worker`."""
 
     read_timeout: float = 10.0
-    health_paths: frozenset[str] = frozenset({"/health"})
+    health_paths: frozenset[str] = frozenset(PROBE_PATHS)
 
     def init_process(self) -> None:
         self._app_slots = threading.BoundedSemaphore(self.cfg.threads)
@@ -191,10 +196,24 @@ class DeadlineWorker(ThreadWorker):
         super().finish_request(conn, fs)
 
 
-def deadline_worker(*, read_timeout: float, health_paths: Iterable[str] = ("/health",)) -> type[DeadlineWorker]:
+def deadline_worker(*, read_timeout: float, health_paths: Iterable[str] = PROBE_PATHS) -> type[DeadlineWorker]:
     """A :class:`DeadlineWorker` with these settings, for gunicorn's ``worker_class`` option."""
     return type("DeadlineWorker", (DeadlineWorker,),
                 {"read_timeout": float(read_timeout), "health_paths": frozenset(health_paths)})
+
+
+class GunicornLogger(Logger):
+    """gunicorn's logger; with ``LOG_FORMAT=json`` its lines go through the root handler (``common.logs``)
+    instead of gunicorn's own text handler on stderr, so that every line of the process is JSON."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        if current_format() != "json":
+            return
+        for log in (self.error_log, self.access_log):
+            for handler in list(log.handlers):
+                log.removeHandler(handler)
+            log.propagate = True
 
 
 class _Gunicorn(BaseApplication):
@@ -212,7 +231,7 @@ class _Gunicorn(BaseApplication):
 
 
 def serve(factory: Callable[[], Any], *, host: str, port: int, threads: int, name: str, read_timeout: float,
-          health_paths: Iterable[str] = ("/health",), graceful_timeout: float = 30.0) -> None:
+          health_paths: Iterable[str] = PROBE_PATHS, graceful_timeout: float = 30.0) -> None:
     """Run until SIGTERM (gunicorn's own graceful stop: in-flight requests finish, up to ``graceful_timeout``)."""
     _Gunicorn(factory, {
         "bind": f"{host}:{port}",
@@ -228,4 +247,5 @@ def serve(factory: Callable[[], Any], *, host: str, port: int, threads: int, nam
         "proc_name": name,
         "preload_app": False,
         "control_socket_disable": True,
+        "logger_class": GunicornLogger,
     }).run()

@@ -180,6 +180,15 @@ class Serving(Declared):
 
 
 @dataclass(frozen=True)
+class Logs(Declared):
+    """Logs"""
+
+    log_format: str = var("LOG_FORMAT", choice("text", "json"), "text",
+                          "`text` (each process's own line format) or `json`: one JSON object per line, with "
+                          "`job_id`, `job_type`, `worker_id` and `attempt` on the lines logged while a job runs")
+
+
+@dataclass(frozen=True)
 class Pod(Declared):
     """Pod"""
 
@@ -295,6 +304,6 @@ class ChatModels(Declared):
 
 
 @dataclass(frozen=True)
-class Settings(SupabaseAccess, Callbacks, Storage, QueueConnection, Queue, Lifecycle, AdminKey, Serving, Pod,
-               Identity, MemoryClient):
+class Settings(SupabaseAccess, Callbacks, Storage, QueueConnection, Queue, Lifecycle, AdminKey, Serving, Logs,
+               Pod, Identity, MemoryClient):
     """The worker runtime's settings: what ``workers/core`` reads, whatever the model kind."""

@@ -15,6 +15,7 @@ from flask import Flask
 
 from common.errors import ConfigError
 from common.exit_codes import ExitCode
+from common.logs import setup_logging
 from common.serving import serve
 from common.topology import MODEL_WORKERS
 
@@ -22,8 +23,9 @@ from .app import MemoryDeps, create_app
 from .config import MemorySettings
 from .control import WorkerControl
 from .ledger import Ledger
+from .metrics import MemoryMetrics
 from .policy import MemoryPolicy, seed_policies
-from .probe import make_probe
+from .probe import make_probe, physical_devices
 
 log = logging.getLogger("memory_manager")
 
@@ -48,19 +50,20 @@ def build(memory: MemorySettings, visible_devices: str | None) -> Flask:
                           WorkerControl(workers, memory.worker_admin_key, timeout=memory.worker_timeout_seconds),
                           memory)
     ticking(policy, memory.tick_seconds)
-    return create_app(MemoryDeps(policy, memory.worker_admin_key))
+    metrics = MemoryMetrics(policy, physical=physical_devices(visible_devices))
+    return create_app(MemoryDeps(policy, memory.worker_admin_key, metrics))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m memory_manager", description="The fleet's VRAM memory manager.")
     parser.add_argument("--port", type=int, help="listen port on 127.0.0.1 (default MEMORY_MANAGER_PORT, 7870)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
     try:
         memory = MemorySettings.from_env(os.environ)
     except ConfigError as exc:
         print(f"memory_manager: configuration error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
+    setup_logging(logging.INFO, memory.log_format, service="memory_manager")
     if memory.worker_admin_key is None:
         log.warning("WORKER_ADMIN_KEY is not set: reservations and emergency operations are refused")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -1,6 +1,7 @@
 """The memory manager's HTTP adapter (``create_app(deps)``): thin routes over :class:`MemoryPolicy`.
 
-    GET    /health                 200 while it serves
+    GET    /health, /live          200 while it serves
+    GET    /metrics                Prometheus: the pod's GPUs (NVML), CPU, memory, disk; the ledger
     GET    /memory/status          GPUs (total, free, reserved, available, pressure), reservations, policy table
     GET    /memory/report          status + event history (grants, refusals, unloads, reloads, emergencies)
                                    + pressure over time
@@ -20,7 +21,7 @@ from typing import Any
 
 from flask import Flask, jsonify
 
-from common.http import ApiError, create_base_app, json_body, require_admin
+from common.http import ApiError, RequestMetrics, create_base_app, json_body, require_admin
 from common.settings import Secret
 
 from .policy import MemoryPolicy
@@ -33,11 +34,13 @@ OPERATIONS = ("status", "memory_report", "force_unload_all_except", "handle_emer
 class MemoryDeps:
     policy: MemoryPolicy
     admin_key: Secret | None
+    metrics: RequestMetrics | None = None   # GET /metrics (memory_manager/metrics.py)
 
 
 def create_app(deps: MemoryDeps) -> Flask:
     policy = deps.policy
-    app = create_base_app("memory_manager", lambda: (True, {"probe": policy.probe.name}), max_body=64 * 1024)
+    app = create_base_app("memory_manager", lambda: (True, {"probe": policy.probe.name}), metrics=deps.metrics,
+                          max_body=64 * 1024)
     admin = require_admin(lambda: deps.admin_key)
 
     @app.get("/memory/status")

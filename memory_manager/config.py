@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from common.declare import var
 from common.errors import ConfigError
 from common.parsers import Parser, choice, integer, number, pairs
-from common.settings import AdminKey, GpuCount, Serving
+from common.settings import AdminKey, GpuCount, Logs, Serving
 from common.topology import MODEL_WORKERS, Topology
 
 DEFAULT_SIZES_GB = {"sdxl": 10.0, "chat": 15.0, "wan": 30.0}
@@ -22,7 +22,7 @@ def _positive(number_: float) -> float:
 
 
 @dataclass(frozen=True)
-class MemorySettings(Topology, AdminKey, Serving, GpuCount):
+class MemorySettings(Topology, AdminKey, Serving, Logs, GpuCount):
     """Memory manager"""
 
     probe: str = var("MEMORY_PROBE", choice("auto", "nvml", "torch", "capacity"), "auto",

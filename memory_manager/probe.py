@@ -84,7 +84,8 @@ class TorchProbe:
         return result
 
 
-def _physical(visible: str | None) -> list[int] | None:
+def physical_devices(visible: str | None) -> list[int] | None:
+    """The NVML index of each fleet GPU from ``CUDA_VISIBLE_DEVICES``; None: every device, in NVML's order."""
     if visible is None or not visible.strip():
         return None
     entries = [v.strip() for v in visible.split(",") if v.strip()]
@@ -96,7 +97,7 @@ def make_probe(settings: MemorySettings, visible_devices: str | None = None) -> 
     choices = {"auto": ("nvml", "torch"), "nvml": ("nvml",), "torch": ("torch",), "capacity": ()}[settings.probe]
     for choice in choices:
         try:
-            probe: Probe = NvmlProbe(_physical(visible_devices)) if choice == "nvml" else TorchProbe()
+            probe: Probe = NvmlProbe(physical_devices(visible_devices)) if choice == "nvml" else TorchProbe()
         except Exception as exc:  # noqa: BLE001 - an optional backend may fail in many library-specific ways
             log.info("probe %s unavailable (%s)", choice, type(exc).__name__)
             continue

@@ -66,7 +66,7 @@ def gpu_count(fleet: FleetSettings, env: Mapping[str, str]) -> tuple[int, list]:
 
 
 def run(settings: StartupSettings, fleet: FleetSettings, env: Mapping[str, str]) -> int:
-    log_file = setup_logging(fleet.log_dir, fleet.log_max_bytes, fleet.log_backups)
+    log_file = setup_logging(fleet.log_dir, fleet.log_max_bytes, fleet.log_backups, fmt=fleet.log_format)
     log.info("orchestrator starting: pid %d, programs %s, log file %s", os.getpid(),
              ",".join(fleet.programs) or "none", log_file or "none")
     count, gpus = gpu_count(fleet, env)

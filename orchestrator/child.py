@@ -8,7 +8,8 @@
   program in place: no Python code runs between fork and exec (``preexec_fn`` can deadlock a child forked from
   a threaded parent). Linux ties PDEATHSIG to the *thread* that forked the child, so the supervisor spawns
   every child from its one long-lived loop thread.
-- stdout and stderr go through a pipe to a pump thread that logs each line as ``<name> | <line>``.
+- stdout and stderr go through a pipe to a pump thread that logs each line as ``<name> | <line>`` (with
+  ``LOG_FORMAT=json``, a child's JSON line as that object plus ``program``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from common.logs import relayed
 
 log = logging.getLogger("orchestrator.child")
 
@@ -88,4 +91,4 @@ class Child:
             for raw in self._proc.stdout:
                 line = raw.decode("utf-8", "replace").rstrip()
                 if line:
-                    log.info("%s | %s", self.name, line[:MAX_LINE_CHARS])
+                    log.info("%s | %s", self.name, line[:MAX_LINE_CHARS], extra=relayed(self.name, line))

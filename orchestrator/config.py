@@ -13,7 +13,7 @@ from pathlib import Path
 from common.declare import each, var
 from common.errors import ConfigError
 from common.parsers import Invalid, Parser, command, integer, number, pairs, path
-from common.settings import AdminKey, ChatModels, GpuCount, QueueConnection, SdxlModel, WanModel
+from common.settings import AdminKey, ChatModels, GpuCount, Logs, QueueConnection, SdxlModel, WanModel
 from common.topology import MODEL_WORKERS, PROGRAM_ORDER, StatusPort, Topology
 
 #: Seconds a program may take from spawn to its first ``/health`` 200 (models load in minutes).
@@ -31,7 +31,7 @@ def _program_list(value: str) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class FleetSettings(Topology, StatusPort, GpuCount):
+class FleetSettings(Topology, StatusPort, GpuCount, Logs):
     """Orchestrator"""
 
     programs: tuple[str, ...] = var("FLEET_PROGRAMS", Parser(_program_list, "a list of programs"), PROGRAM_ORDER,
@@ -57,9 +57,9 @@ class FleetSettings(Topology, StatusPort, GpuCount):
                                          "health checks (status page, unhealthy restarts)")
     unhealthy_restart_checks: int = var(
         "FLEET_UNHEALTHY_RESTART_CHECKS", integer(0, 100000), 6,
-        "failed `/health` checks in a row (no answer in 2 s or not 200) before a RUNNING program is restarted the way "
-        "a shutdown stops it (warm, cold, SIGKILL), then the normal backoff; loading workers are never counted; "
-        "0 = never")
+        "failed `/live` checks in a row (no answer in 2 s or not 200) before a RUNNING program is restarted the way "
+        "a shutdown stops it (warm, cold, SIGKILL), then the normal backoff; `/health` (readiness) never restarts "
+        "anything; 0 = never")
     commands: Mapping[str, tuple[str, ...]] = each(
         {name: f"FLEET_COMMAND_{name.upper()}" for name in PROGRAM_ORDER}, command(), {},
         "replace <key>'s command line (`{python}`, `{port}` filled in)")

@@ -8,9 +8,11 @@ States::
                       BACKOFF <────────────────────┘   (a quick failure; too many in a row → FATAL)
                         │ delay over ──> STARTING
     STARTING, RUNNING ──shutdown──> STOPPING ──process gone──> EXITED
-    RUNNING ──N failed /health checks in a row──> STOPPING ──process gone──> BACKOFF (or FATAL)
+    RUNNING ──N failed /live checks in a row──> STOPPING ──process gone──> BACKOFF (or FATAL)
     BACKOFF ──shutdown──> EXITED
 
+``/health`` is readiness (the start gate, and the ``health`` the status shows); ``/live`` is liveness (the
+process and its job loop work, even while loading or busy): only liveness restarts a RUNNING program.
 A health restart (RUNNING → STOPPING, reason "unhealthy: ...") stops the process like a shutdown does
 (SIGTERM, grace, cold stop, SIGKILL; see orchestrator.supervisor); its end counts like a crash: a quick
 failure unless the run lasted ``Backoff.stable_seconds``. Outside a shutdown, STOPPING is always a health
@@ -112,7 +114,8 @@ class ProgramSpec:
     command: tuple[str, ...]
     port: int
     env: Mapping[str, str] = field(default_factory=dict)
-    health_path: str = "/health"
+    health_path: str = "/health"   # readiness: the start gate, and the status
+    live_path: str = "/live"       # liveness: a RUNNING program failing it is restarted
     start_timeout: float = 60.0
     gpu: str | None = None  # the CUDA_VISIBLE_DEVICES given to it, None = inherited
     stop_wave: int = 0      # shutdown stops wave 0 first, then 1, ... (see orchestrator.supervisor)
@@ -120,6 +123,10 @@ class ProgramSpec:
     @property
     def health_url(self) -> str:
         return f"http://127.0.0.1:{self.port}{self.health_path}"
+
+    @property
+    def live_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.live_path}"
 
 
 @dataclass(frozen=True)
@@ -154,7 +161,8 @@ class Program:
         self.last_exit: int | None = None        # exit status (negative = killed by that signal)
         self.health: str = "unknown"             # "ok", "unavailable (503)", "no answer", ...
         self.health_checked_at: float | None = None
-        self.failed_checks = 0                   # RUNNING: consecutive failed /health checks
+        self.live: str = "unknown"               # the last /live check: "ok", "unavailable (503)", ...
+        self.failed_checks = 0                   # RUNNING: consecutive failed /live checks
         self.reason: str = ""                    # why the last transition happened
 
     @property
@@ -180,6 +188,7 @@ class Program:
         self.running_since = None
         self.retry_at = None
         self.health = "unknown"
+        self.live = "unknown"
         self.failed_checks = 0
 
     def serving(self) -> None:
@@ -188,9 +197,13 @@ class Program:
         self.running_since = self._clock()
 
     def checked(self, ok: bool, detail: str, now: float) -> None:
-        """Record a /health check; while RUNNING, count the failed ones in a row."""
+        """Record a /health (readiness) check."""
         self.health = detail
         self.health_checked_at = now
+
+    def live_checked(self, ok: bool, detail: str) -> None:
+        """Record a /live check; while RUNNING, count the failed ones in a row."""
+        self.live = detail
         if self.state is ProgramState.RUNNING:
             self.failed_checks = 0 if ok else self.failed_checks + 1
 
@@ -235,6 +248,7 @@ class Program:
             "restarts": self.restarts,
             "quick_failures": self.quick_failures,
             "health": self.health,
+            "live": self.live,
             "failed_checks": self.failed_checks,
             "last_exit": self.last_exit,
             "last_exit_name": exit_name(self.last_exit),

@@ -23,9 +23,10 @@ WATCHDOG, FATAL_WORKER_ERROR, HANDED_BACK, ...) restart with the normal backoff.
 Orphans: with ``adopt_orphans`` (the orchestrator is PID 1 or a child subreaper, see orchestrator.reaper) each
 pass also reaps exited processes that are not its own children, so no zombie is left behind by a group kill.
 
-Health restart: every ``health_interval`` a RUNNING program's ``/health`` is checked (a STARTING one is only
-checked against its start timeout, so a loading worker's 503 never counts). After ``unhealthy_restart_checks``
-failed checks in a row (no answer, or not 200; 0 = never), the program is stopped the same way, without
+Health restart: every ``health_interval`` a RUNNING program's ``/live`` (liveness) is checked, then, if it
+answered, its ``/health`` (readiness, for the status: a worker busy or reloading is not restarted for it); a
+STARTING one only against its start timeout. After ``unhealthy_restart_checks`` failed ``/live`` checks in a
+row (no answer, or not 200; 0 = never), the program is stopped the same way as a shutdown, without
 blocking the loop (the others stay supervised): SIGTERM to the leader (a worker hands its job back), after
 ``stop_grace`` the cold stop, after ``kill_after`` more SIGKILL of the group; once it is gone it takes the
 normal BACKOFF path (a quick failure only if its run was short, as for a crash).
@@ -160,16 +161,22 @@ class Supervisor:
         if program.health_checked_at is not None and now - program.health_checked_at < self.health_interval:
             return
         before = program.health
-        health = self._probe(program, now)
+        live = self._health_check(program.spec.live_url)
+        program.live_checked(live.ok, live.detail)
+        if live.ok:
+            health = self._probe(program, now)
+        else:   # a process that does not answer /live: no second wait on /health
+            health = live
+            program.checked(False, live.detail, now)
         if health.detail != before:
             log.log(logging.INFO if health.ok else logging.WARNING, "%s: health %s (was %s)",
                     program.name, health.detail, before)
         limit = self.unhealthy_restart_checks
         if limit and program.failed_checks >= limit:
-            log.error("%s: /health failed %d checks in a row (every %g s, last: %s): restarting pid %s "
+            log.error("%s: /live failed %d checks in a row (every %g s, last: %s): restarting pid %s "
                       "(SIGTERM, cold stop after %g s, SIGKILL %g s later)", program.name, program.failed_checks,
-                      self.health_interval, health.detail, program.pid, self.stop_grace, self.kill_after)
-            program.restarting(f"{program.failed_checks} failed /health checks in a row (last: {health.detail})")
+                      self.health_interval, live.detail, program.pid, self.stop_grace, self.kill_after)
+            program.restarting(f"{program.failed_checks} failed /live checks in a row (last: {live.detail})")
             self._children[program.name].signal(signal.SIGTERM)
 
     def _escalate_restart(self, program: Program, now: float) -> None:

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 from common.declare import var
 from common.parsers import number
-from common.settings import Pod, PublicAddress, Serving, SupabaseAccess
+from common.settings import Logs, Pod, PublicAddress, Serving, SupabaseAccess
 from common.topology import Topology
 
 
 @dataclass(frozen=True)
-class RegistrationSettings(Topology, SupabaseAccess, Pod, PublicAddress, Serving):
+class RegistrationSettings(Topology, SupabaseAccess, Pod, PublicAddress, Serving, Logs):
     """Registration"""
 
     interval_seconds: float = var("REGISTRATION_INTERVAL_SECONDS", number(0, 86400), 300.0,

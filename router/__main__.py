@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from common.errors import ConfigError
 from common.exit_codes import ExitCode
+from common.logs import setup_logging
 from common.serving import serve
 
 from .app import HEALTH_PATHS, RouterDeps, create_app
@@ -22,12 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="listen port (default ROUTER_PORT, 7860)")
     parser.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0: the public port)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = RouterSettings.from_env(os.environ)
     except ConfigError as exc:
         print(f"router: configuration error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
+    setup_logging(logging.INFO, settings.log_format, service="router")
     deps = RouterDeps(backends={"sdxl": settings.url("sdxl"), "wan": settings.url("wan")},
                       timeout=settings.timeout_seconds, connect_timeout=settings.connect_timeout_seconds,
                       max_body=settings.max_body_bytes, admin_key=settings.worker_admin_key)

@@ -6,6 +6,7 @@
     GET /health                          → 200 with both workers' states; 503 only if neither serves (one
                                            fan-out at a time, its answer reused for HEALTH_CACHE_SECONDS)
     GET /router/health                   → 200 while the router process serves (the orchestrator's gate)
+    GET /live                            → 200 while the router process serves (liveness: the orchestrator's restarts)
     GET /openapi.json                    → the OpenAPI 3.1 document of this port (common.openapi)
     GET /ops, /ops/data                  → the ops page and its JSON, under the admin key (router/ops.py)
 
@@ -50,7 +51,7 @@ NOT_COPIED = HOP_BY_HOP | {"host", "content-length", "expect"}
 LEGACY_WAN_PATHS = ("/enhance", "/debug/env")
 LEGACY_WAN_PREFIXES = ("/memory/",)
 PATH_SAFE = "/:@!$&'()*+,;=~"
-HEALTH_PATHS = ("/health", "/router/health")
+HEALTH_PATHS = ("/health", "/router/health", "/live")
 HEALTH_CACHE_SECONDS = 1.0
 T = TypeVar("T")
 
@@ -58,7 +59,7 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class RouterDeps:
     backends: Mapping[str, str]  # "sdxl" / "wan" → loopback base URL
-    timeout: float = 600.0
+    timeout: float = 90.0
     connect_timeout: float = 3.0
     max_body: int = 16 * 1024 * 1024
     health_timeout: float = 2.0

@@ -7,16 +7,18 @@ from dataclasses import dataclass
 
 from common.declare import var
 from common.parsers import integer, megabytes, number
-from common.settings import AdminKey, QueueConnection, Serving
+from common.settings import AdminKey, Logs, QueueConnection, Serving
 from common.topology import StatusPort, Topology
 
 
 @dataclass(frozen=True)
-class RouterSettings(Topology, StatusPort, Serving, AdminKey, QueueConnection):
+class RouterSettings(Topology, StatusPort, Serving, Logs, AdminKey, QueueConnection):
     """Router"""
 
-    timeout_seconds: float = var("ROUTER_TIMEOUT_SECONDS", number(0.1, 7200), 600.0,
-                                 "how long a forwarded request may take (504 after)")
+    timeout_seconds: float = var(
+        "ROUTER_TIMEOUT_SECONDS", number(0.1, 7200), 90.0,
+        "how long a forwarded request may take (504 after); below the RunPod proxy's 100 s, so the client gets "
+        "the router's JSON 504 rather than the proxy's cut")
     connect_timeout_seconds: float = var("ROUTER_CONNECT_TIMEOUT_SECONDS", number(0.05, 60), 3.0,
                                          "connect timeout to a backend (502 after)")
     max_body_bytes: int = var("ROUTER_MAX_BODY_MB", megabytes(0.001, 4096), 16 * 1024 * 1024,

@@ -56,7 +56,8 @@ def test_the_kinds_and_processes_read_only_their_own_groups() -> None:
     # the ops page reads queue depths: the connection only, none of the queue's behaviour (REDIS_TIMEOUT_SECONDS...)
     assert {n for n in RouterSettings.env_names() if "REDIS" in n} == {
         "REDIS_URL", "UPSTASH_REDIS_REST_URL", "UPSTASH_REDIS_REST_TOKEN"}
-    assert set(MemorySettings.env_names()) - {"WORKER_ADMIN_KEY", "HTTP_READ_TIMEOUT_SECONDS", "GPU_COUNT"} == {
+    assert set(MemorySettings.env_names()) - {"WORKER_ADMIN_KEY", "HTTP_READ_TIMEOUT_SECONDS", "GPU_COUNT",
+                                             "LOG_FORMAT"} == {
         n for n in MemorySettings.env_names() if n.startswith("MEMORY_") or n.endswith("_PORT")}
     assert {n for n in StartupSettings.env_names() if "PATH" not in n} == {
         "WORKER_ADMIN_KEY", "REDIS_URL", "UPSTASH_REDIS_REST_URL", "UPSTASH_REDIS_REST_TOKEN"}

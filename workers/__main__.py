@@ -30,7 +30,8 @@ from gunicorn.app.base import BaseApplication
 
 from common.errors import ConfigError
 from common.exit_codes import ExitCode
-from common.serving import deadline_worker
+from common.logs import setup_logging
+from common.serving import GunicornLogger, deadline_worker
 from common.settings import Settings
 
 from .core.service import Service, default_worker_id
@@ -111,7 +112,7 @@ class WorkerApplication(BaseApplication):
             "worker_class": deadline_worker(read_timeout=self.settings.http_read_timeout_seconds),
             "threads": self.args.threads, "timeout": 120, "graceful_timeout": int(self.args.grace + 15),
             "limit_request_line": 8190, "accesslog": None, "errorlog": "-", "loglevel": "info",
-            "proc_name": f"worker-{self.args.kind}", "control_socket_disable": True,
+            "proc_name": f"worker-{self.args.kind}", "control_socket_disable": True, "logger_class": GunicornLogger,
             "post_worker_init": self.post_worker_init,
             "worker_int": lambda worker: self.service.stop_cold(),
             "worker_abort": lambda worker: self.service.stop_cold(),
@@ -179,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.CONFIG_ERROR
     if args.grace is None:
         args.grace = settings.stop_grace_seconds
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s [{args.kind}] %(name)s: %(message)s")
+    setup_logging(settings.log_level, settings.log_format, service=args.kind, stream=sys.stderr,
+                  text_format=f"%(asctime)s %(levelname)s [{args.kind}] %(name)s: %(message)s")
     WorkerApplication(args, settings).run()
     return ExitCode.OK
 

@@ -2,7 +2,7 @@
 
     python fake_program.py --name sdxl --port 7859 [--ready-after 0.3] [--exit-at-once 3]
                            [--ignore-term] [--events FILE] [--child] [--orphan]
-                           [--unhealthy-when MARKER [--unhealthy-mode 503|hang]]
+                           [--unhealthy-when MARKER [--unhealthy-mode 503|hang|not-ready]]
 
 Each event is appended to FILE as one JSON line: {"name", "event", "pid", "t"} with event in
 started / ready / sigterm / sigint / cold / exiting. SIGTERM = warm stop: exit after ``--term-delay`` (or
@@ -12,7 +12,9 @@ grandchild (sleep) in the same process group, to check that nothing is left behi
 a session of its own (out of reach of a group kill), which the orchestrator adopts when the program dies.
 ``--unhealthy-when MARKER``: once the file MARKER exists, the process deletes it (so its replacement starts
 healthy), records "unhealthy" and from then on answers /health with 503 (``--unhealthy-mode 503``) or never
-answers it (``hang``: the request hangs, as in a wedged server) while the process stays alive.
+answers it (``hang``: the request hangs, as in a wedged server) while the process stays alive; every path
+answers alike (``/live`` too), except with ``not-ready``: ``/health`` 503 while ``/live`` stays 200 (a worker
+busy reloading its model: not ready, still alive).
 Standard library only: it starts in ~50 ms.
 """
 import argparse
@@ -39,7 +41,7 @@ def main() -> int:
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--orphan", action="store_true")
     parser.add_argument("--unhealthy-when", default=None)
-    parser.add_argument("--unhealthy-mode", choices=("503", "hang"), default="503")
+    parser.add_argument("--unhealthy-mode", choices=("503", "hang", "not-ready"), default="503")
     args = parser.parse_args()
 
     def record(event: str, **extra) -> None:
@@ -75,7 +77,7 @@ def main() -> int:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
-            if unhealthy():
+            if unhealthy() and not (args.unhealthy_mode == "not-ready" and self.path == "/live"):
                 if args.unhealthy_mode == "hang":
                     threading.Event().wait()  # never answers (a daemon thread: exiting ends it)
                 body = json.dumps({"status": "unhealthy", "name": args.name}).encode()

@@ -78,23 +78,26 @@ def test_health_restart_counts_like_a_crash() -> None:
     p = program(clock)
     policy = Backoff(base_seconds=1, max_seconds=60, max_quick_failures=2, stable_seconds=30)
     p.spawned(1)
-    p.checked(False, "unavailable (503)", clock.now)  # STARTING: a loading worker's 503 is not counted
+    p.live_checked(False, "unavailable (503)")  # STARTING: never counted
     assert p.failed_checks == 0
     p.serving()
     for _ in range(3):
-        p.checked(False, "no answer", clock.now)
-    assert p.failed_checks == 3
-    p.checked(True, "ok", clock.now)
+        p.checked(False, "unavailable (503)", clock.now)   # readiness: shown, never counted
+    assert (p.failed_checks, p.health) == (0, "unavailable (503)")
+    for _ in range(3):
+        p.live_checked(False, "no answer")
+    assert (p.failed_checks, p.live) == (3, "no answer")
+    p.live_checked(True, "ok")
     assert p.failed_checks == 0
-    p.checked(False, "no answer", clock.now)
+    p.live_checked(False, "no answer")
     clock.now += 100                    # a long run: its health restart is the first quick failure
-    p.restarting("1 failed /health checks in a row (last: no answer)")
+    p.restarting("1 failed /live checks in a row (last: no answer)")
     assert p.state is S.STOPPING and p.reason.startswith("unhealthy: ")
     p.failed("health restart: exited with status 0", policy)
     assert (p.state, p.quick_failures, p.retry_at) == (S.BACKOFF, 1, clock.now + 1)
     p.spawned(2)
     assert p.failed_checks == 0
     p.serving()
-    p.restarting("1 failed /health checks in a row (last: no answer)")  # a short run: quick again → FATAL
+    p.restarting("1 failed /live checks in a row (last: no answer)")  # a short run: quick again → FATAL
     p.failed("health restart: killed by SIGKILL", policy)
     assert p.state is S.FATAL and "2 quick failures" in p.reason

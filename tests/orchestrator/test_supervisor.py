@@ -210,7 +210,7 @@ def test_hung_program_that_ignores_sigterm_is_cold_stopped_then_killed_and_resta
     first_pid = chat.pid
     marker.touch()
     wait_for(lambda: chat.state is ProgramState.STOPPING, timeout=5, what="chat STOPPING")
-    assert chat.health == "no answer" and "unhealthy: 1 failed /health checks" in chat.reason
+    assert chat.health == "no answer" and "unhealthy: 1 failed /live checks" in chat.reason
     wait_for(lambda: chat.restarts == 1 and chat.state is ProgramState.RUNNING, what="chat restarted")
     assert chat.last_exit == -signal.SIGKILL and not alive(first_pid)
     events_of_first = [e["event"] for e in read_events(events) if e["pid"] == first_pid]
@@ -241,6 +241,24 @@ def test_unhealthy_restart_disabled_with_zero(running, events: Path, tmp_path: P
     wait_for(lambda: sdxl.failed_checks >= 20, what="20 failed checks")
     assert (sdxl.pid, sdxl.restarts, sdxl.state) == (first_pid, 0, ProgramState.RUNNING)
     assert sdxl.health == "unavailable (503)" and run.supervisor.status()["programs"][0]["failed_checks"] >= 20
+    assert run.stop() is ExitCode.OK
+
+
+def test_a_running_program_that_is_alive_but_not_ready_is_not_restarted(running, events: Path,
+                                                                        tmp_path: Path) -> None:
+    """Liveness apart from readiness: /health 503 (busy reloading, say) with /live 200 is shown, never restarted."""
+    marker = tmp_path / "sdxl-not-ready"
+    run = running([spec("sdxl", events, "--unhealthy-when", str(marker), "--unhealthy-mode", "not-ready")],
+                  health_interval=0.05, unhealthy_restart_checks=2)
+    sdxl = run.program("sdxl")
+    wait_for(lambda: sdxl.state is ProgramState.RUNNING, what="sdxl RUNNING")
+    first_pid = sdxl.pid
+    marker.touch()
+    wait_for(lambda: sdxl.health == "unavailable (503)", what="sdxl not ready")
+    time.sleep(0.5)  # ten checks: five times the restart limit
+    status = run.supervisor.status()["programs"][0]
+    assert (sdxl.pid, sdxl.restarts, sdxl.state) == (first_pid, 0, ProgramState.RUNNING)
+    assert (status["health"], status["live"], status["failed_checks"]) == ("unavailable (503)", "ok", 0)
     assert run.stop() is ExitCode.OK
 
 

@@ -44,6 +44,8 @@ def _from_ops(program: str, ops: tuple[openapi.Op, ...]) -> list[Endpoint]:
 
 MEMORY_MANAGER = [
     Endpoint("memory_manager", "GET", "/health", "open"),
+    Endpoint("memory_manager", "GET", "/live", "open"),
+    Endpoint("memory_manager", "GET", "/metrics", "open"),
     Endpoint("memory_manager", "GET", "/memory/status", "open"),
     Endpoint("memory_manager", "GET", "/memory/report", "open"),
     Endpoint("memory_manager", "POST", "/reservations", "admin", {"worker": "no-such-worker"}, 400),

@@ -37,6 +37,7 @@ from workers.core.errors import ErrorType, RetryableError, WorkerError
 
 from . import memory
 from .batch import DecodeBatch, Row
+from .engine_metrics import EngineMetrics
 from .generation import Generation, GenerationRequest
 from .models import LoadedModel, ModelName, ModelStore, ModelUnavailable
 from .slot_batch import SlotBatch
@@ -84,6 +85,7 @@ class Engine:
                           "first_tokens": 0, "ttft_seconds_total": 0.0}
         self._active = 0
         self._admitting = 0     # taken out of the waiting line, being prefilled (neither waiting nor active)
+        self.metrics = EngineMetrics(self)   # Prometheus: read from stats() at scrape, plus time to first token
 
     # ---------------------------------------------------------------- callers' side
     def start(self) -> None:
@@ -318,6 +320,7 @@ class Engine:
             if new and not row.notified:   # the round that chose this request's first token
                 self._counters["first_tokens"] += 1
                 self._counters["ttft_seconds_total"] += time.monotonic() - request.submitted
+                self.metrics.first_token(batch.loaded.name.value, time.monotonic() - request.submitted)
             row.notified = len(row.tokens)
             self._counters["tokens"] += len(new)
             if new and request.on_tokens is not None and not request.cancelled.is_set():

@@ -65,6 +65,10 @@ class ChatHandler:
     def close(self) -> None:
         self.engine.stop()
 
+    def collectors(self) -> list:
+        """The engine's Prometheus metrics, for the worker's registry (``Metrics.include``)."""
+        return self.engine.metrics.collectors()
+
     # ---------------------------------------------------------------- chat_queue
     def run(self, job: Job, progress: Progress) -> Result:
         if job.queue is not Queue.CHAT:

@@ -23,7 +23,7 @@ from typing import Any
 
 import requests
 
-from common import keys
+from common import keys, logs
 from common.settings import Settings
 
 from . import retry
@@ -102,13 +102,18 @@ class CallbackClient:
         """Terminal delivery: 1, 2, 4 … 30 s backoff (plus up to 1 s of jitter) and the server's
         ``Retry-After``, as long as the next try still starts within ``retry_seconds``; then ``FAILED``."""
         answer = retry.call(lambda: self._attempt(body), initial=1.0, cap=30.0,
-                            deadline=self.clock() + self.retry_seconds, sleep=self.sleep, clock=self.clock)
+                            deadline=self.clock() + self.retry_seconds, sleep=self.sleep, clock=self.clock,
+                            on_retry=self._retried)
         return Outcome.FAILED if answer.retry else answer.value
 
     def progress(self, body: bytes) -> None:
         """Best effort, in the background: one short try, never blocks or fails the job."""
-        threading.Thread(target=self._attempt, args=(body, 5.0, False), name="progress-callback",
+        threading.Thread(target=logs.carry(self._attempt), args=(body, 5.0, False), name="progress-callback",
                          daemon=True).start()
+
+    def _retried(self, answer: retry.Answer) -> None:
+        if self.metrics is not None:
+            self.metrics.callback_retries.labels(answer.problem or "unknown").inc()
 
     def _count(self, status: str) -> None:
         if self.metrics is not None:

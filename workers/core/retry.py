@@ -47,12 +47,14 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
 
 def call(attempt: Callable[[], Answer], *, initial: float, cap: float, deadline: float | None = None,
          tries: int | None = None, longest_wait: float | None = None,
-         sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> Answer:
+         sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+         on_retry: Callable[[Answer], None] | None = None) -> Answer:
     """Run ``attempt`` until its answer is final or the budget is spent; return the last answer.
 
     Waits are ``initial * 2**n`` plus up to ``initial`` of jitter, at most ``cap``, and at least what the
     server asked for in ``Retry-After``. It stops before a wait that would end past ``deadline`` (on
-    ``clock``), after ``tries`` tries, or before a wait longer than ``longest_wait``."""
+    ``clock``), after ``tries`` tries, or before a wait longer than ``longest_wait``. ``on_retry`` is told
+    each answer that is tried again (the retry counters), before the wait."""
     backoff = wait_exponential_jitter(initial=initial, max=cap, jitter=initial)
 
     def wait(state: RetryCallState) -> float:
@@ -64,6 +66,11 @@ def call(attempt: Callable[[], Answer], *, initial: float, cap: float, deadline:
                 or (deadline is not None and clock() + state.upcoming_sleep > deadline)
                 or (longest_wait is not None and state.upcoming_sleep > longest_wait))
 
+    def before_sleep(state: RetryCallState) -> None:
+        if on_retry is not None and state.outcome is not None:
+            on_retry(state.outcome.result())
+
     retrying = Retrying(sleep=sleep, wait=wait, stop=stop, retry=retry_if_result(lambda answer: answer.retry),
-                        retry_error_callback=lambda state: state.outcome.result(), reraise=True)
+                        retry_error_callback=lambda state: state.outcome.result(), reraise=True,
+                        before_sleep=before_sleep)
     return retrying(attempt)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 
+from common import logs
 from common.exit_codes import ExitCode
 
 from . import callbacks as cb
@@ -154,6 +155,7 @@ class Runner:
         finally:
             self.current, self.current_job, self._claim, self.deadline, self._watch = None, None, None, None, None
             self.settling, self.progress_state = False, {}
+            logs.clear_job()
 
     def _process(self, delivery: Delivery, started: float) -> None:
         job = self._decode(delivery)
@@ -166,6 +168,7 @@ class Runner:
         if isinstance(begun, Skipped):
             return self._skipped(job, begun)
         self._claim = begun
+        logs.bind_job(job.id, job.type.value, self.worker_id, begun.attempt)   # on every line until the end
         self.deadline = self.clock() + self.timeouts.seconds_for(job.type)
         if begun.attempt > self.max_attempts:
             error = WorkerError(f"job failed {self.max_attempts} times; giving up", ErrorType.INTERNAL_ERROR)
@@ -268,7 +271,7 @@ class Runner:
         if settled is Settled.FENCED:
             return self._discard(delivery, job, "its claim was taken over before its terminal step")
         log.info("job %s (%s) was cancelled by the app %s: acknowledged, no callback", job.id, job.type.value, when)
-        self.metrics.jobs.labels(job.type.value, "cancelled").inc()
+        self.metrics.finished(job.type.value, "cancelled", self.clock() - self.started)
         self.jobs_done += 1
 
     def _settle(self, delivery: Delivery, job_id: str, job: Job | None, body: bytes, outcome: str,
@@ -285,9 +288,7 @@ class Runner:
             log.warning("job %s was reaped while it ran; its returned copy will be dropped as done", job_id)
             self.metrics.jobs.labels(job_type, "reaped_while_running").inc()
         self._deliver(job_id, body)
-        self.metrics.jobs.labels(job_type, outcome).inc()
-        if started is not None:
-            self.metrics.job_seconds.labels(job_type).observe(self.clock() - started)
+        self.metrics.finished(job_type, outcome, self.clock() - self.started)
         self.jobs_done += 1
         self.journal.write(job_id, job_type, outcome, self.clock() - self.started, claim.attempt if claim else None,
                            body)

@@ -23,19 +23,20 @@ import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from flask import Blueprint, Flask, jsonify, request
+from flask import Blueprint, Flask, jsonify
 
 from common import openapi
 from common.errors import ConfigError
 from common.exit_codes import ExitCode
-from common.http import ApiError, create_base_app, json_body, require_admin
+from common.http import ApiError, create_base_app, require_admin
 from common.settings import Settings
-from workers.core.errors import InvalidJob, RetryableError, WorkerError
+from workers.core.errors import WorkerError
 from workers.core.memory_client import MemoryClient
 
 from . import storage as storage_mod
 from . import transport as transport_mod
 from .callbacks import CallbackClient, OutboxSender
+from .control_http import control_error, which_argument
 from .handler import Handler, ModelControl, WorkerHandler
 from .introspect import device_memory, versions
 from .metrics import Metrics
@@ -73,6 +74,7 @@ class Service:
         self.control: ModelControl = handler
         self.worker_id = worker_id
         self.metrics = metrics or Metrics()
+        self.metrics.include(handler)   # a kind's own collectors (the chat engine's)
         self.exit_process = exit_process   # ends the process with a code the orchestrator sees (__main__)
         self.routes = routes
         self.lifecycle = Lifecycle()
@@ -132,8 +134,9 @@ class Service:
                                    poll_min=s.poll_min_seconds, poll_max=s.poll_max_seconds)
         callbacks = CallbackClient.from_settings(s, self.metrics)
         self.runner = Runner(handler=self.handler, queue=self.queue, callbacks=callbacks, metrics=self.metrics,
-                             storage=storage_mod.from_settings(s), worker_id=self.worker_id, gpu_lock=self.gpu_lock,
-                             max_attempts=s.max_attempts, before_job=self._reload_if_unloaded, trip=self.trip,
+                             storage=storage_mod.from_settings(s, self.metrics), worker_id=self.worker_id,
+                             gpu_lock=self.gpu_lock, max_attempts=s.max_attempts,
+                             before_job=self._reload_if_unloaded, trip=self.trip,
                              breaker_threshold=s.worker_breaker_threshold, timeouts=JobTimeouts.from_settings(s),
                              cancel=CancelChecks.from_settings(s))
         self._first_heartbeat()
@@ -174,7 +177,7 @@ class Service:
                 if claim is not None:
                     self.queue.renew_claim(*claim)
                 self.queue.reap()
-                self.metrics.queue_depth.labels(self.queue.queue).set(self.queue.depth())
+                self.metrics.sample_queue(self.queue.transport, self.queue.queue)
             except TransportError as exc:
                 log.warning("heartbeat: %s", exc)
             if self._retired.wait(max(1.0, self.settings.heartbeat_ttl_seconds / 3)):
@@ -317,8 +320,17 @@ class Service:
             details["error"] = error
         return state.serving, details
 
+    def live(self) -> tuple[bool, dict[str, Any]]:
+        """Liveness, apart from readiness: alive while loading, busy or stopping; dead only when the job loop or
+        the heartbeat thread ended while the worker was still meant to consume (an exception escaped it). No
+        job is taken any more then, and only a restart helps: the orchestrator restarts on this route alone."""
+        ended = [t.name for t in (self._job_loop, self._liveness_thread) if t is not None and not t.is_alive()]
+        if ended and not self.stop_event.is_set() and not (self.runner is not None and self.runner.stopped):
+            return False, {"error": f"thread(s) ended: {', '.join(ended)}"}
+        return True, {"state": self.lifecycle.reported(self.busy)[0].value}
+
     def create_app(self) -> Flask:
-        app = create_base_app(f"{self.handler.kind}-worker", self.health, self.metrics)
+        app = create_base_app(f"{self.handler.kind}-worker", self.health, self.metrics, live=self.live)
         admin = require_admin(lambda: self.settings.worker_admin_key)
 
         @app.get("/status")
@@ -337,13 +349,13 @@ class Service:
         @app.post("/memory/unload")
         @admin
         def memory_unload():
-            which = _which()
+            which = which_argument()
             if not self.gpu_lock.acquire(timeout=2.0):
                 raise ApiError(409, "a job is running; try again when the worker is idle")
             try:
                 message = self.residency.unload(which)
             except WorkerError as exc:
-                raise _control_error(exc) from None
+                raise control_error(exc) from None
             finally:
                 self.gpu_lock.release()
             return jsonify({"success": True, "message": message})
@@ -351,12 +363,12 @@ class Service:
         @app.post("/memory/load")
         @admin
         def memory_load():
-            which = _which()
+            which = which_argument()
             with self.gpu_lock:
                 try:
                     message = self.residency.load(which)
                 except WorkerError as exc:
-                    raise _control_error(exc) from None
+                    raise control_error(exc) from None
             return jsonify({"success": True, "message": message})
 
         @app.get("/debug/env")
@@ -376,25 +388,3 @@ class Service:
         except Exception:
             log.exception("handler status failed")
             return {"error": "status unavailable"}
-
-
-def _control_error(exc: WorkerError) -> ApiError:
-    """A handler's typed error on /memory/load|unload: bad ``which`` 400, no memory now 409, else 503."""
-    if isinstance(exc, InvalidJob):
-        return ApiError(400, exc.message)
-    if isinstance(exc, RetryableError):
-        return ApiError(409, exc.message)
-    return ApiError(503, exc.message)
-
-
-def _which() -> str:
-    """``which`` from the query string, else the JSON body; absent (or null / "") means ``all``. A value of
-    another type is a 400, never read as ``all`` (``{"which": []}`` must not unload everything)."""
-    which = request.args.get("which")
-    if which is None:
-        which = json_body(optional=True).get("which")
-    if which is None or which == "":
-        return "all"
-    if not isinstance(which, str):
-        raise ApiError(400, "'which' must be a string")
-    return which

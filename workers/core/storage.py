@@ -20,6 +20,7 @@ from common.settings import Settings
 
 from . import retry
 from .errors import ErrorType, RetryableError, WorkerError
+from .metrics import Metrics
 
 _COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")  # \Z, not $ (no trailing newline)
 TRIES = 4            # 1, 2, 4 s of backoff (+ jitter) in between
@@ -73,8 +74,10 @@ class SupabaseStorage:
     4xx is final."""
 
     def __init__(self, url: str, service_key: str, bucket: str, session: requests.Session | None = None,
-                 timeout: float = 60.0, sleep: Callable[[float], None] = time.sleep):
+                 timeout: float = 60.0, sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Callable[[retry.Answer], None] | None = None):
         self.url = url.rstrip("/")
+        self.on_retry = on_retry   # told each failed try that is repeated (``worker_storage_retries_total``)
         self._key = service_key
         self.bucket = bucket
         self.session = session or requests.Session()
@@ -105,15 +108,17 @@ class SupabaseStorage:
             return retry.Answer(retry=True, retry_after=retry.retry_after(response.headers), problem=problem)
 
         answer = retry.call(attempt, initial=1.0, cap=LONGEST_WAIT, tries=TRIES, longest_wait=LONGEST_WAIT,
-                            sleep=self.sleep)
+                            sleep=self.sleep, on_retry=self.on_retry)
         if answer.retry:
             raise RetryableError(f"storage upload failed after {made} tries ({answer.problem})",
                                  ErrorType.STORAGE_ERROR)
         return answer.value
 
 
-def from_settings(settings: Settings) -> Storage:
+def from_settings(settings: Settings, metrics: Metrics | None = None) -> Storage:
     if settings.storage_dir is not None:
         return LocalStorage(settings.storage_dir, settings.storage_bucket)
     settings.require("supabase_url", "supabase_service_key")
-    return SupabaseStorage(settings.supabase_url, settings.supabase_service_key.reveal(), settings.storage_bucket)
+    counted = (lambda answer: metrics.storage_retries.labels(answer.problem or "unknown").inc()) if metrics else None
+    return SupabaseStorage(settings.supabase_url, settings.supabase_service_key.reveal(), settings.storage_bucket,
+                           on_retry=counted)

@@ -23,6 +23,7 @@ from typing import Any
 
 import requests
 
+from common import logs
 from common.http import pooled_session
 from common.settings import Secret, Settings
 
@@ -97,7 +98,7 @@ class PromptEnhancer:
         """The rewritten prompt, or ``EnhanceError`` once the deadline has passed or the answer is unusable."""
         body = {"messages": self.messages(prompt, instruction), "model": model, "max_tokens": MAX_TOKENS}
         deadline = time.monotonic() + self.timeout
-        future = self._pool.submit(self._exchange, body, deadline)
+        future = self._pool.submit(logs.carry(self._exchange), body, deadline)   # its lines keep the job's fields
         try:
             return future.result(timeout=max(0.0, deadline - time.monotonic()) + 0.05)
         except FutureTimeout:
