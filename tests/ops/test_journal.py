@@ -7,7 +7,9 @@ import json
 import pytest
 
 from common import keys
+from tests.conftest import SUPABASE_TEST_SERVICE_KEY
 from tests.core.rig import Rig, Scripted
+from workers.core.cancellation import CancelChecks, JobStatusLookup
 from workers.core.errors import ErrorType, WorkerError
 from workers.core.job import Queue
 from workers.core.journal import Journal, error_type_of, record
@@ -90,3 +92,13 @@ def test_a_record_holds_only_its_fields():
         "attempt": 2, "error_type": "OOM_ERROR", "t": 1.5}
     assert error_type_of(b'{"metadata": {"error_type": "TIMEOUT_ERROR"}, "error_message": "x"}') == "TIMEOUT_ERROR"
     assert error_type_of(b"not json") is None and error_type_of(b"[1]") is None
+
+
+def test_a_job_the_app_cancelled_is_journalled_cancelled(rig, redis_client, supabase_standin):
+    supabase_standin.set_job_status("cancel-me-1", "cancelled")
+    push(redis_client, "cancel-me-1")
+    lookup = JobStatusLookup(supabase_standin.url, SUPABASE_TEST_SERVICE_KEY, timeout=2)
+    runner = rig.runner("w1", cancel=CancelChecks(lookup, 1.0))
+    runner.process(runner.queue.fetch(0.1))
+    (entry,) = journal(redis_client)
+    assert (entry["id"], entry["outcome"], entry["attempt"], entry["error_type"]) == ("cancel-m", "cancelled", 1, None)

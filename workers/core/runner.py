@@ -273,6 +273,7 @@ class Runner:
         log.info("job %s (%s) was cancelled by the app %s: acknowledged, no callback", job.id, job.type.value, when)
         self.metrics.finished(job.type.value, "cancelled", self.clock() - self.started)
         self.jobs_done += 1
+        self.journal.write(job.id, job.type.value, "cancelled", self.clock() - self.started, self._claim.attempt, b"")
 
     def _settle(self, delivery: Delivery, job_id: str, job: Job | None, body: bytes, outcome: str,
                 started: float | None = None, dead_reason: str | None = None) -> None:
