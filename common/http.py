@@ -5,6 +5,8 @@ Routes stay a few lines: parse, call one method, map a typed error to a status c
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import json
 import logging
@@ -118,12 +120,21 @@ def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _presented_key() -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+def presented_key(basic: bool = False) -> str | None:
+    """The key of ``Authorization: Bearer <key>`` or, with ``basic``, of ``Basic <user:key>`` (any user: a
+    browser cannot send a Bearer header, so the ops page takes the key as the Basic password); else None."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer":
+        return value or None
+    if not basic or scheme.lower() != "basic":
         return None
-    return token.strip()
+    try:
+        decoded = base64.b64decode(value, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    _, colon, password = decoded.partition(":")
+    return password if colon and password else None
 
 
 def key_matches(presented: str | None, keys: Iterable[Secret | None]) -> bool:
@@ -142,7 +153,7 @@ def require_key(keys: Callable[[], Iterable[Secret | None]], allow_anonymous: Ca
     def decorate(view):
         @wraps(view)
         def wrapper(*args, **kwargs):
-            presented = _presented_key()
+            presented = presented_key()
             if presented is None and "Authorization" not in request.headers and allow_anonymous():
                 return view(*args, **kwargs)
             if not key_matches(presented, keys()):
@@ -160,7 +171,7 @@ def require_admin(admin_key: Callable[[], Secret | None]):
             key = admin_key()
             if key is None:
                 raise ApiError(401, "control endpoints are disabled: WORKER_ADMIN_KEY is not set")
-            if not key_matches(_presented_key(), [key]):
+            if not key_matches(presented_key(), [key]):
                 raise ApiError(401, "missing or invalid admin key")
             return view(*args, **kwargs)
         return wrapper

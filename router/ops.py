@@ -17,7 +17,6 @@ Both answers are ``Cache-Control: no-store``.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import logging
 import re
@@ -29,7 +28,7 @@ import requests
 from flask import Flask, Response, jsonify, request
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.http import key_matches
+from common.http import key_matches, presented_key
 from common.settings import Secret
 
 from . import ops_redis
@@ -43,22 +42,6 @@ UTILIZATION_METRIC = "pod_gpu_utilization_ratio"   # memory_manager/pod.py: 0..1
 REALM = 'Basic realm="fleet ops", charset="UTF-8"'
 COMMON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
                   "X-Frame-Options": "DENY"}
-
-
-def presented_key() -> str | None:
-    """The key of ``Authorization: Basic <user:key>`` (any user) or ``Bearer <key>``; None for anything else."""
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    value = value.strip()
-    if scheme.lower() == "bearer":
-        return value or None
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(value, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    _, colon, password = decoded.partition(":")
-    return password if colon and password else None
 
 
 def _refused(message: str) -> Response:
@@ -77,7 +60,7 @@ def admin_only(admin_key: Callable[[], Secret | None]):
             key = admin_key()
             if key is None:
                 return _refused("the ops page is disabled: WORKER_ADMIN_KEY is not set")
-            presented = presented_key()
+            presented = presented_key(basic=True)
             if not key_matches(presented, [key]):
                 if presented is not None or "Authorization" in request.headers:
                     log.warning("ops: %s %s refused: wrong or malformed admin key (from %s)", request.method,
