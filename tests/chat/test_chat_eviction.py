@@ -213,3 +213,33 @@ def test_default_models_are_what_setup_loads(fresh_handler, demo_models):
     assert fresh_handler(qwen_base_preload=True).default_models() == "all"
     assert fresh_handler(qwen_instruct_path=None).default_models() == "base"
     assert ModelName.INSTRUCT.short == "instruct"
+
+
+def test_the_reload_wait_counts_against_the_request_deadline(fresh_handler):
+    """A request's deadline starts when it arrives (the RunPod proxy cuts at 100 s): with the GPU lock held past
+    CHAT_REQUEST_TIMEOUT_SECONDS, the reload's wait ends at that deadline (503) instead of waiting the longer
+    CHAT_RELOAD_WAIT_SECONDS and then starting the full request wait."""
+    handler = fresh_handler(chat_reload_wait_seconds=5.0, chat_request_timeout_seconds=1.0)
+    served = Served(handler)
+    residency = served.residency
+    try:
+        with residency.gpu_lock:
+            residency.unload("all")
+        held = threading.Event()
+
+        def hold_the_lock() -> None:
+            with residency.gpu_lock:
+                held.set()
+                time.sleep(2.0)
+
+        holder = threading.Thread(target=hold_the_lock)
+        holder.start()
+        held.wait(5)
+        began = time.monotonic()
+        response = served.post("/chat", {"messages": MESSAGES, "max_tokens": 4})
+        waited = time.monotonic() - began
+        holder.join()
+        assert response.status_code == 503, response.text
+        assert 0.9 <= waited < 1.8, waited
+    finally:
+        served.stop()

@@ -10,11 +10,12 @@ Retry-After when retrying helps), 504 timeout, 499 the client went away; never a
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, g, jsonify
 from flask import request as http_request
 
 from common.http import ApiError, json_body, require_key
@@ -57,7 +58,9 @@ def api_errors(view: Callable) -> Callable:
 
 def http_patience(handler: ChatHandler) -> Patience:
     """This request's: the deadline, a disconnect check on its socket, shed when the line is full."""
-    return handler.chat.http_patience(disconnect_check(http_request.environ))
+    arrived = g.get("chat_arrived")
+    elapsed = time.monotonic() - arrived if arrived is not None else 0.0
+    return handler.chat.http_patience(disconnect_check(http_request.environ), elapsed)
 
 
 def reply_body(reply: Reply, **extra: Any) -> dict[str, Any]:
@@ -73,7 +76,12 @@ def create_routes(handler: ChatHandler, residency: Residency) -> Blueprint:
     auth = client_auth(handler.settings)
 
     def reload() -> None:
-        residency.reload_for_request(handler.default_models(), handler.settings.chat_reload_wait_seconds)
+        """Before a generation: the request's deadline starts now, and the reload's wait for the GPU is part of
+        it (so a request that first reloads still answers within CHAT_REQUEST_TIMEOUT_SECONDS + the load)."""
+        g.chat_arrived = time.monotonic()
+        settings = handler.settings
+        residency.reload_for_request(handler.default_models(),
+                                     min(settings.chat_reload_wait_seconds, settings.chat_request_timeout_seconds))
 
     def route(rule: str, methods: list[str], generates: bool = False):
         def decorate(view: Callable) -> Callable:

@@ -134,9 +134,10 @@ class ChatService:
             raise ModelUnavailable("no chat model is loaded that can serve this request")
         return loaded
 
-    def http_patience(self, check: Callable[[], None] | None) -> Patience:
-        """An HTTP request's: the server-side deadline, its client's disconnect check, shed when full."""
-        return Patience(self.timeout, check, shed=True)
+    def http_patience(self, check: Callable[[], None] | None, elapsed: float = 0.0) -> Patience:
+        """An HTTP request's: what is left of the server-side deadline (counted from its arrival: ``elapsed``
+        went on reloading an evicted model), its client's disconnect check, shed when full."""
+        return Patience(max(0.0, self.timeout - elapsed), check, shed=True)
 
     def reply(self, request: ChatRequest, patience: Patience, unrestricted: bool = False) -> Reply:
         start = time.monotonic()
