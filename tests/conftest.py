@@ -11,6 +11,7 @@ from local.demo_models import build as build_demo_models
 from local.redis_server import RedisServer
 from local.supabase_standin import SupabaseStandin
 from local.upstash_front import UpstashFront
+from tests.procs import runtime_env
 
 UPSTASH_TEST_TOKEN = "test-upstash-token"
 SUPABASE_TEST_SERVICE_KEY = "test-service-key"
@@ -53,3 +54,18 @@ def supabase_standin() -> Iterator[SupabaseStandin]:
 def demo_models(tmp_path_factory) -> dict:
     """The tiny demo models (every family), built once per test session: ``local.demo_models.build``."""
     return build_demo_models(tmp_path_factory.mktemp("demo-models"))
+
+
+@pytest.fixture
+def procs():
+    """Worker processes a test started (``tests.procs.WorkerProcess``), killed at the end."""
+    started = []
+    yield started
+    for proc in started:
+        proc.close()
+
+
+@pytest.fixture
+def env(redis_server, redis_client, supabase_standin, tmp_path):
+    """The job runtime's environment on the real Redis and the Supabase stand-in (storage in ``tmp_path``)."""
+    return runtime_env(redis_server.url, supabase_standin, tmp_path / "storage")

@@ -1,25 +1,11 @@
-"""Fixtures of the log tests: worker processes (killed at the end), the runtime's environment on the real Redis
-and the Supabase stand-in, and a root logger restored after a test that configured it."""
+"""Fixtures of the log tests: a root logger restored after a test that configured it (worker processes and the
+runtime's environment come from tests/conftest.py)."""
 import logging
 import threading
 
 import pytest
 
 from common import logs
-from tests.procs import runtime_env
-
-
-@pytest.fixture
-def procs():
-    started = []
-    yield started
-    for proc in started:
-        proc.close()
-
-
-@pytest.fixture
-def env(redis_server, redis_client, supabase_standin, tmp_path):
-    return runtime_env(redis_server.url, supabase_standin, tmp_path / "storage")
 
 
 @pytest.fixture
