@@ -51,7 +51,7 @@ lock:
 	sed -i -E -e 's/^(torch==[0-9.]+)\+[a-z0-9.]+$$/\1/' \
 	  -e '/^#    make lock$$/a #\n# No hashes: the CPU torch wheel of a dev machine and the CUDA one of a GPU machine differ, and\n# torch is pinned by its public version so that both builds satisfy it.' $(LOCK)
 
-# The randomised fault soak (tests/fleet/test_soak.py) for SOAK_MINUTES (default 30; 3 inside `make test`):
+# The randomised fault soak (tests/fleet/test_soak.py) for SOAK_MINUTES (default 30; 1.5 inside `make test`):
 # prints the seed (SOAK_SEED repeats a schedule), the faults injected and the invariants; report in var/soak/.
 SOAK_MINUTES ?= 30
 soak: install

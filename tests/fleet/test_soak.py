@@ -13,7 +13,7 @@ REST front drops requests, loses replies after running them and holds replies pa
 
 Asserts, after a settle period (reaper grace, outbox interval): every job exactly one terminal callback
 (identical re-deliveries counted apart), completed jobs' files in storage, nothing left in queues, processing
-lists or the outbox, dead lists holding only failed jobs. ``SOAK_MINUTES`` (3 here; ``make soak``: 30) and
+lists or the outbox, dead lists holding only failed jobs. ``SOAK_MINUTES`` (1.5 here; ``make soak``: 30) and
 ``SOAK_SEED`` (random unless given; printed) steer it; the table and every violation's evidence are printed and
 written to ``var/soak/<time>-seed<seed>/report.txt`` next to the fleet's logs.
 """

@@ -46,7 +46,7 @@ class SoakConfig:
     seed_was_given: bool = False
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], default_minutes: float = 3.0) -> SoakConfig:
+    def from_env(cls, env: Mapping[str, str], default_minutes: float = 1.5) -> SoakConfig:
         """``SOAK_MINUTES``, ``SOAK_SEED``, ``SOAK_JOBS_PER_SECOND``, ``SOAK_FAULT_INTERVAL_SECONDS``,
         ``SOAK_REST_FAULT_RATE``, ``SOAK_OUT``: each bounded; a bad value is one ``ConfigError`` line."""
         r = Reader(env)
