@@ -137,7 +137,7 @@ class Engine:
             while True:
                 left = WAIT_SLICE_SECONDS if deadline is None else min(WAIT_SLICE_SECONDS, deadline - time.monotonic())
                 if left <= 0:
-                    raise RetryableError(f"generation did not finish within {timeout:.3g} s", ErrorType.TIMEOUT_ERROR)
+                    raise RetryableError(f"generation did not finish within {timeout:.2g} s", ErrorType.TIMEOUT_ERROR)
                 try:
                     return request.future.result(left)
                 except TimeoutError:
