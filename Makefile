@@ -31,17 +31,8 @@ chromium:
 models: install
 	$(PY) -m local.demo_models --out var/models
 
-# Two lanes, both must pass: the three long fleet-level tests (the fault soak, the demo, the tiny bench fleet:
-# mostly waiting on processes, not CPU) run in a second pytest beside the rest, so the suite fits 20 minutes on
-# two cores; their output is printed after the main lane's (and kept in var/test-long-lane.log).
-LONG_TESTS := tests/fleet/test_soak.py tests/test_demo.py tests/bench/test_fleet_tiny.py
 test: install chromium
-	@mkdir -p var
-	@$(PY) -m pytest -q $(LONG_TESTS) > var/test-long-lane.log 2>&1 & long=$$!; \
-	$(PY) -m pytest -q $(addprefix --ignore=,$(LONG_TESTS)); main=$$?; \
-	wait $$long; longrc=$$?; \
-	echo "--- long lane ($(LONG_TESTS)), exit $$longrc:"; tail -n 60 var/test-long-lane.log; \
-	[ $$main = 0 ] && [ $$longrc = 0 ]
+	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
