@@ -11,11 +11,13 @@ A malformed value raises ``ConfigError`` with one line naming the variable, neve
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field
 from typing import Any, TypeVar
 
 from common.errors import ConfigError
+from common.exit_codes import ExitCode
 from common.parsers import Parser, raw
 
 T = TypeVar("T")
@@ -80,6 +82,16 @@ class Declared:
             if check is not None:
                 check(settings)
         return settings
+
+    @classmethod
+    def for_process(cls, env: Mapping[str, str], prog: str):
+        """An entry point's settings: on a bad value, one line ``<prog>: configuration error: …`` on stderr (the
+        message names the variable, never its value) and exit ``ExitCode.CONFIG_ERROR``, never a traceback."""
+        try:
+            return cls.from_env(env)
+        except ConfigError as exc:
+            print(f"{prog}: configuration error: {exc}", file=sys.stderr)
+            raise SystemExit(ExitCode.CONFIG_ERROR) from None
 
     @classmethod
     def env_of(cls, name: str) -> str:

@@ -13,8 +13,6 @@ import threading
 
 from flask import Flask
 
-from common.errors import ConfigError
-from common.exit_codes import ExitCode
 from common.logs import setup_logging
 from common.serving import serve
 from common.topology import MODEL_WORKERS
@@ -58,11 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m memory_manager", description="The fleet's VRAM memory manager.")
     parser.add_argument("--port", type=int, help="listen port on 127.0.0.1 (default MEMORY_MANAGER_PORT, 7870)")
     args = parser.parse_args(argv)
-    try:
-        memory = MemorySettings.from_env(os.environ)
-    except ConfigError as exc:
-        print(f"memory_manager: configuration error: {exc}", file=sys.stderr)
-        return ExitCode.CONFIG_ERROR
+    memory = MemorySettings.for_process(os.environ, "memory_manager")
     setup_logging(logging.INFO, memory.log_format, service="memory_manager")
     if memory.worker_admin_key is None:
         log.warning("WORKER_ADMIN_KEY is not set: reservations and emergency operations are refused")

@@ -14,7 +14,6 @@ import sys
 
 from flask import Flask
 
-from common.errors import ConfigError
 from common.exit_codes import ExitCode
 from common.http import check_health, create_base_app
 from common.logs import setup_logging
@@ -52,11 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                     "re-register every REGISTRATION_INTERVAL_SECONDS and after a restart. Serves /health.")
     parser.add_argument("--port", type=_port, help="health port on 127.0.0.1 (default REGISTRATION_PORT, 7872)")
     args = parser.parse_args(argv)
-    try:
-        config = RegistrationSettings.from_env(os.environ)
-    except ConfigError as exc:
-        print(f"registration: configuration error: {exc}", file=sys.stderr)
-        return ExitCode.CONFIG_ERROR
+    config = RegistrationSettings.for_process(os.environ, "registration")
     setup_logging(logging.INFO, config.log_format, service="registration")
     serve(lambda: build(config), host="127.0.0.1", port=args.port or config.ports["registration"],
           threads=4, name="registration", read_timeout=config.http_read_timeout_seconds)

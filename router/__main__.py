@@ -7,7 +7,6 @@ import os
 import sys
 from dataclasses import replace
 
-from common.errors import ConfigError
 from common.exit_codes import ExitCode
 from common.logs import setup_logging
 from common.serving import serve
@@ -23,11 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="listen port (default ROUTER_PORT, 7860)")
     parser.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0: the public port)")
     args = parser.parse_args(argv)
-    try:
-        settings = RouterSettings.from_env(os.environ)
-    except ConfigError as exc:
-        print(f"router: configuration error: {exc}", file=sys.stderr)
-        return ExitCode.CONFIG_ERROR
+    settings = RouterSettings.for_process(os.environ, "router")
     setup_logging(logging.INFO, settings.log_format, service="router")
     deps = RouterDeps(backends={"sdxl": settings.url("sdxl"), "wan": settings.url("wan")},
                       timeout=settings.timeout_seconds, connect_timeout=settings.connect_timeout_seconds,
