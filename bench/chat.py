@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,39 +23,16 @@ from workers.chat.generation import GenerationRequest
 from workers.chat.models import LoadedModel, ModelName, SingleModel
 from workers.chat.sampling import SamplingParams
 
-from . import models
+from . import chat_turns, models
 from .context import Context
 from .measure import BF16_TOLERANCE, free, peak_gb, reset_peak, resident_gb, sync, timed
 from .report import Row
+from .streams import Stream, prompts
 
 SECTION = "chat"
 DECODE_TARGET, AGGREGATE_TARGET, TTFT_TARGET = 140.0, 1000.0, 0.150
 
 
-
-
-@dataclass
-class Stream:
-    submitted: float = field(default_factory=time.perf_counter)
-    marks: list[tuple[float, int]] = field(default_factory=list)   # (time, tokens so far)
-
-    def __call__(self, tokens: list[int]) -> None:
-        done = self.marks[-1][1] if self.marks else 0
-        self.marks.append((time.perf_counter(), done + len(tokens)))
-
-    @property
-    def ttft(self) -> float:
-        return self.marks[0][0] - self.submitted
-
-    @property
-    def decode_rate(self) -> float | None:
-        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
-        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
-
-
-def prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (length,), generator=generator).tolist() for _ in range(n)]
 
 
 def ours(engine: Engine, batch: list[list[int]], new: int) -> tuple[float, list[Stream], list[list[int]]]:
@@ -145,6 +121,7 @@ def run(ctx: Context) -> None:
     engine = None  # drop the references (free the memory) before what follows
     free(dev)
     _variants(ctx, loaded, got)
+    chat_turns.run(ctx, loaded)   # next turn (prefix reuse) and a join while streams decode
     loaded = model = None  # drop the references (free the memory) before what follows
     free(dev)
 

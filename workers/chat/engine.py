@@ -35,9 +35,10 @@ import torch
 
 from workers.core.errors import ErrorType, RetryableError, WorkerError
 
-from . import memory
+from . import memory, prefix
 from .batch import DecodeBatch, Row
 from .engine_metrics import EngineMetrics
+from .failures import Overloaded, as_worker_error
 from .generation import Generation, GenerationRequest
 from .models import LoadedModel, ModelName, ModelStore, ModelUnavailable
 from .slot_batch import SlotBatch
@@ -50,23 +51,12 @@ WAIT_SLICE_SECONDS = 0.5
 SLOT_RETRY_SECONDS = 30.0
 """After the slot cache could not be set up: the first retry (then doubling, up to ``SLOT_RETRY_CAP_SECONDS``)."""
 SLOT_RETRY_CAP_SECONDS = 600.0
-RETRY_AFTER_SECONDS = 5.0
-"""What a shed request is told to wait (``Retry-After``): a few decode rounds free rows."""
-
-
-class Overloaded(RetryableError):
-    """The waiting line is full: refused at once (HTTP 503 + Retry-After) rather than queued behind it."""
-
-    def __init__(self, waiting: int):
-        super().__init__(f"the chat worker is at capacity ({waiting} requests waiting); retry shortly",
-                         ErrorType.WORKER_UNAVAILABLE, delay=RETRY_AFTER_SECONDS)
-
-
 class Engine:
     def __init__(self, store: ModelStore, max_batch: int = 16, max_prefill_tokens: int = 16384,
                  static_cache: bool = True, cuda_graphs: bool = True, lean_decode: bool = True,
-                 compile_decode: bool = False, max_waiting: int = 8):
+                 compile_decode: bool = False, max_waiting: int = 8, prefix_cache_tokens: int = 0):
         self.store = store
+        self.prefix_cache_tokens = prefix_cache_tokens   # per model on the slot cache (prefix.py); 0: off
         self.max_batch = max_batch
         self.max_waiting = max_waiting     # shed beyond this many waiting requests (``submit(shed=True)``)
         self.max_prefill_tokens = max_prefill_tokens
@@ -237,7 +227,7 @@ class Engine:
         try:
             rows = batch.admit(requests)
         except Exception as exc:  # a failed prefill fails its requests only; the running batch is untouched
-            self._fail(requests, _as_worker_error(exc))
+            self._fail(requests, as_worker_error(exc))
             return
         self._active += len(rows)
         self._settle(batch)
@@ -265,7 +255,8 @@ class Engine:
         reason = unsupported_reason(loaded.model) if self.static_cache else "off"
         retry = reason is None   # only a fast path that could work is tried again later
         if reason is None and loaded.device.type == "cuda":
-            need = SlotCache.bytes_needed(loaded.model.config, self.max_batch, loaded.max_context, loaded.dtype)
+            need = (SlotCache.bytes_needed(loaded.model.config, self.max_batch, loaded.max_context, loaded.dtype)
+                    + prefix.bytes_needed(loaded.model.config, self.prefix_cache_tokens, loaded.dtype))
             memory.release(loaded.device)   # a dropped batch held only by a reference cycle goes now
             free = memory.free_bytes(loaded.device)
             if need > 0.8 * free:
@@ -273,7 +264,7 @@ class Engine:
         if reason is None:
             try:
                 batch = SlotBatch(loaded, self.max_batch, cuda_graphs=self.cuda_graphs, lean_decode=self.lean_decode,
-                                  compile_decode=self.compile_decode)
+                                  compile_decode=self.compile_decode, prefix_tokens=self.prefix_cache_tokens)
                 batch.warm_up()
                 log.info("%s decodes on the slot cache (%s, %s step)", loaded.name.value, batch.path, batch.forward)
                 self._slot_retry.pop(loaded.name, None)
@@ -298,7 +289,7 @@ class Engine:
         try:
             batch.step()
         except Exception as exc:  # the batch's state is unknown now: fail its requests, start afresh
-            error = _as_worker_error(exc)
+            error = as_worker_error(exc)
         else:
             self._counters["steps"] += 1
             self._counters["largest_batch"] = max(self._counters["largest_batch"], len(batch.rows))
@@ -386,15 +377,3 @@ class Engine:
 
 def _describe(batch: DecodeBatch | SlotBatch) -> dict[str, Any]:
     return batch.describe() if isinstance(batch, SlotBatch) else {"path": "dynamic_cache"}
-
-
-def _as_worker_error(exc: Exception) -> WorkerError:
-    """The callers' error for a failed prefill or step (memory is released by the caller, once nothing refers
-    to the failed batch any more)."""
-    if isinstance(exc, WorkerError):
-        return exc
-    if isinstance(exc, torch.OutOfMemoryError):
-        log.error("out of memory during generation")
-        return RetryableError("out of GPU memory during generation", ErrorType.OOM_ERROR, delay=1.0)
-    log.exception("generation failed")
-    return WorkerError("generation failed", ErrorType.INTERNAL_ERROR)

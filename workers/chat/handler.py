@@ -41,7 +41,8 @@ class ChatHandler:
         self.store = ModelStore(settings)
         self.engine = Engine(self.store, max_batch=settings.chat_max_batch, static_cache=settings.chat_static_cache,
                              cuda_graphs=settings.chat_cuda_graphs, compile_decode=settings.chat_compile_decode,
-                             max_waiting=settings.chat_max_waiting)
+                             max_waiting=settings.chat_max_waiting,
+                             prefix_cache_tokens=settings.chat_prefix_cache_tokens)
         self.lazy = LazyLoads(self.store, self.reservation_gb)
         self.chat = ChatService(settings, self.store, self.engine, load_lazily=self.lazy.load)
 
@@ -119,7 +120,8 @@ class ChatHandler:
         if path is None:
             raise ModelUnavailable(f"{name.value} is not configured on this worker")
         return memory.reservation_gb(path, model_dtype(self.store.device), self.engine.max_batch,
-                                     self.store.max_context, self.engine.max_prefill_tokens)
+                                     self.store.max_context, self.engine.max_prefill_tokens,
+                                     self.engine.prefix_cache_tokens)
 
     # ---------------------------------------------------------------- status
     def models_available(self) -> dict[str, dict[str, bool]]:

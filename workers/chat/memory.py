@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import prefix
 from .slots import SlotCache
 
 
@@ -30,11 +31,13 @@ def free_bytes(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def reservation_gb(path: Path, dtype: torch.dtype, slots: int, max_context: int, prefill_tokens: int) -> float:
+def reservation_gb(path: Path, dtype: torch.dtype, slots: int, max_context: int, prefill_tokens: int,
+                   prefix_tokens: int = 0) -> float:
     """GiB the model in folder ``path`` occupies while the engine serves it in ``dtype``: the checkpoint's bytes
     (rescaled from its stored dtype), the slot KV cache (``slots`` x ``max_context``, capped by the model's own
-    context, as ``load_model`` caps it), and a prefill of ``prefill_tokens`` through the widest layer (the MLP's
-    gate and up projections, and the hidden state in and out). Graph pools and penalty counts are small next to
+    context, as ``load_model`` caps it), the prefix cache's pool of ``prefix_tokens`` (prefix.py), and a prefill
+    of ``prefill_tokens`` through the widest layer (the MLP's gate and up projections, and the hidden state in and
+    out). Graph pools and penalty counts are small next to
     these; the margin the memory manager keeps covers them."""
     from transformers import AutoConfig  # noqa: PLC0415 - only when sizing a load
 
@@ -44,7 +47,7 @@ def reservation_gb(path: Path, dtype: torch.dtype, slots: int, max_context: int,
     stored_size = torch.empty(0, dtype=stored).element_size() if isinstance(stored, torch.dtype) else itemsize
     weights = sum(f.stat().st_size for f in path.glob("*.safetensors")) * itemsize / stored_size
     context = min(max_context, getattr(config, "max_position_embeddings", None) or max_context)
-    kv = SlotCache.bytes_needed(config, slots, context, dtype)
+    kv = SlotCache.bytes_needed(config, slots, context, dtype) + prefix.bytes_needed(config, prefix_tokens, dtype)
     prefill = prefill_tokens * (2 * config.intermediate_size + 2 * config.hidden_size) * itemsize
     return (weights + kv + prefill) / 2 ** 30
 

@@ -33,6 +33,7 @@ from .batch import Row
 from .generation import GenerationRequest
 from .graphs import DecodeGraphs
 from .models import LoadedModel
+from .prefix import BLOCK, Match, PrefixCache
 from .sampling import FAILED, RowParams, count, new_generator, next_tokens
 from .slots import SlotCache
 
@@ -58,12 +59,14 @@ def bucket(value: int, sizes: list[int]) -> int:
 
 class SlotBatch:
     def __init__(self, loaded: LoadedModel, slots: int, cuda_graphs: bool = True, lean_decode: bool = True,
-                 compile_decode: bool = False, compile_backend: str | Callable[..., Any] = "inductor"):
+                 compile_decode: bool = False, compile_backend: str | Callable[..., Any] = "inductor",
+                 prefix_tokens: int = 0):
         self.loaded = loaded
         self.rows: list[Row] = []
         model, device = loaded.model, loaded.device
         self.slots, self.max_len = slots, loaded.max_context
         self.cache = SlotCache(model.config, slots, self.max_len, loaded.dtype, device)
+        self.prefix = PrefixCache(model.config, prefix_tokens, loaded.dtype, device) if prefix_tokens >= BLOCK else None
         vocab = model.get_output_embeddings().weight.shape[0]
         self._tokens = torch.zeros(slots, dtype=torch.long, device=device)      # token fed next; 0 in free slots
         self._positions = torch.zeros(slots, dtype=torch.long, device=device)   # = cached tokens; 0 in free slots
@@ -101,7 +104,8 @@ class SlotBatch:
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"path": self.path, "forward": self.forward, "slots": self.slots,
-                                "max_len": self.max_len, "kv_cache_gb": round(self.cache.nbytes / 1e9, 3)}
+                                "max_len": self.max_len, "kv_cache_gb": round(self.cache.nbytes / 1e9, 3),
+                                "prefix_cache": self.prefix.describe() if self.prefix else None}
         if self.compile_seconds or self.compile_failure:
             info["compile_seconds"] = {f"{rows}x{span}": s for (rows, span), s in sorted(self.compile_seconds.items())}
             info["compile_failure"] = self.compile_failure
@@ -125,13 +129,51 @@ class SlotBatch:
 
     @torch.inference_mode()
     def admit(self, requests: Sequence[GenerationRequest]) -> list[Row]:
-        """Prefill ``requests`` as one left-padded batch, copy them into free slots, choose their first token."""
-        device, first, n = self.loaded.device, len(self.rows), len(requests)
-        lengths = [len(r.prompt_ids) for r in requests]
+        """Prefill ``requests`` into free slots and choose their first tokens. A prompt that starts with a stored
+        prefix (prefix.py) gets it copied into its slot and prefills only the rest, alone; the others are
+        prefilled together as one left-padded batch. Every prompt's blocks are stored for the next turn."""
+        first, n = len(self.rows), len(requests)
         if first + n > self.slots:
             raise RuntimeError(f"{first + n} rows do not fit {self.slots} slots")
-        if max(lengths) > self.max_len:
+        if max(len(r.prompt_ids) for r in requests) > self.max_len:
             raise InvalidJob(f"the prompt is longer than the model context ({self.max_len} tokens)")
+        matches = [self.prefix.match(r.prompt_ids) if self.prefix else Match() for r in requests]
+        order = sorted(range(n), key=lambda i: bool(matches[i].blocks))   # misses first: contiguous slots
+        requests, matches = [requests[i] for i in order], [matches[i] for i in order]
+        misses = sum(1 for m in matches if not m.blocks)
+        try:
+            scores = [self._prefill(requests[:misses], first)] if misses else []
+            scores += [self._prefill_suffix(r, m, first + i) for i, (r, m) in enumerate(zip(requests, matches))
+                       if m.blocks]
+        finally:
+            for match in matches:
+                if self.prefix:
+                    self.prefix.release(match)
+        logits = torch.cat(scores)
+        device, lengths = self.loaded.device, [len(r.prompt_ids) for r in requests]
+        rows = [Row(r, max(1, min(r.sampling.max_tokens, self.loaded.max_context - len(r.prompt_ids))),
+                    new_generator(r.sampling.seed, device)) for r in requests]
+        try:
+            self._positions[first:first + n] = torch.tensor(lengths, dtype=torch.long, device=device)
+            self._counts[first:first + n] = 0
+            params = RowParams.build([r.request.sampling for r in rows], device)
+            chosen = next_tokens(logits, self._counts[first:first + n], params, [r.generator for r in rows])
+        except Exception:
+            self._clear_free_slots()   # the rows never joined; their slots stay free
+            raise
+        if self.prefix:
+            for i, request in enumerate(requests):
+                self.prefix.store(self.cache.keys, self.cache.values, first + i, request.prompt_ids)
+        self.rows.extend(rows)
+        self._lengths.extend(lengths)
+        self._params = None
+        self._accept(chosen, offset=first)
+        return rows
+
+    def _prefill(self, requests: Sequence[GenerationRequest], first: int) -> torch.Tensor:
+        """Prefill ``requests`` as one left-padded batch into slots ``first ..``: [n, vocab] last-token scores."""
+        device, n = self.loaded.device, len(requests)
+        lengths = [len(r.prompt_ids) for r in requests]
         longest = max(lengths)
         ids = torch.zeros(n, longest, dtype=torch.long)
         mask = torch.zeros(n, longest, dtype=torch.long)
@@ -143,24 +185,25 @@ class SlotBatch:
         prefill = DynamicCache()
         out = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=prefill,
                                 use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1, :]
-        rows = [Row(r, max(1, min(r.sampling.max_tokens, self.loaded.max_context - len(r.prompt_ids))),
-                    new_generator(r.sampling.seed, device)) for r in requests]
-        try:
-            self.cache.load(first, prefill.layers, lengths)
-            del prefill, out
-            self._positions[first:first + n] = torch.tensor(lengths, dtype=torch.long, device=device)
-            self._counts[first:first + n] = 0
-            params = RowParams.build([r.request.sampling for r in rows], device)
-            chosen = next_tokens(logits, self._counts[first:first + n], params, [r.generator for r in rows])
-        except Exception:
-            self._clear_free_slots()   # the rows never joined; their slots stay free
-            raise
-        self.rows.extend(rows)
-        self._lengths.extend(lengths)
-        self._params = None
-        self._accept(chosen, offset=first)
-        return rows
+        self.cache.load(first, prefill.layers, lengths)
+        return out.logits[:, -1, :]
+
+    def _prefill_suffix(self, request: GenerationRequest, match: Match, slot: int) -> torch.Tensor:
+        """Copy the matched prefix into ``slot`` and prefill the rest of the prompt on top of it: [1, vocab]."""
+        assert self.prefix is not None
+        device, reused, length = self.loaded.device, match.tokens, len(request.prompt_ids)
+        self.prefix.load(match, self.cache.keys, self.cache.values, slot)
+        past = DynamicCache()
+        for layer, (keys, values) in enumerate(zip(self.cache.keys, self.cache.values)):
+            past.update(keys[slot:slot + 1, :, :reused], values[slot:slot + 1, :, :reused], layer)
+        ids = torch.tensor([request.prompt_ids[reused:]], dtype=torch.long, device=device)
+        out = self.loaded.model(input_ids=ids, attention_mask=torch.ones(1, length, dtype=torch.long, device=device),
+                                position_ids=torch.arange(reused, length, device=device)[None],
+                                past_key_values=past, use_cache=True, logits_to_keep=1)
+        for layer, keys, values in zip(past.layers, self.cache.keys, self.cache.values):
+            keys[slot, :, reused:length].copy_(layer.keys[0, :, reused:])
+            values[slot, :, reused:length].copy_(layer.values[0, :, reused:])
+        return out.logits[:, -1, :]
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -232,6 +275,11 @@ class SlotBatch:
         keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
         if len(keep) == len(self.rows):
             return
+        if self.prefix:   # what was decoded is the start of the next turn's prompt
+            for i, row in enumerate(self.rows):
+                if id(row) in gone and row.finish != "error":
+                    sequence = (list(row.request.prompt_ids) + row.tokens)[:self._lengths[i]]
+                    self.prefix.store(self.cache.keys, self.cache.values, i, sequence)
         count = len(keep)
         holes = [i for i in range(count) if id(self.rows[i]) in gone]
         movers = [i for i in keep if i >= count]
