@@ -132,3 +132,28 @@ def test_a_hit_leaves_the_slot_holding_the_kv_a_full_prefill_computes(loaded):
     for ours, theirs in zip(cached.cache.keys + cached.cache.values, plain.cache.keys + plain.cache.values):
         torch.testing.assert_close(ours[slot, :, :len(prompt)], theirs[twin, :, :len(prompt)], rtol=1e-4, atol=1e-5)
     assert cached._tokens[slot] == plain._tokens[twin]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_with_graphs_a_hit_holds_the_full_prefill_kv_and_decodes_the_same_tokens():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from workers.chat.models import LoadedModel
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    with device:
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=1000, hidden_size=128, intermediate_size=256,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=4096)).eval()
+    model.config._attn_implementation = "sdpa"
+    loaded = LoadedModel(ModelName.INSTRUCT, model.requires_grad_(False), None, device, frozenset(), 2048)
+    cached = SlotBatch(loaded, slots=4, prefix_tokens=4096)
+    plain = SlotBatch(loaded, slots=4)
+    assert cached.path == "cuda_graphs"
+    first = random_ids(1000, 300, 9)
+    (reply,) = drive(cached, {0: [request(first)]})
+    prompt = first + reply + random_ids(1000, 40, 10)
+    assert drive(cached, {0: [request(prompt, 30)]}) == drive(plain, {0: [request(prompt, 30)]})
+    assert cached.prefix.counters["tokens_reused"] == (300 + 19) // BLOCK * BLOCK
