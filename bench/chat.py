@@ -8,7 +8,9 @@ Baseline: TTFT is ``generate(max_new_tokens=1)``; decode rate ``(new − 1) / (T
 
 Our engine decodes with its default step (the lean decode step, decode.py, on CUDA graphs). After the main
 rows, one stream is decoded again by a one-slot engine with transformers' forward as the step (a detail: what
-the lean step gained) and by one with ``CHAT_COMPILE_DECODE`` on (a row, with its compile time).
+the lean step gained) and by one with ``CHAT_COMPILE_DECODE`` on (a row, with its compile time). Before those,
+transformers' own fast paths run on the same model and prompts (bench/peers_chat.py: ``generate`` with a static,
+compiled cache; ``generate_batch``), the rows' ``library`` figures.
 """
 from __future__ import annotations
 
@@ -19,15 +21,13 @@ from typing import Any
 import torch
 
 from workers.chat.engine import Engine
-from workers.chat.generation import GenerationRequest
 from workers.chat.models import LoadedModel, ModelName, SingleModel
-from workers.chat.sampling import SamplingParams
 
-from . import chat_turns, models
+from . import chat_turns, models, peers_chat
 from .context import Context
 from .measure import BF16_TOLERANCE, free, peak_gb, reset_peak, resident_gb, sync, timed
 from .report import Row
-from .streams import Stream, prompts
+from .streams import ours, prompts
 
 SECTION = "chat"
 DECODE_TARGET, AGGREGATE_TARGET, TTFT_TARGET = 140.0, 1000.0, 0.150
@@ -35,24 +35,12 @@ DECODE_TARGET, AGGREGATE_TARGET, TTFT_TARGET = 140.0, 1000.0, 0.150
 
 
 
-def ours(engine: Engine, batch: list[list[int]], new: int) -> tuple[float, list[Stream], list[list[int]]]:
-    """Submit ``batch`` together; (wall seconds, streams, token ids)."""
-    greedy = SamplingParams(temperature=0.0, max_tokens=new)
-    streams = [Stream() for _ in batch]
-    requests = [GenerationRequest(ModelName.INSTRUCT, ids, greedy, on_tokens=s) for ids, s in zip(batch, streams)]
-    started = time.perf_counter()
-    for request, stream in zip(requests, streams):
-        stream.submitted = time.perf_counter()
-        engine.submit(request)
-    results = [engine.wait(r, 600) for r in requests]
-    return time.perf_counter() - started, streams, [r.token_ids for r in results]
-
-
-def generate(model: Any, batch: list[list[int]], new: int) -> list[list[int]]:
+def generate(model: Any, batch: list[list[int]], new: int, **options: Any) -> list[list[int]]:
+    """Greedy ``model.generate``, exactly ``new`` tokens; ``options`` go to it (e.g. a static cache)."""
     ids = torch.tensor(batch, device=model.device)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
+                             do_sample=False, eos_token_id=None, pad_token_id=0, **options)
     return out[:, ids.shape[1]:].tolist()
 
 
@@ -120,6 +108,7 @@ def run(ctx: Context) -> None:
         ctx.report.detail(SECTION, "engine_stats", engine.stats())
     engine = None  # drop the references (free the memory) before what follows
     free(dev)
+    peers_chat.run(ctx, model, got)   # transformers' static-cache compile and generate_batch, same prompts
     _variants(ctx, loaded, got)
     chat_turns.run(ctx, loaded)   # next turn (prefix reuse) and a join while streams decode
     loaded = model = None  # drop the references (free the memory) before what follows
@@ -135,7 +124,7 @@ def _measure(ctx: Context, model: Any, engine: Engine, got: dict[str, Any]) -> N
     vocab = model.config.vocab_size
     long_prompts = prompts(vocab, 4, p.qwen_ttft_prompt, seed=1)
     batch = prompts(vocab, p.qwen_streams, p.qwen_prompt, seed=2)
-    got["batch_prompts"] = batch
+    got["batch_prompts"], got["long_prompts"] = batch, long_prompts
     name = _name(p)
 
     def warm_up():
@@ -220,6 +209,7 @@ def _check_tokens(ctx: Context, model: Any, batch: list[list[int]], got: dict[st
         # reference (incremental bf16 decoding vs one full-sequence forward).
         base = argmax_gaps(model, prompts_, got[f"base_{key}"] if key == "batch" else [got["base_alone"]])
         floor = max(g["max_relative_gap"] for g in base)
+        got[f"floor_{key}"] = floor
         ctx.report.detail(SECTION, f"argmax_gaps_{key}", gaps)
         ctx.report.detail(SECTION, f"argmax_gaps_generate_{key}", base)
         ctx.report.check(f"Qwen ours' tokens = reference argmax within bf16 ({len(prompts_)} stream(s))",

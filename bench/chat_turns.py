@@ -6,6 +6,8 @@ a new request joining while 15 streams decode. Called by bench/chat.py with its 
   engine with the worker's prefix cache; the same engine's first token for an unseen prompt of the same length
   (a miss) is the "without reuse" figure; the baseline is transformers' eager ``generate`` (one new token) on
   the whole resend. The first tokens of hit and miss are compared with the baseline's (same model, same math).
+- **Decode ahead** (``CHAT_DECODE_AHEAD``, slot_batch.py): one stream and 16 streams decoded by an engine with
+  it on (the default) and one with it off, side by side: what the host's work between two steps cost.
 - **Join**: ``JOIN_STREAMS`` streams decode; once each has ``JOIN_AFTER`` tokens a ``JOIN_PROMPT``-token request
   arrives. Ours: its time to first token; and what the join costs the others, the longest gap between two of
   a running stream's tokens around the join against their median gap.
@@ -26,7 +28,7 @@ from workers.chat.sampling import SamplingParams
 from .context import Context
 from .measure import free, sync, timed
 from .report import Row
-from .streams import Stream, prompts
+from .streams import Stream, ours, prompts
 
 SECTION = "chat_turns"
 TURN_TARGET, JOIN_TARGET = 0.030, 0.060   # seconds (issue 17)
@@ -63,6 +65,39 @@ def run(ctx: Context, loaded: LoadedModel) -> None:
         ctx.report.detail(SECTION, "engine_stats", engine.stats())
     engine = None
     free(ctx.profile.device)
+    ctx.step(SECTION, "decode ahead on/off", 30, lambda: _ahead(ctx, loaded))
+
+
+def _ahead(ctx: Context, loaded: LoadedModel) -> None:
+    p = ctx.profile
+    batch = prompts(loaded.model.config.vocab_size, p.qwen_streams, p.qwen_prompt, seed=60)
+    got: dict[bool, dict[str, Any]] = {}
+    for ahead in (False, True):
+        engine = Engine(SingleModel(loaded), max_batch=max(16, p.qwen_streams), decode_ahead=ahead)
+        engine.start()
+        try:
+            engine.prepare(ModelName.INSTRUCT)
+            ours(engine, batch[:1], 4)                                         # warm-up
+            _, (alone,), (tokens,) = ours(engine, batch[:1], p.qwen_new)
+            wall, _, many = ours(engine, batch, p.qwen_new)
+            info = engine.stats()["decode"][ModelName.INSTRUCT.value].get("decode_ahead")
+        finally:
+            engine.stop()
+        got[ahead] = {"one_tok_s": alone.decode_rate, "aggregate_tok_s": sum(map(len, many)) / wall,
+                      "tokens": tokens, "batch_tokens": many, "steps": info}
+        engine = None
+        free(p.device)
+    off, on = got[False], got[True]
+    ctx.report.detail(SECTION, "decode_ahead", {str(k): {n: v for n, v in g.items() if "tokens" not in n}
+                                                for k, g in got.items()})
+    name = "Qwen2.5-7B" if p.full else "Qwen (tiny)"
+    ctx.report.add(Row("qwen_decode_1_ahead", f"{name} decode, 1 stream: decode ahead on (ours) vs off (baseline)",
+                       "tok/s", baseline=round(off["one_tok_s"], 1), ours=round(on["one_tok_s"], 1)))
+    ctx.report.add(Row("qwen_aggregate_ahead", f"{name} {len(batch)} streams: decode ahead on (ours) vs off "
+                                               "(baseline)", "tok/s", baseline=round(off["aggregate_tok_s"], 1),
+                       ours=round(on["aggregate_tok_s"], 1)))
+    ctx.report.check("decode ahead: the same tokens as without it", on["tokens"] == off["tokens"]
+                     and on["batch_tokens"] == off["batch_tokens"], f"steps launched ahead: {on['steps']}")
 
 
 def _next_turn(ctx: Context, loaded: LoadedModel, engine: Engine, s: dict[str, int]) -> None:

@@ -75,6 +75,7 @@ def test_slot_path_matches_dynamic_cache_path(loaded):
     assert max(len(t) for t in static) >= 25 and len({len(t) for t in static}) >= 4   # finished at different times
     assert {rows for rows, _ in seen} >= {2, 4, 8} and {span for _, span in seen} == {128, 512, 2048}
     assert slots.path == "static_eager" and not slots.rows
+    assert slots.ahead_steps["used"] > 50 and slots.ahead_steps["wasted"] >= 5   # steps launched ahead, and dropped
     assert int(slots._positions.abs().sum()) == 0 and int(slots._tokens.abs().sum()) == 0   # free slots reset
 
 

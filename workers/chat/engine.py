@@ -54,9 +54,11 @@ SLOT_RETRY_CAP_SECONDS = 600.0
 class Engine:
     def __init__(self, store: ModelStore, max_batch: int = 16, max_prefill_tokens: int = 16384,
                  static_cache: bool = True, cuda_graphs: bool = True, lean_decode: bool = True,
-                 compile_decode: bool = False, max_waiting: int = 8, prefix_cache_tokens: int = 0):
+                 compile_decode: bool = False, max_waiting: int = 8, prefix_cache_tokens: int = 0,
+                 decode_ahead: bool = True):
         self.store = store
         self.prefix_cache_tokens = prefix_cache_tokens   # per model on the slot cache (prefix.py); 0: off
+        self.decode_ahead = decode_ahead   # launch step k+1 before reading step k's tokens (slot_batch.py)
         self.max_batch = max_batch
         self.max_waiting = max_waiting     # shed beyond this many waiting requests (``submit(shed=True)``)
         self.max_prefill_tokens = max_prefill_tokens
@@ -264,7 +266,8 @@ class Engine:
         if reason is None:
             try:
                 batch = SlotBatch(loaded, self.max_batch, cuda_graphs=self.cuda_graphs, lean_decode=self.lean_decode,
-                                  compile_decode=self.compile_decode, prefix_tokens=self.prefix_cache_tokens)
+                                  compile_decode=self.compile_decode, prefix_tokens=self.prefix_cache_tokens,
+                                  decode_ahead=self.decode_ahead)
                 batch.warm_up()
                 log.info("%s decodes on the slot cache (%s, %s step)", loaded.name.value, batch.path, batch.forward)
                 self._slot_retry.pop(loaded.name, None)

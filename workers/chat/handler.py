@@ -42,7 +42,8 @@ class ChatHandler:
         self.engine = Engine(self.store, max_batch=settings.chat_max_batch, static_cache=settings.chat_static_cache,
                              cuda_graphs=settings.chat_cuda_graphs, compile_decode=settings.chat_compile_decode,
                              max_waiting=settings.chat_max_waiting,
-                             prefix_cache_tokens=settings.chat_prefix_cache_tokens)
+                             prefix_cache_tokens=settings.chat_prefix_cache_tokens,
+                             decode_ahead=settings.chat_decode_ahead)
         self.lazy = LazyLoads(self.store, self.reservation_gb)
         self.chat = ChatService(settings, self.store, self.engine, load_lazily=self.lazy.load)
 

@@ -40,6 +40,10 @@ class ChatSettings(Settings, Device, ClientKeys, ChatModels):
         "tokens of recent sequences' KV kept per model (blocks of 16, least recently used evicted) so a prompt that "
         "resends a conversation prefills only its new turn; on the slot cache only; 0: off. Qwen2.5-7B: 57 KB a "
         "token, 1.9 GB at the default, reserved with the model")
+    chat_decode_ahead: bool = var(
+        "CHAT_DECODE_AHEAD", boolean(), True,
+        "launch each decode step before the host has read the previous step's tokens, so streaming and admission "
+        "overlap the GPU's work (same math; a step launched ahead is dropped when rows join or leave)")
     chat_static_cache: bool = var("CHAT_STATIC_CACHE", boolean(), True,
                                   "decode on a preallocated slot KV cache (off: the DynamicCache path)")
     chat_cuda_graphs: bool = var("CHAT_CUDA_GRAPHS", boolean(), True,

@@ -60,8 +60,12 @@ def bucket(value: int, sizes: list[int]) -> int:
 class SlotBatch:
     def __init__(self, loaded: LoadedModel, slots: int, cuda_graphs: bool = True, lean_decode: bool = True,
                  compile_decode: bool = False, compile_backend: str | Callable[..., Any] = "inductor",
-                 prefix_tokens: int = 0):
+                 prefix_tokens: int = 0, decode_ahead: bool = True):
         self.loaded = loaded
+        self.decode_ahead = decode_ahead
+        self._version = 0     # bumped whenever rows join or leave: a step launched ahead is only valid within one
+        self._ahead: tuple[tuple[int, int], int, torch.Tensor] | None = None   # (key, version, logits)
+        self.ahead_steps = {"used": 0, "wasted": 0}
         self.rows: list[Row] = []
         model, device = loaded.model, loaded.device
         self.slots, self.max_len = slots, loaded.max_context
@@ -72,6 +76,7 @@ class SlotBatch:
         self._positions = torch.zeros(slots, dtype=torch.long, device=device)   # = cached tokens; 0 in free slots
         self._counts = torch.zeros(slots, vocab, dtype=torch.float32, device=device)
         self._columns = torch.arange(self.max_len, device=device)
+        self._host_tokens = torch.zeros(slots, dtype=torch.long, pin_memory=device.type == "cuda")
         self._lengths: list[int] = []        # host copy of _positions for the running rows
         self._params: RowParams | None = None
         self.batch_buckets = buckets(slots, 1, 2)
@@ -105,7 +110,8 @@ class SlotBatch:
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"path": self.path, "forward": self.forward, "slots": self.slots,
                                 "max_len": self.max_len, "kv_cache_gb": round(self.cache.nbytes / 1e9, 3),
-                                "prefix_cache": self.prefix.describe() if self.prefix else None}
+                                "prefix_cache": self.prefix.describe() if self.prefix else None,
+                                "decode_ahead": {"on": self.decode_ahead, **self.ahead_steps}}
         if self.compile_seconds or self.compile_failure:
             info["compile_seconds"] = {f"{rows}x{span}": s for (rows, span), s in sorted(self.compile_seconds.items())}
             info["compile_failure"] = self.compile_failure
@@ -167,6 +173,7 @@ class SlotBatch:
         self.rows.extend(rows)
         self._lengths.extend(lengths)
         self._params = None
+        self._version += 1
         self._accept(chosen, offset=first)
         return rows
 
@@ -209,18 +216,31 @@ class SlotBatch:
     def step(self) -> None:
         """One decode step for every row."""
         n = len(self.rows)
-        rows = bucket(n, self.batch_buckets)
-        span = bucket(max(self._lengths) + 1, self.span_buckets)
-        if self.graphs is not None:
-            logits = self.graphs.run((rows, span), lambda: self._forward(rows, span))
+        key = self._next_key()
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:2] == (key, self._version):
+            logits = ahead[2]
+            self.ahead_steps["used"] += 1
         else:
-            logits = self._forward(rows, span)
+            self.ahead_steps["wasted"] += ahead is not None
+            logits = self._launch(key)
         logits = logits[:n]
         self._positions[:n] += 1
         self._lengths = [length + 1 for length in self._lengths]
         if self._params is None:
             self._params = RowParams.build([r.request.sampling for r in self.rows], self.loaded.device)
         self._accept(next_tokens(logits, self._counts[:n], self._params, [r.generator for r in self.rows]))
+
+    def _next_key(self) -> tuple[int, int]:
+        """The (batch bucket, span bucket) the next step runs at."""
+        return bucket(len(self.rows), self.batch_buckets), bucket(max(self._lengths) + 1, self.span_buckets)
+
+    def _launch(self, key: tuple[int, int]) -> torch.Tensor:
+        """Start one decode step (on CUDA it runs asynchronously): its [rows bucket, vocab] logits."""
+        rows, span = key
+        if self.graphs is not None:
+            return self.graphs.run(key, lambda: self._forward(rows, span))
+        return self._forward(rows, span)
 
     def _forward(self, rows: int, span: int) -> torch.Tensor:
         """The model on one token per slot ``[0, rows)``: [rows, vocab] logits. Tensor ops on fixed buffers only
@@ -294,6 +314,29 @@ class SlotBatch:
         del self.rows[count:], self._lengths[count:]
         self._clear_free_slots()
         self._params = None
+        self._version += 1
+
+    def _read_ahead(self, tokens: torch.Tensor) -> list[int]:
+        """``tokens`` on the host. With ``decode_ahead`` the next step is launched first, on the tokens just
+        chosen (they are on the device already), so the GPU computes it while the host reads these, streams
+        them and admits or drops rows; a step launched ahead is dropped (``wasted``) if rows join or leave
+        before it is used. Same math either way: the step it replaces would have read the same buffers."""
+        if not self.decode_ahead or self.loaded.device.type != "cuda":
+            if self.decode_ahead:
+                self._launch_ahead()
+            return tokens.tolist()
+        host = self._host_tokens[:tokens.shape[0]]
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        self._launch_ahead()
+        copied.synchronize()
+        return host.tolist()
+
+    def _launch_ahead(self) -> None:
+        self.ahead_steps["wasted"] += self._ahead is not None   # an admission replaces the one launched before it
+        key = self._next_key()
+        self._ahead = (key, self._version, self._launch(key))
 
     def _clear_free_slots(self) -> None:
         """Free slots are fed token 0 at position 0 as batch padding: keep them there."""
@@ -304,11 +347,10 @@ class SlotBatch:
         """Record the chosen tokens of rows ``offset:``; a stop token ends a row without being kept, ``FAILED``
         ends it as an error (and is fed as token 0 until the row's slot is freed, before the next step)."""
         end = len(self.rows)
-        chosen = tokens.tolist()
-        if FAILED in chosen:
-            tokens = tokens.clamp(min=0)
-        self._tokens[offset:end] = tokens
-        count(self._counts[offset:end], tokens, [row.request.sampling for row in self.rows[offset:end]])
+        self._tokens[offset:end] = tokens.clamp(min=0)
+        count(self._counts[offset:end], tokens.clamp(min=0),
+              [row.request.sampling for row in self.rows[offset:end]])
+        chosen = self._read_ahead(tokens)
         stop = self.loaded.stop_ids
         for i, token in zip(range(offset, end), chosen):
             row = self.rows[i]
