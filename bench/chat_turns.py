@@ -8,9 +8,10 @@ a new request joining while 15 streams decode. Called by bench/chat.py with its 
   the whole resend. The first tokens of hit and miss are compared with the baseline's (same model, same math).
 - **Decode ahead** (``CHAT_DECODE_AHEAD``, slot_batch.py): one stream and 16 streams decoded by an engine with
   it on (the default) and one with it off, side by side: what the host's work between two steps cost.
-- **Join**: ``JOIN_STREAMS`` streams decode; once each has ``JOIN_AFTER`` tokens a ``JOIN_PROMPT``-token request
-  arrives. Ours: its time to first token; and what the join costs the others, the longest gap between two of
-  a running stream's tokens around the join against their median gap.
+- **Join**: 15 streams decode; once each has a few tokens a 1,024-token request arrives. Ours: its time to
+  first token; and what the join costs the others, the longest gap between two of a running stream's tokens
+  around the join against their median gap. Then the same with a 6,144-token request, which the engine
+  prefills in chunks of ``CHAT_PREFILL_CHUNK_TOKENS`` between decode steps (a detail).
 """
 from __future__ import annotations
 
@@ -33,14 +34,15 @@ from .streams import Stream, ours, prompts
 SECTION = "chat_turns"
 TURN_TARGET, JOIN_TARGET = 0.030, 0.060   # seconds (issue 17)
 PREFIX_TOKENS = 32768                    # CHAT_PREFIX_CACHE_TOKENS' default
+PREFILL_CHUNK = 2048                     # CHAT_PREFILL_CHUNK_TOKENS' default
 
 
 def sizes(full: bool) -> dict[str, int]:
     if full:
         return {"context": 4000, "reply": 32, "new": 60, "streams": 15, "stream_prompt": 512, "after": 16,
-                "join_prompt": 1024, "turns": 3}
+                "join_prompt": 1024, "long_prompt": 6144, "turns": 3}
     return {"context": 120, "reply": 6, "new": 12, "streams": 3, "stream_prompt": 24, "after": 3,
-            "join_prompt": 48, "turns": 2}
+            "join_prompt": 48, "long_prompt": 100, "turns": 2}
 
 
 def first_token(engine: Engine, ids: list[int], max_tokens: int = 1) -> tuple[float, list[int]]:
@@ -55,11 +57,14 @@ def first_token(engine: Engine, ids: list[int], max_tokens: int = 1) -> tuple[fl
 
 def run(ctx: Context, loaded: LoadedModel) -> None:
     s = sizes(ctx.profile.full)
-    engine = Engine(SingleModel(loaded), max_batch=16, prefix_cache_tokens=PREFIX_TOKENS)
+    engine = Engine(SingleModel(loaded), max_batch=16, prefix_cache_tokens=PREFIX_TOKENS,
+                    prefill_chunk=PREFILL_CHUNK if ctx.profile.full else 32)
     engine.start()
     try:
         ctx.step(SECTION, "next turn", 40, lambda: _next_turn(ctx, loaded, engine, s))
         ctx.step(SECTION, "join", 40, lambda: _join(ctx, engine, s))
+        ctx.step(SECTION, "long join, chunked", 40, lambda: _join(ctx, engine, {**s, "join_prompt": s["long_prompt"]},
+                                                                 row=False))
     finally:
         engine.stop()
         ctx.report.detail(SECTION, "engine_stats", engine.stats())
@@ -135,7 +140,7 @@ def _generate_one(model: Any, ids: list[int]) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def _join(ctx: Context, engine: Engine, s: dict[str, int]) -> None:
+def _join(ctx: Context, engine: Engine, s: dict[str, int], row: bool = True) -> None:
     vocab = engine.store.get(ModelName.INSTRUCT).model.config.vocab_size
     dev = ctx.profile.device
     first_token(engine, prompts(vocab, 1, s["join_prompt"], seed=50)[0])          # warm-up at this length
@@ -164,8 +169,11 @@ def _join(ctx: Context, engine: Engine, s: dict[str, int]) -> None:
         around += [b - a for a, b in zip(times, times[1:]) if b >= joined_at and a <= joined_at + ttft]
     median_gap = statistics.median(gaps) if gaps else None
     stall = max(around) if around else None
-    ctx.report.detail(SECTION, "join", {"ttft_s": ttft, "median_gap_s": median_gap, "longest_gap_around_join_s": stall,
-                                        "streams": s["streams"], "prompt": s["join_prompt"]})
+    ctx.report.detail(SECTION, f"join_{s['join_prompt']}", {
+        "ttft_s": ttft, "chunk": engine.prefill_chunk, "median_gap_s": median_gap, "longest_gap_around_join_s": stall,
+        "streams": s["streams"], "prompt": s["join_prompt"]})
+    if not row:
+        return
     ctx.report.add(Row("chat_join_ttft", f"chat: first token of a {s['join_prompt']:,}-token request while "
                                          f"{s['streams']} streams decode", "s", ours=round(ttft, 4),
                        note=(f"the others' longest gap {stall * 1e3:.1f} ms vs median {median_gap * 1e3:.1f} ms"

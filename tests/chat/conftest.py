@@ -167,6 +167,8 @@ def drive(batch: Any, plan: dict[int, list[GenerationRequest]], on_step: Callabl
             if plan.get(step):
                 batch.admit(plan[step])
                 settle(batch, done)
+            if getattr(batch, "pending", None):   # chunked prefill: the engine advances it before each step
+                batch.advance()
             if batch.rows:
                 on_step(batch)
                 batch.step()

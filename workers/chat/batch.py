@@ -49,6 +49,10 @@ class DecodeBatch:
         return len(self.rows)
 
     @property
+    def requests(self) -> list[GenerationRequest]:
+        return [row.request for row in self.rows]
+
+    @property
     def width(self) -> int:
         """Cache columns (the longest row plus its left padding)."""
         return self._mask.shape[1]

@@ -55,10 +55,11 @@ class Engine:
     def __init__(self, store: ModelStore, max_batch: int = 16, max_prefill_tokens: int = 16384,
                  static_cache: bool = True, cuda_graphs: bool = True, lean_decode: bool = True,
                  compile_decode: bool = False, max_waiting: int = 8, prefix_cache_tokens: int = 0,
-                 decode_ahead: bool = True):
+                 decode_ahead: bool = True, prefill_chunk: int = 0):
         self.store = store
         self.prefix_cache_tokens = prefix_cache_tokens   # per model on the slot cache (prefix.py); 0: off
         self.decode_ahead = decode_ahead   # launch step k+1 before reading step k's tokens (slot_batch.py)
+        self.prefill_chunk = prefill_chunk   # while rows decode, longer prompts prefill this many tokens a step
         self.max_batch = max_batch
         self.max_waiting = max_waiting     # shed beyond this many waiting requests (``submit(shed=True)``)
         self.max_prefill_tokens = max_prefill_tokens
@@ -227,11 +228,11 @@ class Engine:
                                                 "up); retry shortly", ErrorType.WORKER_UNAVAILABLE, delay=1.0))
             return
         try:
-            rows = batch.admit(requests)
+            batch.admit(requests)
         except Exception as exc:  # a failed prefill fails its requests only; the running batch is untouched
             self._fail(requests, as_worker_error(exc))
             return
-        self._active += len(rows)
+        self._active += len(requests)   # the rows, and any long prompt still prefilling in chunks (pending)
         self._settle(batch)
 
     def _prepare(self, name: ModelName) -> dict[str, Any]:
@@ -267,7 +268,7 @@ class Engine:
             try:
                 batch = SlotBatch(loaded, self.max_batch, cuda_graphs=self.cuda_graphs, lean_decode=self.lean_decode,
                                   compile_decode=self.compile_decode, prefix_tokens=self.prefix_cache_tokens,
-                                  decode_ahead=self.decode_ahead)
+                                  decode_ahead=self.decode_ahead, prefill_chunk=self.prefill_chunk)
                 batch.warm_up()
                 log.info("%s decodes on the slot cache (%s, %s step)", loaded.name.value, batch.path, batch.forward)
                 self._slot_retry.pop(loaded.name, None)
@@ -287,6 +288,8 @@ class Engine:
 
     def _step(self, name: ModelName) -> None:
         batch = self._batches[name]
+        if isinstance(batch, SlotBatch) and batch.pending:
+            self._advance(batch)
         if not batch.rows:
             return
         try:
@@ -298,11 +301,20 @@ class Engine:
             self._counters["largest_batch"] = max(self._counters["largest_batch"], len(batch.rows))
             self._settle(batch)
             return
-        self._fail([r.request for r in batch.rows], error)
-        self._active -= len(batch.rows)
+        self._fail(batch.requests, error)
+        self._active -= len(batch)
         device = batch.loaded.device
         del self._batches[name], batch   # the last references: its KV cache and graphs are free memory now
         memory.release(device)
+
+    def _advance(self, batch: SlotBatch) -> None:
+        """The next chunk of a long prompt that arrived while rows decode (chunked prefill, prefill.py)."""
+        for request, error in batch.advance():
+            self._active -= 1
+            if error is None:
+                request.future.cancel()
+            else:
+                self._fail([request], as_worker_error(error))
 
     def _settle(self, batch: DecodeBatch | SlotBatch) -> None:
         """Hand new tokens to streams; complete finished rows, fail errored ones, drop cancelled ones (and any
@@ -349,8 +361,8 @@ class Engine:
     def _unload(self, name: ModelName) -> bool:
         batch = self._batches.pop(name, None)
         if batch is not None:
-            self._fail([r.request for r in batch.rows], ModelUnavailable(f"{name.value} was unloaded"))
-            self._active -= len(batch.rows)
+            self._fail(batch.requests, ModelUnavailable(f"{name.value} was unloaded"))
+            self._active -= len(batch)
             del batch
         return self.store.unload(name)
 
@@ -363,7 +375,7 @@ class Engine:
     def _drop_all(self, error: Exception) -> None:
         devices = {batch.loaded.device for batch in self._batches.values()}
         for batch in self._batches.values():
-            self._fail([r.request for r in batch.rows], error)
+            self._fail(batch.requests, error)
         self._batches.clear()
         self._active = self._admitting = 0
         for device in devices:

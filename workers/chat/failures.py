@@ -29,5 +29,5 @@ def as_worker_error(exc: Exception) -> WorkerError:
     if isinstance(exc, torch.OutOfMemoryError):
         log.error("out of memory during generation")
         return RetryableError("out of GPU memory during generation", ErrorType.OOM_ERROR, delay=1.0)
-    log.exception("generation failed")
+    log.error("generation failed", exc_info=exc)
     return WorkerError("generation failed", ErrorType.INTERNAL_ERROR)

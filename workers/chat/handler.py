@@ -43,7 +43,8 @@ class ChatHandler:
                              cuda_graphs=settings.chat_cuda_graphs, compile_decode=settings.chat_compile_decode,
                              max_waiting=settings.chat_max_waiting,
                              prefix_cache_tokens=settings.chat_prefix_cache_tokens,
-                             decode_ahead=settings.chat_decode_ahead)
+                             decode_ahead=settings.chat_decode_ahead,
+                             prefill_chunk=settings.chat_prefill_chunk_tokens)
         self.lazy = LazyLoads(self.store, self.reservation_gb)
         self.chat = ChatService(settings, self.store, self.engine, load_lazily=self.lazy.load)
 

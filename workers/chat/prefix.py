@@ -162,10 +162,17 @@ class PrefixCache:
         self.counters["blocks_stored"] += count
         return count
 
+    def gather(self, match: Match) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The matched blocks' keys and values, per layer [1, heads, match.tokens, dim] (new tensors)."""
+        source = torch.tensor([b.index for b in match.blocks], dtype=torch.long, device=self.keys[0].device)
+        keys, values = ([pool[source].transpose(0, 1).flatten(1, 2)[None] for pool in pools]
+                        for pools in (self.keys, self.values))
+        return keys, values
+
     def load(self, match: Match, slot_keys: list[torch.Tensor], slot_values: list[torch.Tensor], slot: int) -> None:
         """Copy the matched blocks into columns ``0..match.tokens-1`` of ``slot``."""
         if not match.blocks:
             return
-        source = torch.tensor([b.index for b in match.blocks], dtype=torch.long, device=self.keys[0].device)
-        for pool, target in zip(self.keys + self.values, slot_keys + slot_values):
-            target[slot, :, :match.tokens] = pool[source].transpose(0, 1).flatten(1, 2)
+        keys, values = self.gather(match)
+        for source, target in zip(keys + values, slot_keys + slot_values):
+            target[slot, :, :match.tokens] = source[0]

@@ -44,6 +44,10 @@ class ChatSettings(Settings, Device, ClientKeys, ChatModels):
         "CHAT_DECODE_AHEAD", boolean(), True,
         "launch each decode step before the host has read the previous step's tokens, so streaming and admission "
         "overlap the GPU's work (same math; a step launched ahead is dropped when rows join or leave)")
+    chat_prefill_chunk_tokens: int = var(
+        "CHAT_PREFILL_CHUNK_TOKENS", integer(0, 1_048_576), 2048,
+        "a prompt with more tokens than this to prefill, arriving while other streams decode, is prefilled this "
+        "many tokens per decode step so the running streams keep decoding (chunked prefill); 0: all at once")
     chat_static_cache: bool = var("CHAT_STATIC_CACHE", boolean(), True,
                                   "decode on a preallocated slot KV cache (off: the DynamicCache path)")
     chat_cuda_graphs: bool = var("CHAT_CUDA_GRAPHS", boolean(), True,

@@ -28,7 +28,7 @@ from transformers import DynamicCache
 
 from workers.core.errors import InvalidJob
 
-from . import decode
+from . import decode, prefill
 from .batch import Row
 from .generation import GenerationRequest
 from .graphs import DecodeGraphs
@@ -60,8 +60,10 @@ def bucket(value: int, sizes: list[int]) -> int:
 class SlotBatch:
     def __init__(self, loaded: LoadedModel, slots: int, cuda_graphs: bool = True, lean_decode: bool = True,
                  compile_decode: bool = False, compile_backend: str | Callable[..., Any] = "inductor",
-                 prefix_tokens: int = 0, decode_ahead: bool = True):
+                 prefix_tokens: int = 0, decode_ahead: bool = True, prefill_chunk: int = 0):
         self.loaded = loaded
+        self.chunk = prefill_chunk   # tokens of a long prompt prefilled per step while rows decode; 0: all at once
+        self.pending: list[prefill.Partial] = []
         self.decode_ahead = decode_ahead
         self._version = 0     # bumped whenever rows join or leave: a step launched ahead is only valid within one
         self._ahead: tuple[tuple[int, int], int, torch.Tensor] | None = None   # (key, version, logits)
@@ -94,7 +96,12 @@ class SlotBatch:
             self.compile_failure = f"no lean decode step to compile: {self.decode_reason}"
 
     def __len__(self) -> int:
-        return len(self.rows)
+        """Rows decoding plus prompts still being prefilled: the slots spoken for."""
+        return len(self.rows) + len(self.pending)
+
+    @property
+    def requests(self) -> list[GenerationRequest]:
+        return [row.request for row in self.rows] + [partial.request for partial in self.pending]
 
     @property
     def path(self) -> str:
@@ -111,7 +118,8 @@ class SlotBatch:
         info: dict[str, Any] = {"path": self.path, "forward": self.forward, "slots": self.slots,
                                 "max_len": self.max_len, "kv_cache_gb": round(self.cache.nbytes / 1e9, 3),
                                 "prefix_cache": self.prefix.describe() if self.prefix else None,
-                                "decode_ahead": {"on": self.decode_ahead, **self.ahead_steps}}
+                                "decode_ahead": {"on": self.decode_ahead, **self.ahead_steps},
+                                "prefill_chunk": self.chunk, "pending": len(self.pending)}
         if self.compile_seconds or self.compile_failure:
             info["compile_seconds"] = {f"{rows}x{span}": s for (rows, span), s in sorted(self.compile_seconds.items())}
             info["compile_failure"] = self.compile_failure
@@ -135,28 +143,41 @@ class SlotBatch:
 
     @torch.inference_mode()
     def admit(self, requests: Sequence[GenerationRequest]) -> list[Row]:
-        """Prefill ``requests`` into free slots and choose their first tokens. A prompt that starts with a stored
-        prefix (prefix.py) gets it copied into its slot and prefills only the rest, alone; the others are
-        prefilled together as one left-padded batch. Every prompt's blocks are stored for the next turn."""
+        """Prefill ``requests`` and let them join (prefill.py), choosing their first tokens. A prompt that starts
+        with a stored prefix (prefix.py) gets it copied and prefills only the rest, alone; the others are
+        prefilled together as one left-padded batch. While rows decode, a prompt with more than ``chunk`` tokens
+        left to prefill waits in ``pending`` and is prefilled a chunk per step (``advance``); it is not among
+        the rows returned. Every prompt's blocks are stored for the next turn."""
         first, n = len(self.rows), len(requests)
-        if first + n > self.slots:
-            raise RuntimeError(f"{first + n} rows do not fit {self.slots} slots")
+        if len(self) + n > self.slots:
+            raise RuntimeError(f"{len(self) + n} rows do not fit {self.slots} slots")
         if max(len(r.prompt_ids) for r in requests) > self.max_len:
             raise InvalidJob(f"the prompt is longer than the model context ({self.max_len} tokens)")
         matches = [self.prefix.match(r.prompt_ids) if self.prefix else Match() for r in requests]
-        order = sorted(range(n), key=lambda i: bool(matches[i].blocks))   # misses first: contiguous slots
-        requests, matches = [requests[i] for i in order], [matches[i] for i in order]
-        misses = sum(1 for m in matches if not m.blocks)
+        now: list[tuple[GenerationRequest, Match]] = []
+        later: list[prefill.Partial] = []
         try:
-            scores = [self._prefill(requests[:misses], first)] if misses else []
-            scores += [self._prefill_suffix(r, m, first + i) for i, (r, m) in enumerate(zip(requests, matches))
-                       if m.blocks]
+            for request, match in zip(requests, matches):
+                if self.chunk and self.rows and len(request.prompt_ids) - match.tokens > self.chunk:
+                    cache = prefill.cache_of(*self.prefix.gather(match)) if self.prefix and match.blocks else None
+                    later.append(prefill.Partial(request, cache or DynamicCache(), match.tokens))
+                else:
+                    now.append((request, match))
+            now.sort(key=lambda pair: bool(pair[1].blocks))   # misses first: contiguous slots
+            misses = [r for r, m in now if not m.blocks]
+            scores = [self._prefill(misses, first)] if misses else []
+            scores += [self._prefill_suffix(r, m, first + i) for i, (r, m) in enumerate(now) if m.blocks]
         finally:
             for match in matches:
                 if self.prefix:
                     self.prefix.release(match)
-        logits = torch.cat(scores)
-        device, lengths = self.loaded.device, [len(r.prompt_ids) for r in requests]
+        rows = self._join([r for r, _ in now], torch.cat(scores), first) if now else []
+        self.pending += later   # only once the others are in: a failed admission leaves nothing behind
+        return rows
+
+    def _join(self, requests: list[GenerationRequest], logits: torch.Tensor, first: int) -> list[Row]:
+        """Prefilled ``requests`` (their KV in slots ``first ..``) become rows: their first tokens chosen."""
+        n, device, lengths = len(requests), self.loaded.device, [len(r.prompt_ids) for r in requests]
         rows = [Row(r, max(1, min(r.sampling.max_tokens, self.loaded.max_context - len(r.prompt_ids))),
                     new_generator(r.sampling.seed, device)) for r in requests]
         try:
@@ -177,40 +198,47 @@ class SlotBatch:
         self._accept(chosen, offset=first)
         return rows
 
+    @torch.inference_mode()
+    def advance(self) -> list[tuple[GenerationRequest, Exception | None]]:
+        """Prefill the next chunk of the first pending prompt; one whose prompt is complete joins the rows.
+        Returns the pending requests dropped: cancelled (None) or failed (the error); the others are untouched."""
+        dropped: list[tuple[GenerationRequest, Exception | None]] = []
+        for partial in [p for p in self.pending if p.request.cancelled.is_set() or p.request.future.done()]:
+            self.pending.remove(partial)
+            dropped.append((partial.request, None))
+        if not self.pending:
+            return dropped
+        partial = self.pending[0]
+        try:
+            scores = partial.advance(self.loaded.model, self.chunk)
+            if scores is not None:
+                self.pending.pop(0)
+                self.cache.load(len(self.rows), partial.cache.layers, [partial.done])
+                self._join([partial.request], scores, len(self.rows))
+        except Exception as exc:  # noqa: BLE001 - a failed chunk fails its own request only
+            if partial in self.pending:
+                self.pending.remove(partial)
+            dropped.append((partial.request, exc))
+        return dropped
+
     def _prefill(self, requests: Sequence[GenerationRequest], first: int) -> torch.Tensor:
         """Prefill ``requests`` as one left-padded batch into slots ``first ..``: [n, vocab] last-token scores."""
-        device, n = self.loaded.device, len(requests)
-        lengths = [len(r.prompt_ids) for r in requests]
-        longest = max(lengths)
-        ids = torch.zeros(n, longest, dtype=torch.long)
-        mask = torch.zeros(n, longest, dtype=torch.long)
-        for i, r in enumerate(requests):
-            ids[i, longest - lengths[i]:] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            mask[i, longest - lengths[i]:] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        prefill = DynamicCache()
-        out = self.loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=prefill,
-                                use_cache=True, logits_to_keep=1)
-        self.cache.load(first, prefill.layers, lengths)
-        return out.logits[:, -1, :]
+        cache, scores = prefill.batch(self.loaded.model, requests)
+        self.cache.load(first, cache.layers, [len(r.prompt_ids) for r in requests])
+        return scores
 
     def _prefill_suffix(self, request: GenerationRequest, match: Match, slot: int) -> torch.Tensor:
         """Copy the matched prefix into ``slot`` and prefill the rest of the prompt on top of it: [1, vocab]."""
         assert self.prefix is not None
-        device, reused, length = self.loaded.device, match.tokens, len(request.prompt_ids)
+        reused, length = match.tokens, len(request.prompt_ids)
         self.prefix.load(match, self.cache.keys, self.cache.values, slot)
-        past = DynamicCache()
-        for layer, (keys, values) in enumerate(zip(self.cache.keys, self.cache.values)):
-            past.update(keys[slot:slot + 1, :, :reused], values[slot:slot + 1, :, :reused], layer)
-        ids = torch.tensor([request.prompt_ids[reused:]], dtype=torch.long, device=device)
-        out = self.loaded.model(input_ids=ids, attention_mask=torch.ones(1, length, dtype=torch.long, device=device),
-                                position_ids=torch.arange(reused, length, device=device)[None],
-                                past_key_values=past, use_cache=True, logits_to_keep=1)
+        past = prefill.cache_of([k[slot:slot + 1, :, :reused] for k in self.cache.keys],
+                                [v[slot:slot + 1, :, :reused] for v in self.cache.values])
+        scores = prefill.extend(self.loaded.model, past, request.prompt_ids[reused:], reused)
         for layer, keys, values in zip(past.layers, self.cache.keys, self.cache.values):
             keys[slot, :, reused:length].copy_(layer.keys[0, :, reused:])
             values[slot, :, reused:length].copy_(layer.values[0, :, reused:])
-        return out.logits[:, -1, :]
+        return scores
 
     @torch.inference_mode()
     def step(self) -> None:
