@@ -2,7 +2,10 @@
 
 Written as JSON after every section (so a run cut short still leaves what it measured) and printed as a
 table at the end. A row compares our worker path with the plain eager baseline on the same modules:
-``ratio`` is always the speed-up of ours (baseline time / ours, or ours rate / baseline rate).
+``ratio`` is always the speed-up of ours (baseline time / ours, or ours rate / baseline rate). ``library`` is
+the strongest recipe the library documents, run in the same process on the same modules and inputs
+(bench/peers.py, bench/peers_chat.py), and ``library_ratio`` ours against it in the same convention; a row
+where no recipe applies leaves both ``None`` ("-" in the table).
 """
 from __future__ import annotations
 
@@ -24,12 +27,23 @@ class Row:
     target: str = ""                   # e.g. "<= 0.8 s"; "" when the issue sets none
     met: bool | None = None
     note: str = ""
+    library: float | None = None       # the library's documented recipe, same unit
+    library_note: str = ""             # which recipe, and what it leaves out against ours
 
     @property
     def ratio(self) -> float | None:
-        if not self.baseline or not self.ours:
-            return None
-        return self.ours / self.baseline if self.unit == "tok/s" else self.baseline / self.ours
+        return _speedup(self.unit, self.baseline, self.ours)
+
+    @property
+    def library_ratio(self) -> float | None:
+        return _speedup(self.unit, self.library, self.ours)
+
+
+def _speedup(unit: str, reference: float | None, ours: float | None) -> float | None:
+    """How much better ours is than ``reference``: a rate over a rate ("tok/s"), else reference over ours."""
+    if not reference or not ours:
+        return None
+    return ours / reference if unit == "tok/s" else reference / ours
 
 
 @dataclass
@@ -47,6 +61,7 @@ class Report:
     checks: list[Check] = field(default_factory=list)
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
     errors: list[dict[str, str]] = field(default_factory=list)
+    libraries: dict[str, tuple[float | None, str]] = field(default_factory=dict)   # row key -> (library, note)
 
     def add(self, row: Row, limit: tuple[str, float] | None = None) -> Row:
         """Record ``row``; ``limit`` (``("<=", 0.8)`` or ``(">=", 140)``) judges ``row.ours`` against a target."""
@@ -54,10 +69,24 @@ class Report:
             op, value = limit
             row.target = f"{op} {value:g} {row.unit}"
             row.met = row.ours <= value if op == "<=" else row.ours >= value
+        if row.library is None and row.key in self.libraries:
+            row.library, row.library_note = self.libraries[row.key]
         self.rows = [r for r in self.rows if r.key != row.key] + [row]
-        print(f"[row] {row.work}: baseline={_fmt(row.baseline)} ours={_fmt(row.ours)} {row.unit} "
-              f"ratio={_fmt(row.ratio)} peak={_fmt(row.peak_gb)} {row.note}", flush=True)
+        print(f"[row] {row.work}: baseline={_fmt(row.baseline)} ours={_fmt(row.ours)} library={_fmt(row.library)} "
+              f"{row.unit} ratio={_fmt(row.ratio)} vs library={_fmt(row.library_ratio)} peak={_fmt(row.peak_gb)} "
+              f"{row.note}", flush=True)
         return row
+
+    def library(self, key: str, value: float | None, note: str) -> None:
+        """The library recipe's figure for row ``key``. The recipes run between the baseline and our path, so
+        the row usually comes later; a row already added gets it at once."""
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"library value for {key!r} must be a number, got {value!r}")
+        self.libraries[key] = (value, note)
+        for row in self.rows:
+            if row.key == key:
+                row.library, row.library_note = value, note
+        print(f"[library] {key}: {_fmt(value)} ({note})", flush=True)
 
     def check(self, name: str, passed: bool, detail: str) -> None:
         self.checks.append(Check(name, bool(passed), detail))
@@ -73,7 +102,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {"meta": self.meta,
-                "rows": [asdict(r) | {"ratio": r.ratio} for r in self.rows],
+                "rows": [asdict(r) | {"ratio": r.ratio, "library_ratio": r.library_ratio} for r in self.rows],
                 "checks": [asdict(c) for c in self.checks],
                 "sections": self.sections, "errors": self.errors}
 
@@ -86,12 +115,14 @@ class Report:
         tmp.replace(self.path)
 
     def table(self) -> str:
-        head = ("work", "baseline", "ours", "unit", "ratio", "peak GB", "target", "met")
+        head = ("work", "baseline", "ours", "library", "unit", "ratio", "vs library", "peak GB", "target", "met")
         lines = [head]
         for r in self.rows:
             met = "" if r.met is None else ("yes" if r.met else "NO")
-            lines.append((r.work, _fmt(r.baseline), _fmt(r.ours), r.unit,
-                          "" if r.ratio is None else f"{r.ratio:.2f}x", _fmt(r.peak_gb), r.target, met))
+            lines.append((r.work, _fmt(r.baseline), _fmt(r.ours), _fmt(r.library), r.unit,
+                          "" if r.ratio is None else f"{r.ratio:.2f}x",
+                          "-" if r.library_ratio is None else f"{r.library_ratio:.2f}x", _fmt(r.peak_gb), r.target,
+                          met))
         widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
         out = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
         out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")

@@ -5,7 +5,9 @@ The baseline runs first (before ``SdxlPipelines.from_t2i`` turns on VAE slicing 
 graphs); then the handler gets the same pipeline through its ``loader`` injection point, with the worker's
 default settings (its ``setup()`` time, which captures the warm-up shapes' graphs, is recorded). The latents
 entering the VAE decoder are captured on the last timed run of each (a copy on the device, no
-synchronisation) and compared, and so are the images.
+synchronisation) and compared, and so are the images. Between the two, diffusers' own recipe (bench/peers.py:
+channels-last UNet, fused QKV, ``compile_repeated_blocks(fullgraph=True)``) runs the baseline's cases on the same
+pipeline, is compared with the baseline the same way, and is undone before the handler gets the pipeline.
 ``compiled`` is the ``TORCH_COMPILE=1`` variant (not on by default), measured only when time is left.
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ from workers.sdxl.pipeline import SdxlPipelines
 from workers.sdxl.request import TIER_DEFAULTS
 from workers.sdxl.settings import SdxlSettings
 
-from . import models
+from . import models, peers
 from .context import Context
 from .measure import BF16_TOLERANCE, describe, free, peak_gb, rel_err, repeat, reset_peak, resident_gb, sync, timed
 from .report import Row
@@ -98,6 +100,9 @@ def run(ctx: Context) -> None:
                                 "images": [np.asarray(i.convert("RGB")) for i in images]}
             ctx.report.detail(SECTION, f"baseline_{steps}x{n}", {"s": all_s, "peak_gb": peak_gb(dev)})
         ctx.step(SECTION, f"baseline {steps}x{n}", SECONDS.get((steps, n), 5.0) * p.repeats + 5, measure_baseline)
+    if not _library(ctx, pipe, base, batches):
+        ctx.report.detail(SECTION, "ours_skipped", "the library recipe could not be undone on the shared pipeline")
+        return
 
     def make_handler():
         settings = SdxlSettings(device=dev.type)   # the worker's defaults: compiled blocks and CUDA graphs on CUDA
@@ -122,6 +127,41 @@ def run(ctx: Context) -> None:
     ctx.report.detail(SECTION, "handler_status_after", handler.status())
     handler = pipe = None  # drop the references (free the memory) before what follows
     free(dev)
+
+
+def _library(ctx: Context, pipe, base: dict[tuple[int, int], dict], batches: list[int]) -> bool:
+    """diffusers' recipe on the baseline's pipeline and cases, every batch shape compiled before timing; False
+    when the pipeline could not be put back as the baseline left it."""
+    p, dev = ctx.profile, ctx.profile.device
+
+    def reference() -> torch.Tensor:
+        return repeat(lambda: baseline_call(pipe, p.sdxl_side, p.warm_steps, 1), dev, 1,
+                      tap=pipe.vae.post_quant_conv)[3]
+
+    def warm() -> None:
+        for n in batches:
+            baseline_call(pipe, p.sdxl_side, p.warm_steps, n)
+
+    measures = [(f"library {steps}x{n}", SECONDS.get((steps, n), 5.0) * p.repeats + 5,
+                 lambda steps=steps, n=n: _measure_library(ctx, pipe, base.get((steps, n)), steps, n))
+                for steps, n in p.sdxl_cases]
+    return peers.run(ctx, SECTION, peers.sdxl_recipe(pipe), reference, warm, measures, warm_needs=60)
+
+
+def _measure_library(ctx: Context, pipe, base: dict | None, steps: int, n: int) -> None:
+    p, dev = ctx.profile, ctx.profile.device
+    reset_peak(dev)
+    median, all_s, images, latents = repeat(lambda: baseline_call(pipe, p.sdxl_side, steps, n), dev, p.repeats,
+                                            tap=pipe.vae.post_quant_conv)
+    peak = peak_gb(dev)
+    pixels = np.stack([np.asarray(i.convert("RGB")) for i in images])
+    errors = peers.compare(ctx, f"SDXL {steps}x{n}", latents, base and base["latents"], pixels,
+                           base and np.stack(base["images"]))
+    ctx.report.detail(SECTION, f"library_{steps}x{n}", {"s": all_s, "peak_gb": peak} | errors)
+    ctx.report.library(f"sdxl_{steps}x{n}", round(median, 3), peers.SDXL_NOTE)
+    ctx.shared[f"sdxl_library_{steps}x{n}"] = round(median, 3)
+    if n == max(c[1] for c in p.sdxl_cases) and peak is not None:
+        ctx.report.library(f"sdxl_peak_{n}", peak, peers.SDXL_NOTE)
 
 
 def _measure_ours(ctx: Context, handler: SdxlHandler, pipe, base: dict | None, steps: int, n: int) -> None:
@@ -242,6 +282,8 @@ def compiled(ctx: Context) -> None:
                                            p.repeats, tap=pipes.t2i.vae.post_quant_conv)
         ctx.report.detail("sdxl_compiled", f"{steps}x{n}", {"first_job_s": round(first, 1), "s": all_s})
         eager = next((r for r in ctx.report.rows if r.key == f"sdxl_{steps}x{n}"), None)
+        if f"sdxl_library_{steps}x{n}" in ctx.shared:
+            ctx.report.library(f"sdxl_compiled_{steps}x{n}", ctx.shared[f"sdxl_library_{steps}x{n}"], peers.SDXL_NOTE)
         target = TARGETS.get((steps, n)) if p.full else None
         ctx.report.add(Row(f"sdxl_compiled_{steps}x{n}", label(steps, n, p.sdxl_side) + ", TORCH_COMPILE=1",
                            "s", baseline=eager.baseline if eager else None, ours=round(median, 3),

@@ -6,7 +6,9 @@ CFG step is the median gap between step callbacks (each after a device synchroni
 ``25 × step + (total − steps × step)`` is reported, the second term being text encoding, VAE decode and
 (ours) the MP4 encode. The single frame runs all its 25 steps. The handler gets the built pipeline through a
 ``WanModels`` whose ``load()`` adopts it instead of reading ``WAN_MODEL_PATH`` (the real loader is timed in
-the ``load`` section).
+the ``load`` section). Between baseline and handler, diffusers' own recipe (bench/peers.py: fused QKV,
+``compile_repeated_blocks(fullgraph=True)``) runs the baseline's two cases on the same pipeline, the video
+extrapolated in the same way, and is undone before the handler adopts the pipeline.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from workers.wan.pipeline import WanModels, to_uint8
 from workers.wan.request import TIER_DEFAULTS
 from workers.wan.settings import WanSettings
 
-from . import models
+from . import models, peers
 from .context import Context
 from .measure import BF16_TOLERANCE, describe, free, peak_gb, rel_err, repeat, reset_peak, resident_gb, sync, timed
 from .report import Row
@@ -129,6 +131,9 @@ def run(ctx: Context) -> None:
         base["video"] = _video_numbers(p, all_s[0], clock) | {"latents": latents, "peak": peak_gb(dev)}
         ctx.report.detail(SECTION, "baseline_video", _public(base["video"]))
     ctx.step(SECTION, "baseline video", 20, baseline_video)
+    if not _library(ctx, pipe, base):
+        ctx.report.detail(SECTION, "ours_skipped", "the library recipe could not be undone on the shared pipeline")
+        return
 
     def make_handler():
         settings = WanSettings(device=dev.type)   # the worker's defaults
@@ -150,6 +155,52 @@ def run(ctx: Context) -> None:
         ctx.step(SECTION, "fp32 reference", 20, lambda: _against_fp32(ctx, pipe, base["image"], ours_image))
     handler = pipe = None  # drop the references (free the memory) before what follows
     free(dev)
+
+
+def _library(ctx: Context, pipe: Any, base: dict[str, dict]) -> bool:
+    """diffusers' recipe on the baseline's pipeline and cases, the 1-frame and the video shape compiled before
+    timing; False when the pipeline could not be put back as the baseline left it."""
+    p, dev = ctx.profile, ctx.profile.device
+    w, h = p.wan_width, p.wan_height
+
+    def reference() -> torch.Tensor:
+        return repeat(lambda: baseline_call(pipe, w, h, 1, p.warm_steps), dev, 1, tap=pipe.vae.post_quant_conv)[3]
+
+    def warm() -> None:
+        baseline_call(pipe, w, h, 1, p.warm_steps)
+        baseline_call(pipe, w, h, p.wan_frames, p.warm_steps)
+
+    measures = [("library image", 8, lambda: _library_image(ctx, pipe, base.get("image"))),
+                ("library video", 20, lambda: _library_video(ctx, pipe, base.get("video")))]
+    return peers.run(ctx, SECTION, peers.wan_recipe(pipe), reference, warm, measures, warm_needs=50)
+
+
+def _library_image(ctx: Context, pipe: Any, base: dict | None) -> None:
+    p, dev = ctx.profile, ctx.profile.device
+    reset_peak(dev)
+    median, all_s, frames, latents = repeat(
+        lambda: baseline_call(pipe, p.wan_width, p.wan_height, 1, p.wan_image_steps), dev, p.repeats,
+        tap=pipe.vae.post_quant_conv)
+    errors = peers.compare(ctx, "WAN 1 frame", latents, base and base["latents"], to_uint8(frames),
+                           base and base["frames"])
+    ctx.report.detail(SECTION, "library_image", {"s": all_s, "peak_gb": peak_gb(dev)} | errors)
+    ctx.report.library("wan_image", round(median, 3), peers.WAN_NOTE)
+
+
+def _library_video(ctx: Context, pipe: Any, base: dict | None) -> None:
+    p, dev = ctx.profile, ctx.profile.device
+    reset_peak(dev)
+    clock = StepClock(dev)
+    _, all_s, _, latents = repeat(lambda: baseline_call(pipe, p.wan_width, p.wan_height, p.wan_frames,
+                                                        p.wan_video_steps, clock.step), dev, 1,
+                                  tap=pipe.vae.post_quant_conv)
+    numbers = _video_numbers(p, all_s[0], clock)
+    errors = peers.compare(ctx, f"WAN {p.wan_frames} frames", latents, base and base["latents"])
+    ctx.report.detail(SECTION, "library_video", numbers | {"peak_gb": peak_gb(dev)} | errors)
+    if "extrapolated_s" in numbers:
+        ctx.report.library("wan_video", numbers["extrapolated_s"],
+                           f"{peers.WAN_NOTE}; extrapolated from {p.wan_video_steps} steps as the baseline")
+        ctx.report.library("wan_video_step", numbers["per_step_s"], peers.WAN_NOTE)
 
 
 def _to_uint8(ctx: Context) -> None:
