@@ -146,7 +146,8 @@ def client_pid(port: int) -> int | None:
     suffix = f":{port:04X}"
     try:
         with open("/proc/net/tcp") as table:
-            inode = next((f[9] for f in map(str.split, table) if len(f) > 9 and f[1].endswith(suffix)), None)
+            inode = next((f[9] for f in map(str.split, table)
+                          if len(f) > 9 and f[1].endswith(suffix) and f[9] != "0"), None)   # 0: TIME_WAIT
     except OSError:
         return None
     if inode is None:
