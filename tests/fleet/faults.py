@@ -7,7 +7,9 @@
   know the callback arrived), or to forward each one only after a delay (``SLOW``: a slow app, answered within
   the caller's timeout), until switched back. Every forwarded callback is kept as an :class:`Exchange`
   (body, when it came, when and how it was answered), so a checker can tell a callback sent again because its
-  answer never came back (at-least-once) from one sent again after it was acknowledged (a duplicate).
+  answer never came back (at-least-once) from one sent again after it was acknowledged (a duplicate). With
+  ``identify_senders`` it also records which process sent each one (a scan of /proc per callback: the soak
+  needs it, the other fleet tests would only pay for it).
 - :class:`ReplyDelayProxy`: a TCP proxy on loopback in front of redis-server for the workers that speak the
   Redis protocol. ``hold(seconds)`` withholds every reply the server sends during the window (commands still
   reach the server and run): a network stall or a fork pause on the way back, which outlasts the client's
@@ -48,7 +50,8 @@ class Mode(str, Enum):
 class Exchange:
     """One job-callback POST that reached the app: its exact body, when it arrived and when (and with what
     status) the front answered it (``time.time()``), and the pid of the process that sent it (an outbox
-    sender in any worker process may send a callback another worker wrote)."""
+    sender in any worker process may send a callback another worker wrote; None unless the front identifies
+    senders)."""
     body: bytes
     arrived: float
     answered: float
@@ -61,8 +64,9 @@ class Exchange:
 
 
 class SupabaseFront(BackgroundServer):
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, identify_senders: bool = False):
         self.upstream = upstream.rstrip("/")
+        self.identify_senders = identify_senders
         self.mode = Mode.PASS
         self.delay = 0.0
         self.refused = 0
@@ -80,7 +84,8 @@ class SupabaseFront(BackgroundServer):
             sender_pid = None
             if path == CALLBACK_PATH:
                 self._note_sender(request.get_data())
-                sender_pid = client_pid(int(request.environ.get("REMOTE_PORT") or 0))
+                if self.identify_senders:
+                    sender_pid = client_pid(int(request.environ.get("REMOTE_PORT") or 0))
                 with self._changed:
                     mode = self.mode
                     if mode is Mode.REFUSE:

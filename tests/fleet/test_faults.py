@@ -32,7 +32,7 @@ def test_reply_delay_proxy_runs_the_command_but_the_reply_comes_too_late(redis_s
 
 
 def test_late_callbacks_reach_the_app_and_their_answers_come_after_the_caller_gave_up(supabase_standin):
-    front = SupabaseFront(supabase_standin.url)
+    front = SupabaseFront(supabase_standin.url, identify_senders=True)
     body = json.dumps({"job_id": "j-late", "status": "completed", "worker_id": "pod-sdxl-0"}).encode()
     headers = {"Authorization": f"Bearer {supabase_standin.service_key}", "apikey": supabase_standin.service_key,
                "Content-Type": "application/json", "X-Callback-Signature": sign(body, supabase_standin.callback_secret)}

@@ -56,7 +56,7 @@ class Rig:
         self.client = self.redis.client()
         self.redis_proxy = ReplyDelayProxy(self.redis.port)
         self.standin = SupabaseStandin(SERVICE_KEY, CALLBACK_SECRET)
-        self.front = SupabaseFront(self.standin.url)
+        self.front = SupabaseFront(self.standin.url, identify_senders=True)
         self.worker_rest = UpstashFront(self.redis.url, REST_TOKEN, fault_seed=CONFIG.rng("rest").getrandbits(32))
         self.producer_rest = UpstashFront(self.redis.url, REST_TOKEN)
         self.pods: list[Pod] = []
