@@ -67,6 +67,9 @@ class Storage(Declared):
     storage_bucket: str = var("STORAGE_BUCKET", text(), "workspace-temp", "bucket name")
     storage_dir: Path | None = var("STORAGE_DIR", path(), None,
                                    "local storage backend instead of Supabase Storage (same bucket/path layout)")
+    storage_retry_first_seconds: float = var(
+        "STORAGE_RETRY_FIRST_SECONDS", number(0.01, 8), 1.0,
+        "wait before an upload's second try; each later wait doubles (1, 2, 4 s), plus up to as much jitter")
 
 
 @dataclass(frozen=True)

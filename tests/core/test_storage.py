@@ -3,9 +3,11 @@ import io
 import pytest
 from PIL import Image
 
+from common.errors import ConfigError
+from common.settings import Settings
 from tests.conftest import SUPABASE_TEST_SERVICE_KEY as KEY
 from workers.core.errors import ErrorType, RetryableError, WorkerError
-from workers.core.storage import LocalStorage, SupabaseStorage, object_path
+from workers.core.storage import LocalStorage, SupabaseStorage, from_settings, object_path
 from workers.media.thumbnail import thumbnail
 
 from .scripted import FakeTime, ScriptedServer
@@ -113,3 +115,24 @@ def test_upload_gives_up_at_once_on_a_retry_after_past_its_budget(scripted):
     with pytest.raises(RetryableError):
         SupabaseStorage(scripted.url, KEY, "b", sleep=fake.sleep).upload("u/j/0.png", b"x", "image/png")
     assert len(scripted.requests) == 1 and fake.sleeps == []
+
+
+def test_storage_retry_first_seconds_scales_the_backoff(scripted):
+    """STORAGE_RETRY_FIRST_SECONDS is the first wait (1 s by default); the later ones double from it, each with
+    up to as much jitter. The fleet tests shorten it; a wait that is not positive is refused."""
+    fake = FakeTime()
+    scripted.answer(10, 500)
+    settings = Settings.from_env({"SUPABASE_URL": scripted.url, "SUPABASE_SERVICE_KEY": KEY,
+                                  "STORAGE_RETRY_FIRST_SECONDS": "0.25"})
+    storage = from_settings(settings)
+    storage.sleep = fake.sleep
+    with pytest.raises(RetryableError):
+        storage.upload("u/j/0.png", b"x", "image/png")
+    assert len(scripted.requests) == 4 and len(fake.sleeps) == 3, fake.sleeps
+    for n, wait in enumerate(fake.sleeps):
+        assert 0.25 * 2 ** n <= wait <= 0.25 * 2 ** n + 0.25, fake.sleeps
+    assert Settings.from_env({}).storage_retry_first_seconds == 1.0
+    with pytest.raises(ConfigError, match="STORAGE_RETRY_FIRST_SECONDS"):
+        Settings.from_env({"STORAGE_RETRY_FIRST_SECONDS": "0"})
+    with pytest.raises(ValueError, match="retry_first"):
+        SupabaseStorage(scripted.url, KEY, "b", retry_first=0)

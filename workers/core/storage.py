@@ -23,7 +23,7 @@ from .errors import ErrorType, RetryableError, WorkerError
 from .metrics import Metrics
 
 _COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")  # \Z, not $ (no trailing newline)
-TRIES = 4            # 1, 2, 4 s of backoff (+ jitter) in between
+TRIES = 4            # 1, 2, 4 s of backoff (+ jitter) in between: STORAGE_RETRY_FIRST_SECONDS, doubling
 LONGEST_WAIT = 8.0   # a Retry-After beyond it ends the tries: the job is retried later instead
 
 
@@ -70,13 +70,16 @@ class LocalStorage:
 
 class SupabaseStorage:
     """``POST {url}/storage/v1/object/<bucket>/<path>`` with the raw bytes, retried by ``retry.call`` on
-    connection errors, 5xx, 408 and 429 (backoff with jitter, ``Retry-After`` honoured up to 8 s); any other
-    4xx is final."""
+    connection errors, 5xx, 408 and 429 (backoff with jitter from ``retry_first`` seconds, ``Retry-After``
+    honoured up to 8 s); any other 4xx is final."""
 
     def __init__(self, url: str, service_key: str, bucket: str, session: requests.Session | None = None,
                  timeout: float = 60.0, sleep: Callable[[float], None] = time.sleep,
-                 on_retry: Callable[[retry.Answer], None] | None = None):
+                 on_retry: Callable[[retry.Answer], None] | None = None, retry_first: float = 1.0):
+        if retry_first <= 0:
+            raise ValueError(f"retry_first must be positive seconds, got {retry_first!r}")
         self.url = url.rstrip("/")
+        self.retry_first = retry_first
         self.on_retry = on_retry   # told each failed try that is repeated (``worker_storage_retries_total``)
         self._key = service_key
         self.bucket = bucket
@@ -107,8 +110,8 @@ class SupabaseStorage:
                 raise WorkerError(f"storage refused the upload ({problem})", ErrorType.STORAGE_ERROR)
             return retry.Answer(retry=True, retry_after=retry.retry_after(response.headers), problem=problem)
 
-        answer = retry.call(attempt, initial=1.0, cap=LONGEST_WAIT, tries=TRIES, longest_wait=LONGEST_WAIT,
-                            sleep=self.sleep, on_retry=self.on_retry)
+        answer = retry.call(attempt, initial=self.retry_first, cap=LONGEST_WAIT, tries=TRIES,
+                            longest_wait=LONGEST_WAIT, sleep=self.sleep, on_retry=self.on_retry)
         if answer.retry:
             raise RetryableError(f"storage upload failed after {made} tries ({answer.problem})",
                                  ErrorType.STORAGE_ERROR)
@@ -121,4 +124,4 @@ def from_settings(settings: Settings, metrics: Metrics | None = None) -> Storage
     settings.require("supabase_url", "supabase_service_key")
     counted = (lambda answer: metrics.storage_retries.labels(answer.problem or "unknown").inc()) if metrics else None
     return SupabaseStorage(settings.supabase_url, settings.supabase_service_key.reveal(), settings.storage_bucket,
-                           on_retry=counted)
+                           on_retry=counted, retry_first=settings.storage_retry_first_seconds)
