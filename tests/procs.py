@@ -15,6 +15,15 @@ from local.net import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def distinct_ports(*names: str) -> dict[str, int]:
+    """A free loopback port per name, all different: two ``free_port()`` calls can return the same port (it is
+    closed again at once), and a fleet given one port twice refuses to start."""
+    chosen: dict[str, int] = {}
+    while len(set(chosen.values())) < len(names):
+        chosen = {name: free_port() for name in names}
+    return chosen
+
+
 def runtime_env(redis_url: str | None, standin, storage_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("UPSTASH_", "REDIS_", "SUPABASE_"))}
     env.update({

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from local.net import free_port
 from tests.orchestrator.support import ROOT, wait_for
+from tests.procs import distinct_ports
 
 from .conftest import ADMIN
 
@@ -34,7 +34,7 @@ def get(url: str) -> dict | None:
 
 @pytest.fixture
 def fleet(tmp_path: Path):
-    ports = {"memory_manager": free_port(), "chat": free_port(), "wan": free_port(), "sdxl": free_port()}
+    ports = distinct_ports("memory_manager", "chat", "wan", "sdxl")
     base = {k: v for k, v in os.environ.items() if not k.startswith(("UPSTASH_", "REDIS_", "SUPABASE_"))}
     env = {**base, "PYTHONPATH": str(ROOT), "HOME": str(tmp_path), "PYTHONUNBUFFERED": "1",
            "WORKER_ADMIN_KEY": ADMIN, "MEMORY_MANAGER_URL": f"http://127.0.0.1:{ports['memory_manager']}",

@@ -24,6 +24,7 @@ from werkzeug.serving import make_server
 
 from local.demo import fleet_env
 from local.net import free_port
+from tests.procs import distinct_ports
 from tests.refserver import png_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,7 +101,7 @@ class Fleet:
         self.storage = workdir / "storage"
         self.log_dir = workdir / "log"
         self.stdout_path = workdir / "orchestrator.out"
-        ports = {name: free_port() for name in ("memory", "router", "registration", "sdxl", "chat", "wan", "status")}
+        ports = distinct_ports("memory", "router", "registration", "sdxl", "chat", "wan", "status")
         self.ports = {"memory_manager": ports["memory"], "router": ports["router"], "sdxl": ports["sdxl"],
                       "chat": ports["chat"], "wan": ports["wan"]}
         self.status_port = ports["status"]

@@ -28,7 +28,7 @@ import requests
 
 from local.net import BackgroundServer, free_port
 from tests.orchestrator.support import ROOT, fleet_env, wait_for
-from tests.procs import WorkerProcess, runtime_env
+from tests.procs import WorkerProcess, distinct_ports, runtime_env
 
 DEADLINE = 3.0          # HTTP_READ_TIMEOUT_SECONDS in these tests
 DRIP_SECONDS = 1.0      # one byte per second: never idle long enough for a per-read timeout
@@ -162,8 +162,7 @@ def hung_port() -> Iterator[int]:
 
 
 def start_router(tmp_path: Path, sdxl_port: int, wan_port: int, **extra: str) -> tuple[subprocess.Popen, str]:
-    ports = {"memory_manager": free_port(), "router": free_port(), "sdxl": sdxl_port, "chat": free_port(),
-             "wan": wan_port, "status": free_port()}
+    ports = {**distinct_ports("memory_manager", "router", "chat", "status"), "sdxl": sdxl_port, "wan": wan_port}
     env = fleet_env(ports, tmp_path, ROUTER_THREADS=str(THREADS), HTTP_READ_TIMEOUT_SECONDS=str(DEADLINE), **extra)
     proc = subprocess.Popen([sys.executable, "-m", "router", "--host", "127.0.0.1"], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -276,7 +275,7 @@ def test_worker_health_answers_under_forty_long_requests(worker_env, tmp_path: P
 def test_under_the_orchestrator_slow_clients_restart_nothing(tmp_path: Path) -> None:
     """The real orchestrator (health every 1 s, restart after 2 failed checks) runs the router and a chat worker;
     for 15 s slow clients keep N+1 sockets of each kind pinned against both (reconnecting when cut)."""
-    ports = {n: free_port() for n in ("memory_manager", "router", "sdxl", "chat", "wan", "status")}
+    ports = distinct_ports("memory_manager", "router", "sdxl", "chat", "wan", "status")
     chat = (f"{{python}} -m workers chat --port {{port}} --threads {THREADS} "
             "--handler tests.fakes.handlers:create_handler")
     env = fleet_env(ports, tmp_path, FLEET_PROGRAMS="router,chat", QWEN_INSTRUCT_PATH=str(tmp_path),
