@@ -1,4 +1,4 @@
-"""python -m bench {all,ceilings,sdxl,wan,chat,load,compile,levers}... [--tiny] [--json PATH] [--deadline S]
+"""python -m bench {all,ceilings,sdxl,wan,chat,fp8,load,compile,levers}... [--tiny] [--json PATH] [--deadline S]
 
 Full size (default) needs CUDA: the production architectures from bench/configs with random weights, our
 worker code paths next to plain eager diffusers/transformers, same process. ``--tiny`` runs the same code on
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("ceilings", "sdxl", "wan", "chat", "load", "compile", "levers")
+SECTIONS = ("ceilings", "sdxl", "wan", "chat", "fp8", "load", "compile", "levers")
 FULL_ALL = SECTIONS[:-1]   # levers (bench/levers.py) only on request
 TINY_ALL = SECTIONS[:-2]   # compiling takes minutes even at tiny size: `python -m bench compile --tiny`
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from . import chat, levers, load, sdxl, wan
+    from . import chat, fp8, levers, load, sdxl, wan
     from . import profile as profiles
     from .ceilings import run as ceilings
     from .context import Context
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(meta(args, profile), path)
     deadline = Deadline(args.deadline - (time.monotonic() - started))
     ctx = Context(profile, report, deadline)
-    runners = {"ceilings": ceilings, "sdxl": sdxl.run, "wan": wan.run, "chat": chat.run,
+    runners = {"ceilings": ceilings, "sdxl": sdxl.run, "wan": wan.run, "chat": chat.run, "fp8": fp8.run,
                "load": lambda c: load.run(c, args.load_dir), "compile": sdxl.compiled,
                "levers": levers.run}
     print(f"[bench] {report.meta}", flush=True)

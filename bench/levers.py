@@ -51,10 +51,11 @@ def _median_call(fn: Callable[[], Any], device: torch.device, times: int = REPLA
 
 
 class Variants:
-    """Measures variants of one module's forward against the first one measured (the reference)."""
+    """Measures variants of one module's forward against the first one measured (the reference); the results go
+    to ``section``'s details under ``key``."""
 
-    def __init__(self, ctx: Context, key: str, device: torch.device):
-        self.ctx, self.key, self.device = ctx, key, device
+    def __init__(self, ctx: Context, key: str, device: torch.device, section: str = SECTION):
+        self.ctx, self.key, self.device, self.section = ctx, key, device, section
         self.reference: dict[int, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.results: dict[str, Any] = {}
@@ -81,8 +82,8 @@ class Variants:
         finally:
             graphed.uninstall(module)
         self.results[f"{name}_batch{batch}"] = entry
-        print(f"[levers] {self.key} {name} batch {batch}: {entry}", flush=True)
-        self.ctx.report.detail(SECTION, self.key, self.results)
+        print(f"[{self.section}] {self.key} {name} batch {batch}: {entry}", flush=True)
+        self.ctx.report.detail(self.section, self.key, self.results)
 
 
     def against_fp32(self, model: torch.nn.Module, call: Callable[[], torch.Tensor], batch: int) -> None:
@@ -94,8 +95,8 @@ class Variants:
         errors = {name: float(f"{rel_err(out.float(), exact):.3e}")
                   for name, out in self.outputs.items() if name.endswith(f"_batch{batch}")}
         self.results[f"rel_err_to_fp32_batch{batch}"] = errors
-        print(f"[levers] {self.key} against fp32 at batch {batch}: {errors}", flush=True)
-        self.ctx.report.detail(SECTION, self.key, self.results)
+        print(f"[{self.section}] {self.key} against fp32 at batch {batch}: {errors}", flush=True)
+        self.ctx.report.detail(self.section, self.key, self.results)
 
 
 def _fp32(tree: Any) -> Any:

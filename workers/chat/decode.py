@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .fused import fuse
+from .fused import fuse, fuse_linears
 from .slots import SlotCache
 
 log = logging.getLogger(__name__)
@@ -145,12 +145,12 @@ class LeanDecoder:
         with torch.no_grad():
             return Layer(
                 input_norm=layer.input_layernorm.weight, input_eps=float(layer.input_layernorm.variance_epsilon),
-                qkv=fuse([p.weight for p in qkv]),
+                qkv=fuse_linears(qkv),
                 qkv_bias=fuse([p.bias for p in qkv]) if qkv[0].bias is not None else None,
                 o=attn.o_proj.weight, o_bias=attn.o_proj.bias,
                 post_norm=layer.post_attention_layernorm.weight,
                 post_eps=float(layer.post_attention_layernorm.variance_epsilon),
-                gate_up=fuse([p.weight for p in gate_up]),
+                gate_up=fuse_linears(gate_up),
                 gate_up_bias=fuse([p.bias for p in gate_up]) if gate_up[0].bias is not None else None,
                 down=mlp.down_proj.weight, down_bias=mlp.down_proj.bias, keys=keys, values=values)
 

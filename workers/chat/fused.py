@@ -7,12 +7,25 @@ parameter at its rows of the joined tensor (``param.data = view``). The paramete
 transformers' own forward (the prefill) reads the same values from the same modules, and each part's old
 storage is freed: the model's memory is unchanged (one layer's parts exist twice while that layer is being
 fused). Fusing again finds the parts already adjacent in one storage and returns the joined view, no copy.
+
+``fuse_linears`` takes the layers themselves, so that FP8 layers (``CHAT_FP8``: torchao ``Float8Tensor`` weights,
+workers/gpu/fp8.py) fuse too: their fp8 data and row scales are joined the same way and each layer's weight
+becomes a row slice of the joined ``Float8Tensor``.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+
+from workers.gpu.fp8 import is_float8
+
+
+def fuse_linears(linears: Sequence[torch.nn.Module]) -> torch.Tensor:
+    """The joined weight of ``linears`` (``fuse`` of their weights; for FP8 layers ``fuse_float8``)."""
+    if linears and is_float8(linears[0].weight):
+        return fuse_float8(linears)
+    return fuse([linear.weight for linear in linears])
 
 
 def fuse(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -50,6 +63,34 @@ def adjacent(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
     rows = sum(p.shape[0] for p in parts)
     with torch.inference_mode(False), torch.no_grad():
         return first.detach().as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
+
+
+def fuse_float8(linears: Sequence[torch.nn.Module]) -> torch.Tensor:
+    """One ``Float8Tensor`` whose rows are the fp8 weights of ``linears`` in order, each layer's weight re-pointed
+    at its rows of it (a new ``Parameter``: a wrapper subclass has no ``.data`` storage to swap). Row-wise scales
+    belong to their rows, so joining data and scales is the conversion of the joined weight. Fusing again finds
+    both already adjacent and returns the joined view, no copy."""
+    from torchao.quantization import Float8Tensor
+
+    parts = [linear.weight for linear in linears]
+    if not parts or not all(isinstance(p, Float8Tensor) for p in parts):
+        raise ValueError("FP8 fusion takes the Float8Tensor weights of converted linear layers")
+    first = parts[0]
+    same = ("block_size", "mm_config", "act_quant_kwargs", "kernel_preference", "dtype", "device")
+    if any(p.shape[1:] != first.shape[1:] or any(getattr(p, a) != getattr(first, a) for a in same) for p in parts):
+        raise ValueError("fused FP8 parts must share their input size, scaling and configuration")
+    with torch.inference_mode(False), torch.no_grad():
+        data, scale = adjacent([p.qdata for p in parts]), adjacent([p.scale for p in parts])
+        if data is None or scale is None:
+            data, scale = torch.cat([p.qdata for p in parts]), torch.cat([p.scale for p in parts])
+        joined = Float8Tensor(data, scale, list(first.block_size), first.mm_config, first.act_quant_kwargs,
+                              first.kernel_preference, first.dtype)
+        start = 0
+        for linear, part in zip(linears, parts):
+            end = start + part.shape[0]
+            linear.weight = torch.nn.Parameter(joined[start:end], requires_grad=False)
+            start = end
+    return joined
 
 
 def storage_bytes(tensors: Sequence[torch.Tensor]) -> int:

@@ -57,3 +57,8 @@ class ChatSettings(Settings, Device, ClientKeys, ChatModels):
         "CHAT_COMPILE_DECODE", boolean(), False,
         "`torch.compile` the lean decode step (Qwen2/Llama) before graph capture: one compile per batch/span bucket, "
         "about a minute each at start")
+    chat_fp8: bool = var(
+        "CHAT_FP8", boolean(), False,
+        "the decoder layers' linear weights in FP8 (torchao, row-wise scales, activations quantised per token): half "
+        "the bytes a decode step reads; changes the math, so off by default; fastest with `CHAT_COMPILE_DECODE`. "
+        "Needs CUDA capability 8.9 or newer and torchao, else the worker refuses to start")

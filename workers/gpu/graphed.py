@@ -173,7 +173,7 @@ def install(module: torch.nn.Module, name: str, limit: int = DEFAULT_LIMIT, pool
     params = list(module.parameters())
 
     def weights() -> tuple[int, ...]:
-        return (params[0].data_ptr(), params[-1].data_ptr(), params[0].dtype.itemsize)
+        return (address(params[0]), address(params[-1]), params[0].dtype.itemsize)
 
     graphs = ForwardGraphs(name, module.forward, parameter.device, limit, weights, pool, accept)
     module.forward = functools.update_wrapper(  # type: ignore[method-assign]
@@ -190,6 +190,16 @@ def uninstall(module: torch.nn.Module) -> None:
 
 def graphs_of(module: torch.nn.Module) -> ForwardGraphs | None:
     return getattr(vars(module).get("forward"), "graphs", None)
+
+
+def address(tensor: torch.Tensor) -> int:
+    """Where ``tensor``'s data lives: its ``data_ptr``, or for a wrapper subclass without storage of its own
+    (torchao's ``Float8Tensor`` weights, WAN_FP8) its first inner tensor's."""
+    flatten = getattr(type(tensor), "__tensor_flatten__", None)
+    if flatten is None:
+        return tensor.data_ptr()
+    names, _ = flatten(tensor)
+    return address(getattr(tensor, names[0]))
 
 
 def static_like(tensor: torch.Tensor) -> torch.Tensor:

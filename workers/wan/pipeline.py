@@ -33,6 +33,7 @@ from diffusers import (
 
 from common.settings import Settings
 from workers.core.errors import ErrorType, FatalWorkerError, RetryableError, WorkerError
+from workers.gpu import fp8 as fp8_mod
 from workers.gpu import graphed, regional
 from workers.gpu.device import resolve_device
 
@@ -93,8 +94,9 @@ class WanModels:
 
     def __init__(self, *, model_path: Path | None, vace_path: Path | None = None, device: str = "auto",
                  compile_transformer: bool = False, progress_bar: bool = False, batched_cfg: bool = True,
-                 cuda_graphs: bool = False, compile_blocks: bool = False):
+                 cuda_graphs: bool = False, compile_blocks: bool = False, fp8: bool = False):
         self.model_path = model_path
+        self.fp8 = fp8                  # WAN_FP8: the transformers' block linears in FP8, before compile and graphs
         self.compile_blocks = compile_blocks   # COMPILE_BLOCKS: the transformers' blocks compiled in place
         self.compiled_blocks = 0
         self.cuda_graphs = cuda_graphs  # CUDA_GRAPHS: the T2V transformer replayed per shape (small shapes)
@@ -117,7 +119,7 @@ class WanModels:
         return cls(model_path=settings.wan_model_path, vace_path=settings.wan_vace_model_path,
                    device=settings.device, compile_transformer=settings.torch_compile, progress_bar=progress_bar,
                    batched_cfg=settings.wan_batched_cfg, cuda_graphs=settings.cuda_graphs,
-                   compile_blocks=settings.compile_blocks)
+                   compile_blocks=settings.compile_blocks, fp8=settings.wan_fp8)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -125,7 +127,7 @@ class WanModels:
         return {"model_path": self.model_path, "vace_path": self.vace_path, "device": self.device_name,
                 "compile_transformer": self.compile_transformer, "progress_bar": self.progress_bar,
                 "batched_cfg": self.batched_cfg, "cuda_graphs": self.cuda_graphs,
-                "compile_blocks": self.compile_blocks}
+                "compile_blocks": self.compile_blocks, "fp8": self.fp8}
 
     @property
     def loaded(self) -> bool:
@@ -142,6 +144,8 @@ class WanModels:
             if not Path(self.model_path).is_dir():
                 raise FatalWorkerError("the WAN model folder (WAN_MODEL_PATH) does not exist")
             self.device = resolve_device(self.device_name)
+            if self.fp8:
+                fp8_mod.require(self.device, "WAN_FP8")
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             loaded = []
             if self._t2v is None:
@@ -152,7 +156,7 @@ class WanModels:
                     raise FatalWorkerError("the WAN VACE model folder (WAN_VACE_MODEL_PATH) does not exist")
                 self._vace = self._guarded(load_vace, "WAN VACE", self.vace_path, self._t2v, self.device,
                                            self.dtype)
-                self._maybe_compile(self._vace.transformer)
+                self._prepare(self._vace.transformer)
                 loaded.append("vace")
             return f"loaded {', '.join(loaded)}" if loaded else "already loaded"
 
@@ -177,7 +181,7 @@ class WanModels:
                 "device": str(self.device) if self.device else None,
                 "dtype": str(self.dtype).removeprefix("torch.") if self.dtype else None,
                 "solvers": [s.value for s in Solver], "batched_cfg": self.batched_cfg,
-                "compiled_blocks": self.compiled_blocks,
+                "compiled_blocks": self.compiled_blocks, "fp8_layers": self.fp8_layers(),
                 "cuda_graphs": self._graphs.describe() if self._graphs is not None else None}
 
     def generate(self, spec: GenerationSpec, conditioning: VaceConditioning | None = None,
@@ -240,11 +244,22 @@ class WanModels:
         """Make a loaded T2V pipeline the resident one: quiet, compiled or graphed as the settings say."""
         self._t2v = pipe
         pipe.set_progress_bar_config(disable=True)
-        self._maybe_compile(pipe.transformer)
+        self._prepare(pipe.transformer)
         if self.cuda_graphs and not self.compile_transformer:
             self._graphs = graphed.install(pipe.transformer, "WAN transformer", accept=small_latents)
         if self.compiled_blocks:
             warm_up_blocks(pipe.transformer)
+
+    def _prepare(self, transformer: torch.nn.Module) -> None:
+        """WAN_FP8 first, then the compile: the compiled blocks and the CUDA graphs must see the fp8 weights."""
+        if self.fp8:
+            convert_fp8(transformer)
+        self._maybe_compile(transformer)
+
+    def fp8_layers(self) -> int:
+        """How many linear layers of the loaded transformers are FP8 now."""
+        pipes = [pipe for pipe in (self._t2v, self._vace) if pipe is not None]
+        return sum(1 for pipe in pipes for p in pipe.transformer.parameters() if fp8_mod.is_float8(p))
 
     def _maybe_compile(self, module: torch.nn.Module) -> None:
         """TORCH_COMPILE: the whole transformer (compiled on its first call); else COMPILE_BLOCKS: its blocks."""
@@ -275,6 +290,21 @@ BATCHED_CFG_MAX_TOKENS = 8192
 # 0.646 -> 0.532 s on an H100 (`python -m bench levers`, WAN case), ~5 s of compile per variant; VACE's own
 # blocks compile on its first job.
 COMPILED_BLOCKS = ("WanTransformerBlock", "WanVACETransformerBlock")
+
+
+def convert_fp8(transformer: torch.nn.Module) -> int:
+    """WAN_FP8: the bf16 linear layers of the transformer's blocks (attention projections, feed-forward) to FP8,
+    in place; the time embedding, patch embedding and output projection stay as loaded, and so do the fp32
+    keep-modules (torchao refuses them). How many layers; ``FatalWorkerError`` when torchao refuses."""
+    selection = fp8_mod.select(transformer, COMPILED_BLOCKS)
+    if not selection.names:
+        log.warning("WAN_FP8: no block linear layer can be converted (%d kept, e.g. %s); the transformer stays bf16",
+                    len(selection.kept), next(iter(selection.kept.values()), "no linear layers"))
+    try:
+        return fp8_mod.quantise(transformer, selection)
+    except RuntimeError as exc:
+        log.error("WAN_FP8: %s", exc)
+        raise FatalWorkerError("WAN_FP8: the transformer's linear layers could not be converted to FP8") from None
 
 
 def warm_up_blocks(transformer: torch.nn.Module) -> None:

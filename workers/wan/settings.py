@@ -16,6 +16,10 @@ class WanSettings(Settings, Device, Diffusion, References, ClientKeys, WanModel)
 
     wan_batched_cfg: bool = var("WAN_BATCHED_CFG", boolean(), True,
                                 "conditional + unconditional passes as one batch-2 transformer forward per step")
+    wan_fp8: bool = var("WAN_FP8", boolean(), False,
+                        "the transformer blocks' bf16 linear layers in FP8 (torchao, row-wise scales; changes the "
+                        "math, so off by default). Needs CUDA capability 8.9 or newer and torchao, else the worker "
+                        "refuses to start")
     wan_enhance_template: Path | None = var(
         "WAN_ENHANCE_TEMPLATE", path(), None, "instruction for WAN prompt enhancement (operator-replaceable)",
         shown="`workers/wan/enhance_template.txt`")
