@@ -9,7 +9,7 @@
   same model converted in place by the worker's own ``convert_fp8`` and decoded again (and, when the deadline
   allows, with ``CHAT_COMPILE_DECODE`` too). Teacher-forced over the prompt + the bf16 tokens, the FP8 logits'
   relative error and argmax agreement against bf16's; and the FP8 stream's tokens against the FP8 model's own
-  teacher-forced argmax (``chat.argmax_gaps``): the fused FP8 decode step agreeing with transformers' forward on
+  teacher-forced argmax (``chat_checks.argmax_gaps``): the fused FP8 decode step agreeing with transformers' forward on
   the same fp8 weights.
 
 Ours is FP8, the baseline our bf16 path. With random weights the error is the only quality figure available (no
@@ -32,7 +32,7 @@ from workers.wan.pipeline import WanModels, make_scheduler
 from workers.wan.request import Solver
 from workers.wan.settings import WanSettings
 
-from . import chat, models
+from . import chat, chat_checks, models
 from .context import Context
 from .levers import Variants
 from .measure import free, peak_gb, rel_err, reset_peak, sync
@@ -178,7 +178,7 @@ def _qwen(ctx: Context, report: Report, convert: bool) -> None:
     bf16["peak_gb"] = peak_gb(dev)
     sequence, new = prompt + bf16["tokens"], len(bf16["tokens"])
     reference = _teacher_forced(model, sequence, new)
-    floor = max(g["max_relative_gap"] for g in chat.argmax_gaps(model, [prompt], [bf16["tokens"]]))
+    floor = max(g["max_relative_gap"] for g in chat_checks.argmax_gaps(model, [prompt], [bf16["tokens"]]))
     free(dev)
     layers = convert_fp8(model) if convert else 0
     free(dev)
@@ -190,8 +190,9 @@ def _qwen(ctx: Context, report: Report, convert: bool) -> None:
     found = {"fp8_layers": layers, "logits_rel_err": rel_err(forced["logits"], reference["logits"]),
              "argmax_agreement": float((forced["logits"].argmax(-1) == reference["logits"].argmax(-1)).float().mean()),
              "hidden_rel_err_per_layer": [float(f"{e:.3e}") for e in per_layer],
-             "equal_prefix_vs_bf16": chat.equal_prefix(ours["tokens"], bf16["tokens"]),
-             "fp8_argmax_gaps": chat.argmax_gaps(model, [prompt], [ours["tokens"]]), "bf16_argmax_gap_floor": floor}
+             "equal_prefix_vs_bf16": chat_checks.equal_prefix(ours["tokens"], bf16["tokens"]),
+             "fp8_argmax_gaps": chat_checks.argmax_gaps(model, [prompt], [ours["tokens"]]),
+             "bf16_argmax_gap_floor": floor}
     ctx.report.detail(SECTION, _key(convert, "qwen"), found | {"bf16": _stream(bf16), "fp8": _stream(ours)})
     _qwen_report(report, p, bf16, ours, found)
     if convert:
@@ -243,7 +244,7 @@ def _qwen_compiled(ctx: Context, loaded: LoadedModel, prompt: list[int], bf16: d
     out = chat.one_stream(loaded, prompt, p.qwen_new, compile_decode=True)
     compile_s = out["info"].get("compile_seconds", {})
     ctx.report.detail(SECTION, "qwen_compiled", _stream(out) | {"compile_seconds": compile_s,
-                                                               "equal_prefix_vs_bf16": chat.equal_prefix(
+                                                               "equal_prefix_vs_bf16": chat_checks.equal_prefix(
                                                                    out["tokens"], bf16["tokens"])})
     ctx.report.add(Row("fp8_qwen_decode_1_compiled", "Qwen2.5-7B decode, 1 stream, CHAT_FP8 + CHAT_COMPILE_DECODE",
                        "tok/s", baseline=_rate(bf16), ours=_rate(out), peak_gb=peak_gb(dev),

@@ -29,7 +29,7 @@ import torch
 from transformers import CompileConfig, GenerationConfig
 from transformers.generation import ContinuousBatchingConfig
 
-from . import chat as bench_chat  # its generate() and token checks; chat.run() calls run() below
+from . import chat_checks  # generate() and the token checks; chat.run() calls run() below
 from .context import Context
 from .measure import BF16_TOLERANCE, free, peak_gb, reset_peak, timed
 from .peers import graphs_made
@@ -46,7 +46,7 @@ def run(ctx: Context, model: Any, got: dict[str, Any]) -> None:
         return
     attention = model.config._attn_implementation
     prompt = got["batch_prompts"][:1]
-    before = ctx.step(SECTION, "library reference call", 5, lambda: bench_chat.generate(model, prompt, 2))
+    before = ctx.step(SECTION, "library reference call", 5, lambda: chat_checks.generate(model, prompt, 2))
     try:
         with torch._dynamo.config.patch(suppress_errors=False):   # a failed compile is an error, not eager
             ctx.step(SECTION, "library: static cache, compiled", 150, lambda: _static(ctx, model, got))
@@ -71,7 +71,7 @@ def _static(ctx: Context, model: Any, got: dict[str, Any]) -> None:
     prompt, config = got["batch_prompts"][:1], compile_config(dev)
 
     def generate(ids: list[list[int]], new: int) -> list[list[int]]:
-        return bench_chat.generate(model, ids, new, cache_implementation="static", compile_config=config)
+        return chat_checks.generate(model, ids, new, cache_implementation="static", compile_config=config)
 
     graphs = graphs_made()
     warm_s, _ = timed(lambda: generate(prompt, p.qwen_new), dev)   # the compile and the CUDA graph capture
@@ -155,8 +155,8 @@ def _tokens(ctx: Context, model: Any, label: str, prompts_: list[list[int]], tok
     """Equal prefix against eager generate()'s tokens and argmax gaps, as ours are checked; the bound is the
     one ours get, from generate()'s own gaps (``floor``, bench/chat.py)."""
     new = ctx.profile.qwen_new
-    prefixes = [bench_chat.equal_prefix(a, b) for a, b in zip(tokens, eager)] if eager else None
-    gaps = bench_chat.argmax_gaps(model, prompts_, tokens)
+    prefixes = [chat_checks.equal_prefix(a, b) for a, b in zip(tokens, eager)] if eager else None
+    gaps = chat_checks.argmax_gaps(model, prompts_, tokens)
     worst = max(g["max_relative_gap"] for g in gaps)
     bound = max(BF16_TOLERANCE, 1.5 * (floor or 0.0))
     lengths_ok = all(len(t) == new for t in tokens)
@@ -185,7 +185,7 @@ def _undo(ctx: Context, model: Any) -> bool:
 def _check_undone(ctx: Context, model: Any, got: dict[str, Any], attention: str,
                   before: list[list[int]] | None) -> None:
     left = [name for name in MEMOS if name in vars(model)]
-    after = bench_chat.generate(model, got["batch_prompts"][:1], 2)
+    after = chat_checks.generate(model, got["batch_prompts"][:1], 2)
     same = before is not None and after == before
     ctx.report.check("chat: library recipes undone, model as before",
                      not left and same and model.config._attn_implementation == attention,
