@@ -95,35 +95,37 @@ def test_allow_list_lets_a_private_host_through():
 
 
 OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+DRIP_INTERVAL = 1 / 3   # seconds between two dripped bytes: a third of the fetches' 1 s timeout
 
 
 @pytest.mark.parametrize("scheme, head, drip", [
-    ("http", OK_HEAD, b"\0" * 100_000),                                         # the body, 1 B/s
-    ("http", b"HTTP/1.1 200 OK\r\n", b"X-Slow: " + b"a" * 10_000),              # the headers, 1 B/s
+    ("http", OK_HEAD, b"\0" * 100_000),                                         # the body, 3 B/s
+    ("http", b"HTTP/1.1 200 OK\r\n", b"X-Slow: " + b"a" * 10_000),              # the headers, 3 B/s
     ("http", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"1" * 10_000),  # a chunk-size line
     # a TLS handshake record (a guard: CPython already bounds one handshake call by the socket timeout)
     ("https", b"", b"\x16\x03\x03\x40\x00" + b"\x02" * 10_000),
 ], ids=["body", "headers", "chunk-size", "tls-handshake"])
 def test_a_host_that_drips_bytes_meets_the_one_deadline(scheme, head, drip):
-    """Review #4: each byte arrives well inside any per-read timeout; only a total deadline stops it."""
-    server = DripServer(head, drip, interval=1.0, lifetime=12, read_request=scheme == "http")
+    """Review #4: each byte arrives well inside any per-read timeout (three bytes per timeout); only a total
+    deadline stops it."""
+    server = DripServer(head, drip, interval=DRIP_INTERVAL, lifetime=12, read_request=scheme == "http")
     try:
         started = time.monotonic()
         with pytest.raises(ReferenceFailure) as info:
-            fetcher(timeout=3.0).fetch(server.url().replace("http:", f"{scheme}:"))
-        assert time.monotonic() - started < 3.5
-        assert "timed out after 3 s" in info.value.reason
+            fetcher(timeout=1.0).fetch(server.url().replace("http:", f"{scheme}:"))
+        assert time.monotonic() - started < 1.5
+        assert "timed out after 1 s" in info.value.reason
     finally:
         server.stop()
 
 
 def test_the_deadline_covers_redirects(refserver):
-    server = DripServer(OK_HEAD, b"\0" * 100_000, interval=1.0, lifetime=12)
+    server = DripServer(OK_HEAD, b"\0" * 100_000, interval=DRIP_INTERVAL, lifetime=12)
     try:
         started = time.monotonic()
         with pytest.raises(ReferenceFailure) as info:
-            fetcher(timeout=2.0).fetch(f"{refserver.url}/redirect?to={server.url()}")
-        assert time.monotonic() - started < 2.5 and "timed out" in info.value.reason
+            fetcher(timeout=1.0).fetch(f"{refserver.url}/redirect?to={server.url()}")
+        assert time.monotonic() - started < 1.5 and "timed out" in info.value.reason
     finally:
         server.stop()
 
