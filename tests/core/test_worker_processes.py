@@ -127,7 +127,9 @@ def test_callback_receiver_down_then_up_the_callback_is_durable_meanwhile_and_ar
 
 def test_undeliverable_callback_goes_to_outbox_and_arrives_later(procs, env, redis_client, supabase_standin,
                                                                  tmp_path):
-    env = {**env, "CALLBACK_RETRY_SECONDS": "1"}
+    """The worker gives up after 1 s; its own outbox sender (every 0.5 s here, 10 s by default) delivers the
+    entry once the receiver is back."""
+    env = {**env, "CALLBACK_RETRY_SECONDS": "1", "OUTBOX_INTERVAL_SECONDS": "0.5"}
     start(procs, env, tmp_path=tmp_path)
     supabase_standin.set_down(True)
     redis_client.rpush(Q, element("outboxed"))
