@@ -63,7 +63,7 @@ def test_buckets():
 def test_slot_path_matches_dynamic_cache_path(loaded):
     vocab = loaded.model.config.vocab_size
     seen: list[tuple[int, int]] = []
-    slots = SlotBatch(loaded, slots=8, cuda_graphs=False)
+    slots = SlotBatch(loaded, slots=8, cuda_graphs=False, decode_ahead=True)
 
     def record(batch: SlotBatch) -> None:   # the (batch bucket, span bucket) each step runs at
         seen.append((bucket(len(batch.rows), batch.batch_buckets), bucket(max(batch._lengths) + 1, batch.span_buckets)))
@@ -90,11 +90,12 @@ def test_slot_path_alone_equals_in_batch(loaded):
 
 
 def test_engine_paths_agree_under_concurrency(loaded):
-    """Through the real loop thread: concurrent submissions, static cache on and off, same tokens."""
+    """Through the real loop thread: concurrent submissions, static cache on and off, and on with decode ahead
+    and chunked prefill, same tokens."""
     vocab = loaded.model.config.vocab_size
     results = {}
-    for static in (True, False):
-        engine = Engine(SingleModel(loaded), max_batch=6, static_cache=static)
+    for static, options in ((True, {}), (False, {}), ("ahead", {"decode_ahead": True, "prefill_chunk": 16})):
+        engine = Engine(SingleModel(loaded), max_batch=6, static_cache=bool(static), **options)
         engine.start()
         try:
             requests = [GenerationRequest(ModelName.INSTRUCT, ids(vocab, 10 + 7 * i, 20 + i),
@@ -107,7 +108,7 @@ def test_engine_paths_agree_under_concurrency(loaded):
             assert engine.stats()["largest_batch"] >= 2
         finally:
             engine.stop()
-    assert results[True] == results[False]
+    assert results[True] == results[False] == results["ahead"]
 
 
 def test_handler_uses_the_slot_cache(handler):
@@ -148,3 +149,6 @@ def test_cuda_graph_replay_matches_eager_static(demo_models):
     assert graphed.path == "cuda_graphs", graphed.describe()
     assert graphed.graphs is not None and graphed.graphs.replays > 0
     assert with_graphs == drive(SlotBatch(cuda, slots=8, cuda_graphs=False), workload(vocab))
+    ahead = SlotBatch(cuda, slots=8, cuda_graphs=True, decode_ahead=True)   # pinned copy + event, graph replays
+    assert drive(ahead, workload(vocab)) == with_graphs
+    assert ahead.ahead_steps["used"] > 50 and ahead.path == "cuda_graphs"

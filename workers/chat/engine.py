@@ -55,7 +55,7 @@ class Engine:
     def __init__(self, store: ModelStore, max_batch: int = 16, max_prefill_tokens: int = 16384,
                  static_cache: bool = True, cuda_graphs: bool = True, lean_decode: bool = True,
                  compile_decode: bool = False, max_waiting: int = 8, prefix_cache_tokens: int = 0,
-                 decode_ahead: bool = True, prefill_chunk: int = 0):
+                 decode_ahead: bool = False, prefill_chunk: int = 0):
         self.store = store
         self.prefix_cache_tokens = prefix_cache_tokens   # per model on the slot cache (prefix.py); 0: off
         self.decode_ahead = decode_ahead   # launch step k+1 before reading step k's tokens (slot_batch.py)

@@ -41,9 +41,10 @@ class ChatSettings(Settings, Device, ClientKeys, ChatModels):
         "resends a conversation prefills only its new turn; on the slot cache only; 0: off. Qwen2.5-7B: 57 KB a "
         "token, 1.9 GB at the default, reserved with the model")
     chat_decode_ahead: bool = var(
-        "CHAT_DECODE_AHEAD", boolean(), True,
+        "CHAT_DECODE_AHEAD", boolean(), False,
         "launch each decode step before the host has read the previous step's tokens, so streaming and admission "
-        "overlap the GPU's work (same math; a step launched ahead is dropped when rows join or leave)")
+        "overlap the GPU's work (same math; a step launched ahead is dropped when rows join or leave). Off until "
+        "measured on a GPU: `python -m bench chat` compares it on and off")
     chat_prefill_chunk_tokens: int = var(
         "CHAT_PREFILL_CHUNK_TOKENS", integer(0, 1_048_576), 2048,
         "a prompt with more tokens than this to prefill, arriving while other streams decode, is prefilled this "

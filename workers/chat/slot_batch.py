@@ -60,7 +60,7 @@ def bucket(value: int, sizes: list[int]) -> int:
 class SlotBatch:
     def __init__(self, loaded: LoadedModel, slots: int, cuda_graphs: bool = True, lean_decode: bool = True,
                  compile_decode: bool = False, compile_backend: str | Callable[..., Any] = "inductor",
-                 prefix_tokens: int = 0, decode_ahead: bool = True, prefill_chunk: int = 0):
+                 prefix_tokens: int = 0, decode_ahead: bool = False, prefill_chunk: int = 0):
         self.loaded = loaded
         self.chunk = prefill_chunk   # tokens of a long prompt prefilled per step while rows decode; 0: all at once
         self.pending: list[prefill.Partial] = []
