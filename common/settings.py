@@ -145,6 +145,10 @@ class Lifecycle(Declared):
         "jobs in a row failing for reasons not theirs (unexpected exceptions such as CUDA errors, `OOM_ERROR`, "
         "`MODEL_LOAD_ERROR`) that stop the worker: its job goes back uncounted, `/health` 503, exit "
         "`BREAKER_OPEN` (keep it above `JOB_MAX_ATTEMPTS`, or one poison job alone restarts the worker)")
+    worker_breaker_pause_seconds: float = var(
+        "WORKER_BREAKER_PAUSE_SECONDS", number(0, 60), 1.0,
+        "after a failure that is not the job's fault, the pause before the next fetch, times such failures in "
+        "a row (so that a healthy worker likely takes the retry)")
     log_level: str = var("LOG_LEVEL", choice("debug", "info", "warning", "error"), "info",
                          "log level of a worker process")
 

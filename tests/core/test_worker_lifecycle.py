@@ -259,8 +259,11 @@ def test_a_warm_stop_whose_grace_runs_out_hands_the_job_back_and_exits_with_hand
 def test_a_broken_worker_trips_its_breaker_instead_of_dead_lettering_the_queue(procs, env, redis_client,
                                                                                supabase_standin, tmp_path):
     """One worker whose every job raises a CUDA error, one healthy worker, 30 shared jobs (the default
-    WORKER_BREAKER_THRESHOLD 5 and JOB_MAX_ATTEMPTS 3)."""
+    WORKER_BREAKER_THRESHOLD 5 and JOB_MAX_ATTEMPTS 3). The broken worker pauses 0.2, 0.4, 0.6, 0.8 s after
+    its failures (WORKER_BREAKER_PAUSE_SECONDS 0.2; 1 s by default), so the queue must last longer than those
+    2 s for it to meet its fifth job."""
     threshold, attempts = 5, 3
+    env = {**env, "WORKER_BREAKER_PAUSE_SECONDS": "0.2"}
     broken = start(procs, {**env, "FAKE_BROKEN": "1"}, slot=1, tmp_path=tmp_path)
     seen: list = []
     watching = threading.Event()
@@ -278,7 +281,7 @@ def test_a_broken_worker_trips_its_breaker_instead_of_dead_lettering_the_queue(p
     watcher = threading.Thread(target=watch_health)
     watcher.start()
     ids = [f"shared-{n}" for n in range(30)]
-    redis_client.rpush(Q, *[element(i, sleep=0.5) for i in ids])   # the healthy worker needs ~15 s
+    redis_client.rpush(Q, *[element(i, sleep=0.2) for i in ids])   # the healthy worker needs ~6 s
     start(procs, env, slot=2, tmp_path=tmp_path)
     try:
         assert broken.proc.wait(30) == ExitCode.BREAKER_OPEN

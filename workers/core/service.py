@@ -137,7 +137,8 @@ class Service:
                              storage=storage_mod.from_settings(s, self.metrics), worker_id=self.worker_id,
                              gpu_lock=self.gpu_lock, max_attempts=s.max_attempts,
                              before_job=self._reload_if_unloaded, trip=self.trip,
-                             breaker_threshold=s.worker_breaker_threshold, timeouts=JobTimeouts.from_settings(s),
+                             breaker_threshold=s.worker_breaker_threshold,
+                             breaker_pause=s.worker_breaker_pause_seconds, timeouts=JobTimeouts.from_settings(s),
                              cancel=CancelChecks.from_settings(s))
         self._first_heartbeat()
         self._liveness_thread = self._spawn(self._liveness, "heartbeat")
