@@ -3,26 +3,15 @@ the conversion left out (bf16 against itself: every error 0), rows and checks in
 spends its minutes measuring, not finding harness bugs."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import run_tiny
 
 
 @pytest.mark.timeout(300)
 def test_the_fp8_section_is_skipped_on_the_cpu_and_its_harness_runs(demo_models, tmp_path):
     out = tmp_path / "fp8.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("OUT", None)
-    run = subprocess.run([sys.executable, "-m", "bench", "fp8", "--tiny", "--json", str(out),
-                          "--demo", str(demo_models["sdxl"].parent)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
-    report = json.loads(out.read_text())
+    run, report = run_tiny(["fp8"], demo_models["sdxl"].parent, out, timeout=280)
     assert run.returncode == 0 and not report["errors"], (report["errors"], run.stderr[-3000:])
     section = report["sections"]["fp8"]
     assert section["skipped"] == "skipped: FP8 needs CUDA capability ≥ 8.9; the device is cpu"

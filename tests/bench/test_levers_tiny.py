@@ -2,26 +2,15 @@
 with its eager backend), so the GPU run spends its minutes measuring, not finding harness bugs."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import run_tiny
 
 
 @pytest.mark.timeout(300)
 def test_every_lever_is_measured_and_compared_with_the_plain_module(demo_models, tmp_path):
     out = tmp_path / "levers.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("OUT", None)
-    run = subprocess.run([sys.executable, "-m", "bench", "levers", "--tiny", "--json", str(out),
-                          "--demo", str(demo_models["sdxl"].parent)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
-    report = json.loads(out.read_text())
+    run, report = run_tiny(["levers"], demo_models["sdxl"].parent, out, timeout=280)
     assert run.returncode == 0 and not report["errors"], (report["errors"], run.stderr[-3000:])
     unet = report["sections"]["levers"]["sdxl_unet"]
     variants = ("graphed_cudnn_benchmark", "graphed_fused_qkv", "graphed_compiled_blocks_static",

@@ -3,15 +3,10 @@ our paths on the CPU with the demo models' configs, inductor compile included, s
 instead of finding harness bugs. Reads the JSON the run writes."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import run_tiny
+
 WITH_LIBRARY = ("sdxl_3x1", "sdxl_3x3", "sdxl_4x1", "wan_image", "wan_video", "wan_video_step", "qwen_ttft",
                 "qwen_decode_1", "qwen_aggregate", "qwen_decode_1_compiled")
 
@@ -23,12 +18,7 @@ def test_library_recipes_run_beside_ours_are_compared_and_undone(demo_models, tm
     repeated blocks with inductor (graphs made, blocks counted) and their errors against eager are fp32 rounding;
     transformers compiled the static-cache decode and generate_batch made every token; the table has the columns."""
     out = tmp_path / "bench.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("OUT", None)
-    run = subprocess.run([sys.executable, "-m", "bench", "sdxl", "wan", "chat", "--tiny", "--json", str(out),
-                          "--demo", str(demo_models["sdxl"].parent)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=580)
-    report = json.loads(out.read_text())
+    run, report = run_tiny(["sdxl", "wan", "chat"], demo_models["sdxl"].parent, out, timeout=580)
     failed = [f"{c['name']}: {c['detail']}" for c in report["checks"] if not c["passed"]]
     assert run.returncode == 0 and not failed and not report["errors"], (
         failed, report["errors"], run.stdout[-3000:], run.stderr[-3000:])
