@@ -127,6 +127,35 @@ def run(ctx: Context) -> None:
     ctx.report.detail(SECTION, "handler_status_after", handler.status())
     handler = pipe = None  # drop the references (free the memory) before what follows
     free(dev)
+    ctx.step(SECTION, "SDXL_COMPILE_RESNETS", 120, lambda: _resnets(ctx, base))
+
+
+def _resnets(ctx: Context, base: dict[tuple[int, int], dict]) -> None:
+    """``SDXL_COMPILE_RESNETS=1`` (not default): a fresh pipeline, the handler set up with the ResNet blocks
+    compiled as well (its set-up seconds are the start-up cost), 15x1 and 15x6 against eager and against ours."""
+    p, dev = ctx.profile, ctx.profile.device
+    settings = SdxlSettings(device=dev.type, sdxl_compile_resnets=True)
+    pipes = SdxlPipelines.from_t2i(models.sdxl(p), dev, "sdxl-random", cuda_graphs=settings.cuda_graphs,
+                                   compile_blocks=settings.compile_blocks, compile_resnets=True)
+    handler = SdxlHandler(settings, loader=lambda _settings: pipes)
+    setup_s, _ = timed(handler.setup, dev)
+    ctx.report.detail(SECTION, "resnets_setup_s", round(setup_s, 2))
+    ctx.report.detail(SECTION, "resnets_compiled_blocks", pipes.compiled_blocks)
+    for steps, n in (p.sdxl_cases[0], p.sdxl_cases[1]):
+        median, all_s, _, latents = repeat(lambda steps=steps, n=n: handler.run(job(p.sdxl_side, steps, n),
+                                                                                 no_progress),
+                                           dev, p.repeats, tap=pipes.t2i.vae.post_quant_conv)
+        default = next((r.ours for r in ctx.report.rows if r.key == f"sdxl_{steps}x{n}"), None)
+        eager = base.get((steps, n), {})
+        ctx.report.add(Row(f"sdxl_resnets_{steps}x{n}", label(steps, n, p.sdxl_side) + ", SDXL_COMPILE_RESNETS=1",
+                           "s", baseline=eager.get("s") and round(eager["s"], 3), ours=round(median, 3),
+                           peak_gb=peak_gb(dev), note=f"set-up {setup_s:.1f} s (compile); default ours {default}"))
+        ctx.report.detail(SECTION, f"resnets_{steps}x{n}", {"s": all_s})
+        if eager.get("latents") is not None:
+            err = rel_err(latents, eager["latents"])
+            ctx.report.check(f"SDXL_COMPILE_RESNETS {steps}x{n} latents", err <= BF16_TOLERANCE, f"rel err {err:.2e}")
+    handler = pipes = None  # drop the references (free the memory) before what follows
+    free(dev)
 
 
 def _library(ctx: Context, pipe, base: dict[tuple[int, int], dict], batches: list[int]) -> bool:

@@ -104,3 +104,31 @@ def test_img2img_twin_keeps_the_weights_dtype(demo_models):
     handler = SdxlHandler(settings_for(demo_models["sdxl"], None), loader=lambda _settings: pipes)
     result = handler.run(make_job(config={"seed": 1}), lambda f, m: None)
     assert len(result.outputs) == 1 and t2i.vae.dtype == torch.bfloat16
+
+
+def test_compile_resnets_selects_the_resnet_blocks_too_and_changes_no_output(shared_pipes):
+    """SDXL_COMPILE_RESNETS (off by default): the ResNet blocks join the transformer blocks that are compiled in
+    place; dynamo's eager backend on the CPU (the real compile is CUDA-only) leaves every output as it was."""
+    import copy
+
+    from workers.gpu import regional
+    from workers.sdxl.pipeline import COMPILED_BLOCKS, RESNET_BLOCKS
+    from workers.sdxl.settings import SdxlSettings
+
+    assert SdxlSettings.from_env({}).sdxl_compile_resnets is False
+    assert SdxlSettings.from_env({"SDXL_COMPILE_RESNETS": "true"}).sdxl_compile_resnets is True
+    unet = copy.deepcopy(shared_pipes.t2i.unet).eval()
+    kinds = [type(m).__name__ for m in unet.modules()]
+    sample = torch.randn(1, unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(1, 4, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    extra = {"text_embeds": torch.zeros(1, pooled), "time_ids": torch.zeros(1, 6)}
+    with torch.inference_mode():
+        plain = unet(sample, 10, hidden, added_cond_kwargs=extra).sample
+        torch._dynamo.reset()
+        count = regional.compile_matching(unet, COMPILED_BLOCKS + RESNET_BLOCKS, backend="eager")
+        compiled = unet(sample, 10, hidden, added_cond_kwargs=extra).sample
+    resnets, transformers = kinds.count("ResnetBlock2D"), kinds.count("BasicTransformerBlock")
+    assert count == resnets + transformers and resnets > 0 and transformers > 0
+    torch.testing.assert_close(compiled, plain)
+    assert regional.uncompile_blocks(unet) == count
