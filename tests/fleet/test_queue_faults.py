@@ -63,8 +63,9 @@ def test_sigkill_of_each_worker_mid_job_restarts_it_and_its_job_completes_once(f
 @pytest.mark.timeout(180)
 def test_redis_killed_and_restarted_mid_run_every_job_completes_once(fake_fleet, report):
     """Injects: SIGKILL of redis-server (append-only file, fsync always) while 30 jobs across the three queues
-    run or wait, 4 s of outage (longer than the 3 s heartbeat TTL), then a restart on the same port. Asserts:
-    the workers reconnect; every job completes exactly once; queues, processing lists, outbox end empty."""
+    run or wait, 4 s of outage (longer than the fake fleet's 2 s heartbeat TTL), then a restart on the same
+    port. Asserts: the workers reconnect; every job completes exactly once; queues, processing lists, outbox
+    end empty."""
     rig = fake_fleet
     jobs = {new_id(f"redis-{q.split('_')[0]}-{n}"): q for q in QUEUES for n in range(10)}
     for job_id, queue in jobs.items():
