@@ -47,7 +47,8 @@ class AdoptedModels(WanModels):
 
     def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype, settings: WanSettings):
         super().__init__(model_path=None, device=str(device), batched_cfg=settings.wan_batched_cfg,
-                         cuda_graphs=settings.cuda_graphs, compile_blocks=settings.compile_blocks)
+                         cuda_graphs=settings.cuda_graphs, compile_blocks=settings.compile_blocks,
+                         fuse_qkv=settings.wan_fuse_qkv)
         self._built, self._built_dtype = pipe, dtype
 
     def load(self, which: str = "all") -> str:
@@ -153,6 +154,35 @@ def run(ctx: Context) -> None:
     ctx.report.detail(SECTION, "handler_status_after", handler.status())
     if ours_image is not None and "image" in base:
         ctx.step(SECTION, "fp32 reference", 20, lambda: _against_fp32(ctx, pipe, base["image"], ours_image))
+    handler = pipe = None  # drop the references (free the memory) before what follows
+    free(dev)
+    ctx.step(SECTION, "WAN_FUSE_QKV", 60, lambda: _fused(ctx, base.get("video")))
+
+
+def _fused(ctx: Context, base: dict | None) -> None:
+    """``WAN_FUSE_QKV=1`` (not default): a fresh pipeline and handler with the attention projections fused, the
+    video's CFG step against eager, ours (the default) and diffusers' recipe (which fuses them too)."""
+    p, dev = ctx.profile, ctx.profile.device
+    pipe = models.wan(p)
+    settings = WanSettings(device=dev.type, wan_fuse_qkv=True)
+    handler = WanHandler(settings, models=AdoptedModels(pipe, dev, p.bf16, settings))
+    setup_s, _ = timed(handler.setup, dev)
+    handler.run(job("image", p.wan_width, p.wan_height, p.warm_steps, 1), lambda f, m: None)
+    clock = StepClock(dev)
+    the_job = job("video", p.wan_width, p.wan_height, p.wan_video_steps, p.wan_frames)
+    _, all_s, _, latents = repeat(lambda: handler.run(the_job, clock.progress), dev, 1, tap=pipe.vae.post_quant_conv)
+    fused = _video_numbers(p, all_s[0], clock)
+    ctx.report.detail(SECTION, "fused_qkv_video", fused | {"setup_s": round(setup_s, 2), "peak_gb": peak_gb(dev)})
+    default = next((r.ours for r in ctx.report.rows if r.key == "wan_video_step"), None)
+    ctx.report.add(Row("wan_video_step_fused_qkv", f"WAN {p.wan_frames} frames, one CFG step, WAN_FUSE_QKV=1", "s",
+                       baseline=base and base.get("per_step_s"), ours=fused.get("per_step_s"),
+                       note=f"set-up {setup_s:.1f} s; default ours {default}"))
+    library = next((r.library for r in ctx.report.rows if r.key == "wan_video_step"), None)
+    if library is not None:
+        ctx.report.library("wan_video_step_fused_qkv", library, peers.WAN_NOTE)
+    if base is not None and base.get("latents") is not None:
+        err = rel_err(latents, base["latents"])
+        ctx.report.check(f"WAN_FUSE_QKV {p.wan_frames} frames latents", err <= BF16_TOLERANCE, f"rel err {err:.2e}")
     handler = pipe = None  # drop the references (free the memory) before what follows
     free(dev)
 

@@ -127,9 +127,9 @@ def test_help_prints_the_flags_without_importing_the_models_or_writing_anything(
 # would show as the constructor's default on its side only.
 ENVIRONMENTS = {
     "against the defaults": {"WAN_BATCHED_CFG": "false", "CUDA_GRAPHS": "true", "COMPILE_BLOCKS": "true",
-                             "TORCH_COMPILE": "true", "WAN_FP8": "true", "DEVICE": "cpu"},
+                             "TORCH_COMPILE": "true", "WAN_FP8": "true", "WAN_FUSE_QKV": "true", "DEVICE": "cpu"},
     "the other way": {"WAN_BATCHED_CFG": "true", "CUDA_GRAPHS": "false", "COMPILE_BLOCKS": "false",
-                      "TORCH_COMPILE": "false", "WAN_FP8": "false", "DEVICE": "auto"},
+                      "TORCH_COMPILE": "false", "WAN_FP8": "false", "WAN_FUSE_QKV": "false", "DEVICE": "auto"},
 }
 
 
@@ -153,7 +153,8 @@ def test_the_cli_builds_its_models_with_the_workers_options(environment, tmp_pat
     assert cli.options == {"model_path": tmp_path / "t2v", "vace_path": tmp_path / "vace", "device": env["DEVICE"],
                            "compile_transformer": env["TORCH_COMPILE"] == "true", "progress_bar": False,
                            "batched_cfg": env["WAN_BATCHED_CFG"] == "true", "cuda_graphs": env["CUDA_GRAPHS"] == "true",
-                           "compile_blocks": env["COMPILE_BLOCKS"] == "true", "fp8": env["WAN_FP8"] == "true"}
+                           "compile_blocks": env["COMPILE_BLOCKS"] == "true", "fp8": env["WAN_FP8"] == "true",
+                           "fuse_qkv": env["WAN_FUSE_QKV"] == "true"}
     shown = wan_generate.parse_args(["--prompt", "x"])
     with_bar = wan_generate.build_handler(shown, settings).models
     assert with_bar.options == {**worker.options, "progress_bar": True}   # the one difference: the CLI's bar

@@ -227,3 +227,27 @@ def test_unload_and_reload(wan_settings, demo_models):
     assert handler.unload("all") == "unloaded t2v"
     assert handler.status()["loaded"] == {"t2v": False, "vace": False}
     assert handler.load("all") == "loaded t2v, vace"
+
+
+def test_fused_qkv_fuses_every_attention_of_both_transformers_and_keeps_the_frames(wan_settings, demo_models):
+    """WAN_FUSE_QKV (off by default): every attention of the T2V and VACE transformers computes q/k/v (k/v for
+    cross-attention) as one projection; a job's frames stay those of the unfused models within fp32 rounding."""
+    import io
+
+    from PIL import Image
+
+    from workers.wan.pipeline import WanModels
+
+    frames = {}
+    for fused in (False, True):
+        models = WanModels(model_path=demo_models["wan"], vace_path=demo_models["wan_vace"], device="cpu",
+                           fuse_qkv=fused)
+        handler = WanHandler(wan_settings, models=models)
+        handler.setup()
+        attention = [m for pipe in (models._t2v, models._vace) for m in pipe.transformer.modules()
+                     if type(m).__name__ == "WanAttention"]
+        assert attention and all(getattr(m, "fused_projections", False) == fused for m in attention)
+        result = handler.run(make_job("image_fast"), no_progress)
+        frames[fused] = np.asarray(Image.open(io.BytesIO(result.outputs[0].data)), dtype=np.int16)
+        handler.unload("all")
+    assert np.abs(frames[True] - frames[False]).max() <= 2

@@ -94,8 +94,10 @@ class WanModels:
 
     def __init__(self, *, model_path: Path | None, vace_path: Path | None = None, device: str = "auto",
                  compile_transformer: bool = False, progress_bar: bool = False, batched_cfg: bool = True,
-                 cuda_graphs: bool = False, compile_blocks: bool = False, fp8: bool = False):
+                 cuda_graphs: bool = False, compile_blocks: bool = False, fp8: bool = False,
+                 fuse_qkv: bool = False):
         self.model_path = model_path
+        self.fuse_qkv = fuse_qkv        # WAN_FUSE_QKV: one q/k/v (self) and k/v (cross) projection per attention
         self.fp8 = fp8                  # WAN_FP8: the transformers' block linears in FP8, before compile and graphs
         self.compile_blocks = compile_blocks   # COMPILE_BLOCKS: the transformers' blocks compiled in place
         self.compiled_blocks = 0
@@ -119,7 +121,7 @@ class WanModels:
         return cls(model_path=settings.wan_model_path, vace_path=settings.wan_vace_model_path,
                    device=settings.device, compile_transformer=settings.torch_compile, progress_bar=progress_bar,
                    batched_cfg=settings.wan_batched_cfg, cuda_graphs=settings.cuda_graphs,
-                   compile_blocks=settings.compile_blocks, fp8=settings.wan_fp8)
+                   compile_blocks=settings.compile_blocks, fp8=settings.wan_fp8, fuse_qkv=settings.wan_fuse_qkv)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -127,7 +129,7 @@ class WanModels:
         return {"model_path": self.model_path, "vace_path": self.vace_path, "device": self.device_name,
                 "compile_transformer": self.compile_transformer, "progress_bar": self.progress_bar,
                 "batched_cfg": self.batched_cfg, "cuda_graphs": self.cuda_graphs,
-                "compile_blocks": self.compile_blocks, "fp8": self.fp8}
+                "compile_blocks": self.compile_blocks, "fp8": self.fp8, "fuse_qkv": self.fuse_qkv}
 
     @property
     def loaded(self) -> bool:
@@ -251,7 +253,10 @@ class WanModels:
             warm_up_blocks(pipe.transformer)
 
     def _prepare(self, transformer: torch.nn.Module) -> None:
-        """WAN_FP8 first, then the compile: the compiled blocks and the CUDA graphs must see the fp8 weights."""
+        """WAN_FUSE_QKV, WAN_FP8, then the compile: the compiled blocks and the CUDA graphs must see the final
+        layers (the fused projections, in fp8 when both are on)."""
+        if self.fuse_qkv:
+            transformer.fuse_qkv_projections()
         if self.fp8:
             convert_fp8(transformer)
         self._maybe_compile(transformer)

@@ -20,6 +20,11 @@ class WanSettings(Settings, Device, Diffusion, References, ClientKeys, WanModel)
                         "the transformer blocks' bf16 linear layers in FP8 (torchao, row-wise scales; changes the "
                         "math, so off by default). Needs CUDA capability 8.9 or newer and torchao, else the worker "
                         "refuses to start")
+    wan_fuse_qkv: bool = var(
+        "WAN_FUSE_QKV", boolean(), False,
+        "the attention's q/k/v projections as one matrix product (k/v for cross-attention), as diffusers' own "
+        "speed recipe does (same math; about 0.7 GB more for WAN 1.3B: the unfused weights stay). Off until a GPU "
+        "run measures it, `python -m bench wan`")
     wan_enhance_template: Path | None = var(
         "WAN_ENHANCE_TEMPLATE", path(), None, "instruction for WAN prompt enhancement (operator-replaceable)",
         shown="`workers/wan/enhance_template.txt`")
