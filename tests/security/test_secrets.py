@@ -12,6 +12,7 @@ import base64
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
 import requests
@@ -87,12 +88,20 @@ def collect_http(fleet) -> list[str]:
     return seen
 
 
-def ops_page(fleet) -> list[str]:
+def ops_page(fleet, jobs: int) -> list[str]:
     """The ops page and its JSON as a browser gets them (HTTP Basic, the admin key as password), once the
-    collector has had a round after the jobs."""
+    collector has had a round after the jobs: its recent jobs show all ``jobs`` of this test (their journal
+    records carry the first 8 characters of the id, ``secret-<fleet>``)."""
     basic = {"Authorization": "Basic " + base64.b64encode(f"ops:{ADMIN_KEY}".encode()).decode()}
-    data = requests.get(fleet.url("router") + "/ops/data", headers=basic, timeout=30)
-    assert data.status_code == 200 and data.json()["jobs"]["recent"], data.text[:300]
+    prefix = f"secret-{fleet.name}"[:8]
+    deadline = time.monotonic() + 20   # a collector round is every OPS_COLLECT_SECONDS (5 s)
+    while True:
+        data = requests.get(fleet.url("router") + "/ops/data", headers=basic, timeout=30)
+        assert data.status_code == 200, data.text[:300]
+        if sum(1 for job in data.json()["jobs"]["recent"] if job["id"] == prefix) >= jobs:
+            break
+        assert time.monotonic() < deadline, f"the ops data never showed this test's {jobs} jobs: {data.text[:300]}"
+        time.sleep(0.5)
     page = requests.get(fleet.url("router") + "/ops", headers=basic, timeout=30)
     assert page.status_code == 200, page.text[:300]
     return [_record(data), _record(page)]
@@ -112,8 +121,8 @@ def test_no_secret_in_logs_responses_or_callbacks(fleets, refs, standin):
     bodies = wait_all(standin, job_ids, timeout=150)
     # failures: the invalid job on both fleets, and the blocked reference on fleet B (REFERENCE_FAILURE_POLICY=fail)
     assert sorted(b["status"] for b in bodies.values()) == ["completed"] * 15 + ["failed"] * 3, bodies
-    time.sleep(6)   # one collector round (OPS_COLLECT_SECONDS, 5 s) after the last job
-    ops = {name: ops_page(fleet) for name, fleet in fleets.items() if name == "a"}   # fleet B has no admin key
+    ops = {name: ops_page(fleet, len(demo_jobs(refs))) for name, fleet in fleets.items()
+           if name == "a"}   # fleet B has no admin key
     prompts = {body["prompt"] for _, body in demo_jobs(refs) if len(body.get("prompt", "")) >= 5}
     assert [p for texts in ops.values() for text in texts for p in prompts if p in text] == []
     responses = [text for fleet in fleets.values() for text in collect_http(fleet)]
@@ -127,7 +136,8 @@ def test_no_secret_in_logs_responses_or_callbacks(fleets, refs, standin):
     assert any(leak.startswith("SUPABASE_SERVICE_KEY") for leak in leaks(json.dumps(standin.callbacks()[0].headers)))
     registrations = [json.dumps(r.body) for r in standin.registrations]
     assert any(r.accepted for r in standin.registrations), "fleet A registers (PUBLIC_BASE_URL)"
-    exit_codes = {name: fleet.stop() for name, fleet in fleets.items()}
+    with ThreadPoolExecutor(len(fleets)) as pool:   # both at once: each stop waits for its workers' exits
+        exit_codes = dict(zip(fleets, pool.map(lambda fleet: fleet.stop(), fleets.values())))
     assert exit_codes == {"a": 0, "b": 0}
     logs = {name: fleet.log_text() for name, fleet in fleets.items()}
     assert all(len(text) > 1000 for text in logs.values())
