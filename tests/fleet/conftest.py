@@ -2,10 +2,13 @@
 redis-server, the Supabase stand-in (callbacks and Storage, reached through :class:`SupabaseFront`) and either
 the fast fake handler in the real worker processes or the tiny demo models.
 
-- ``fake_fleet`` (session): memory manager, router, and the sdxl/chat/wan worker processes with the fake
+- ``fake_fleet`` (package): memory manager, router, and the sdxl/chat/wan worker processes with the fake
   handler; Redis with an append-only file fsynced on every write (on /dev/shm when it exists, so the fsyncs
   are cheap and a SIGKILLed redis-server still finds its file); storage = Supabase Storage on the stand-in.
-- ``model_fleet`` (session): the same fleet with the real handlers on the tiny demo models.
+- ``model_fleet`` (package): the same fleet with the real handlers on the tiny demo models.
+
+Both are stopped once the last test of tests/fleet has run, not at the end of the session: an idle fleet keeps
+polling Redis and checking health, CPU that the rest of the suite needs on a two-core machine.
 
 A ``report`` fixture prints measured numbers to the terminal even without ``-s`` and records them as
 junit properties.
@@ -91,7 +94,7 @@ def fake_fleet_env(tmp: Path) -> dict[str, str]:
             "QWEN_INSTRUCT_PATH": dummy, "CALLBACK_TIMEOUT_SECONDS": "3"}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def fake_fleet(tmp_path_factory) -> Iterator[Rig]:
     """Uploads back off from 0.1 s instead of 1 s: the storage-fault test spends its 500s in 3 attempts of
     4 tries each, the same tries in a tenth of the time. Heartbeats live 2 s (the least allowed; 3 s in
@@ -115,14 +118,14 @@ def lone_fake_fleet(tmp_path_factory) -> Iterator[Rig]:
     assert not leftovers, f"processes outlived the orchestrator: {leftovers}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny_tmp(tmp_path_factory) -> Iterator[TinyTmp]:
     tmp = TinyTmp(tmp_path_factory.mktemp("tiny-tmp"))
     yield tmp
     tmp.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def model_fleet(tmp_path_factory, demo_models, tiny_tmp) -> Iterator[Rig]:
     """Real handlers on tiny models. WAN fails a job whose reference cannot be fetched
     (REFERENCE_FAILURE_POLICY=fail) and writes its temporary files into ``tiny_tmp``; SDXL keeps the default

@@ -1,4 +1,5 @@
-"""Two real fleets for the security tests, started once per session (in parallel, ~20 s on 2 cores):
+"""Two real fleets for the security tests, started once for tests/security (in parallel, ~20 s on 2 cores) and
+stopped after its last test, not at the end of the session (idle fleets take CPU the later tests need):
 
 - ``fleet_a``: production-like — Redis protocol with a password, every key set, anonymous calls refused,
   ``REFERENCE_FAILURE_POLICY=fallback``, ``REFERENCE_ALLOW_HOSTS=127.0.0.1``, registration on (PUBLIC_BASE_URL).
@@ -26,13 +27,13 @@ from local.upstash_front import UpstashFront
 from .fleet import SECRETS, Fleet, JobQueue, ReferenceHosts
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def standin() -> Iterator[SupabaseStandin]:
     with SupabaseStandin(SECRETS["SUPABASE_SERVICE_KEY"], SECRETS["JOB_CALLBACK_SECRET"]) as server:
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def refs() -> Iterator[ReferenceHosts]:
     hosts = ReferenceHosts()
     yield hosts
@@ -45,7 +46,7 @@ def _locked_redis() -> tuple[RedisServer, str]:
     return server, f"redis://:{SECRETS['REDIS_PASSWORD']}@127.0.0.1:{server.port}/0"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def fleets(tmp_path_factory, demo_models, standin, refs) -> Iterator[dict[str, Fleet]]:
     redis_a, url_a = _locked_redis()
     redis_b, url_b = _locked_redis()
@@ -71,11 +72,11 @@ def fleets(tmp_path_factory, demo_models, standin, refs) -> Iterator[dict[str, F
         redis_b.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def fleet_a(fleets) -> Fleet:
     return fleets["a"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def fleet_b(fleets) -> Fleet:
     return fleets["b"]
