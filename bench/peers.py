@@ -18,7 +18,10 @@ the one taken before, and one short eager call gives the same latents as the sam
 
 Dynamo runs with ``suppress_errors`` off for the recipe (the worker's ``regional.compile_blocks`` turns it on
 for the whole process): a graph break under ``fullgraph=True`` is an error the step records, never a silent
-fall-back to eager that would be timed as "the library". On the CPU (``--tiny``) the same inductor compile runs.
+fall-back to eager that would be timed as "the library". On the CPU (``--tiny``, the harness check) dynamo traces
+the same blocks with ``fullgraph=True`` but hands them to its ``eager`` backend (``backend()``): a graph break still
+fails the step, and apply, warm-up and undo run as on the GPU, without minutes of CPU inductor code generation
+that the GPU never runs.
 """
 from __future__ import annotations
 
@@ -41,6 +44,12 @@ FUSED_LAYERS = ("to_qkv", "to_kv", "to_added_qkv", "to_added_kv")
 RESTORED_TOLERANCE = 1e-6    # an exact undo gives 0: the same kernels on the same tensors
 
 
+def backend(device: torch.device) -> str:
+    """The compile backend of the recipes: inductor (diffusers' and transformers' default) on CUDA, dynamo's
+    eager backend elsewhere (see the module doc)."""
+    return "inductor" if device.type == "cuda" else "eager"
+
+
 @dataclass
 class Recipe:
     """A library recipe as in-place changes to ``modules``: ``apply`` returns what it did, ``undo`` reverses it
@@ -55,7 +64,7 @@ def sdxl_recipe(pipe: Any) -> Recipe:
     def apply() -> dict[str, Any]:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.fuse_qkv_projections()
-        pipe.unet.compile_repeated_blocks(fullgraph=True)
+        pipe.unet.compile_repeated_blocks(fullgraph=True, backend=backend(pipe.unet.device))
         return {"channels_last": ["unet"], "fused_qkv": ["unet", "vae"],
                 "compiled_blocks": regional.compiled_blocks(pipe.unet)}
 
@@ -74,7 +83,7 @@ def sdxl_recipe(pipe: Any) -> Recipe:
 def wan_recipe(pipe: Any) -> Recipe:
     def apply() -> dict[str, Any]:
         pipe.transformer.fuse_qkv_projections()
-        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, backend=backend(pipe.transformer.device))
         return {"channels_last": [], "fused_qkv": ["transformer"],
                 "compiled_blocks": regional.compiled_blocks(pipe.transformer)}
 
@@ -167,7 +176,7 @@ def _warm_up(ctx: Context, section: str, recipe: Recipe, warm: Callable[[], None
     warm()
     sync(ctx.profile.device)
     applied |= {"warmup_s": round(time.perf_counter() - started, 2),
-                "dynamo_graphs": graphs_made() - graphs, "backend": "inductor",
+                "dynamo_graphs": graphs_made() - graphs, "backend": backend(ctx.profile.device),
                 "dynamo_suppress_errors": torch._dynamo.config.suppress_errors}
     ctx.report.detail(section, "library_recipe", {"recipe": recipe.name} | applied)
     return applied

@@ -6,7 +6,8 @@
   so CUDA graphs); the prefill stays eager. One call on the same prompt and length compiles it (its seconds are
   reported); then it is measured as the eager baseline is: decode rate ``(new − 1) / (T(new) − T(1))``, and
   time to first token ``T(1)`` on the long prompts. transformers never compiles on the CPU by itself, so the
-  tiny run sets ``CompileConfig._compile_all_devices`` (the flag it keeps for that) to run the same compile.
+  tiny run sets ``CompileConfig._compile_all_devices`` (the flag it keeps for that) and traces with dynamo's
+  eager backend (bench/peers.py ``backend``).
 - All streams at once: ``generate_batch`` (generation/continuous_batching) with its defaults, which choose
   CUDA graphs, compile and async batching from the attention implementation (and switch to flash attention
   where a flash package is installed), except the KV cache: ``num_blocks`` sized for the workload instead of
@@ -29,10 +30,9 @@ import torch
 from transformers import CompileConfig, GenerationConfig
 from transformers.generation import ContinuousBatchingConfig
 
-from . import chat_checks  # generate() and the token checks; chat.run() calls run() below
+from . import chat_checks, peers  # generate() and the token checks; chat.run() calls run() below
 from .context import Context
 from .measure import BF16_TOLERANCE, free, peak_gb, reset_peak, timed
-from .peers import graphs_made
 from .streams import prompts
 
 SECTION = "chat"
@@ -58,10 +58,11 @@ def run(ctx: Context, model: Any, got: dict[str, Any]) -> None:
 
 
 def compile_config(device: torch.device) -> CompileConfig | None:
-    """None on CUDA: transformers' own default. Elsewhere the default with the flag that lets it compile at all."""
+    """None on CUDA: transformers' own default. Elsewhere the flag that lets it compile at all, and the eager
+    backend."""
     if device.type == "cuda":
         return None
-    config = CompileConfig()
+    config = CompileConfig(backend=peers.backend(device))
     config._compile_all_devices = True
     return config
 
@@ -73,9 +74,9 @@ def _static(ctx: Context, model: Any, got: dict[str, Any]) -> None:
     def generate(ids: list[list[int]], new: int) -> list[list[int]]:
         return chat_checks.generate(model, ids, new, cache_implementation="static", compile_config=config)
 
-    graphs = graphs_made()
+    graphs = peers.graphs_made()
     warm_s, _ = timed(lambda: generate(prompt, p.qwen_new), dev)   # the compile and the CUDA graph capture
-    warm_graphs = graphs_made() - graphs
+    warm_graphs = peers.graphs_made() - graphs
     compiled = "_compiled_call" in vars(model)
     used = getattr(model, "_last_compile_config", None)
     reset_peak(dev)
@@ -90,7 +91,7 @@ def _static(ctx: Context, model: Any, got: dict[str, Any]) -> None:
         ttft = [timed(lambda ids=ids: generate([ids], 1), dev)[0] for ids in long[1:]]
     eager = [got["base_alone"]] if "base_alone" in got else None
     checks = _tokens(ctx, model, "static cache, compiled", prompt, [tokens], eager, got.get("floor_alone"))
-    counted = {"first_call": warm_graphs, "timed_calls": graphs_made() - graphs - warm_graphs}   # > 0: recompiled
+    counted = {"first_call": warm_graphs, "timed_calls": peers.graphs_made() - graphs - warm_graphs}   # > 0: recompiled
     ctx.report.detail(SECTION, "library_static", {
         "first_call_s": round(warm_s, 2), "compiled": compiled, "compile_config": used and used.to_dict(),
         "dynamo_graphs": counted,
