@@ -55,6 +55,10 @@ class Callbacks(Declared):
                                         "terminal-callback retry budget: the next try still starts within this")
     callback_timeout_seconds: float = var("CALLBACK_TIMEOUT_SECONDS", number(0.5, 120), 15.0,
                                           "per-request timeout of a callback")
+    callback_retry_first_seconds: float = var(
+        "CALLBACK_RETRY_FIRST_SECONDS", number(0.01, 30), 1.0,
+        "wait before a terminal callback's second try; each later wait doubles (1, 2, 4 … 30 s), plus up to as "
+        "much jitter")
     outbox_interval_seconds: float = var(
         "OUTBOX_INTERVAL_SECONDS", number(0.1, 3600), 10.0,
         "how often each worker's outbox sender tries the owed terminal callbacks (one try per entry, under its lease)")

@@ -8,6 +8,8 @@ import time
 import pytest
 
 from common import keys
+from common.errors import ConfigError
+from common.settings import Settings
 from tests.conftest import SUPABASE_TEST_CALLBACK_SECRET as SECRET
 from tests.conftest import SUPABASE_TEST_SERVICE_KEY as KEY
 from workers.core import callbacks as cb
@@ -119,6 +121,29 @@ def test_backoff_is_exponential_with_jitter_capped_and_within_the_budget(scripte
     assert any(wait != int(wait) for wait in waits[:5]), waits  # jittered, so senders do not move in step
     assert max(waits) <= 30 and waits[-1] == 30
     assert 240 - 31 < sum(waits) <= 240  # every wait ended inside the budget; one more would not
+
+
+def test_callback_retry_first_seconds_scales_the_backoff(scripted):
+    """CALLBACK_RETRY_FIRST_SECONDS is the first wait (1 s by default); the later ones double from it, each with
+    up to as much jitter, still capped at 30 s. The fleet tests shorten it; a wait that is not positive is
+    refused."""
+    fake = FakeTime()
+    scripted.answer(1000, 503)
+    settings = Settings.from_env({"SUPABASE_URL": scripted.url, "SUPABASE_SERVICE_KEY": KEY,
+                                  "JOB_CALLBACK_SECRET": SECRET, "CALLBACK_RETRY_SECONDS": "60",
+                                  "CALLBACK_RETRY_FIRST_SECONDS": "0.25"})
+    client = CallbackClient.from_settings(settings)
+    client.sleep, client.clock = fake.sleep, fake.clock
+    assert client.deliver(cb.encode("j", "w", "completed")) is Outcome.FAILED
+    waits = fake.sleeps
+    for n, wait in enumerate(waits[:7]):  # 0.25, 0.5, 1 … 16 s, each plus up to 0.25 s of jitter
+        assert 0.25 * 2 ** n <= wait <= 0.25 * 2 ** n + 0.25, waits
+    assert max(waits) <= 30 and sum(waits) <= 60
+    assert Settings.from_env({}).callback_retry_first_seconds == 1.0
+    with pytest.raises(ConfigError, match="CALLBACK_RETRY_FIRST_SECONDS"):
+        Settings.from_env({"CALLBACK_RETRY_FIRST_SECONDS": "0"})
+    with pytest.raises(ValueError, match="retry_first"):
+        CallbackClient(scripted.url, KEY, SECRET, retry_first=0)
 
 
 def test_retry_after_is_honoured(scripted):

@@ -97,12 +97,14 @@ def fake_fleet_env(tmp: Path) -> dict[str, str]:
 @pytest.fixture(scope="package")
 def fake_fleet(tmp_path_factory) -> Iterator[Rig]:
     """Uploads back off from 0.1 s instead of 1 s: the storage-fault test spends its 500s in 3 attempts of
-    4 tries each, the same tries in a tenth of the time. Heartbeats live 2 s (the least allowed; 3 s in
+    4 tries each, the same tries in a tenth of the time. Terminal callbacks back off from 0.5 s instead of 1 s
+    (0.5, 1, 2, 4, 8 s), which halves the callback-outage test. Heartbeats live 2 s (the least allowed; 3 s in
     ``base_env``), so a killed worker's job is reaped about 2 s sooner: the poison job needs three reaps. The
     soak's fleets keep their own settings."""
     rig, close = _start_rig(tmp_path_factory, "fake-fleet", True,
                             {**fake_fleet_env(tmp_path_factory.mktemp("no-models")),
-                             "STORAGE_RETRY_FIRST_SECONDS": "0.1", "WORKER_HEARTBEAT_TTL_SECONDS": "2"})
+                             "STORAGE_RETRY_FIRST_SECONDS": "0.1", "CALLBACK_RETRY_FIRST_SECONDS": "0.5",
+                             "WORKER_HEARTBEAT_TTL_SECONDS": "2"})
     yield rig
     leftovers = close()
     assert not leftovers, f"processes outlived the orchestrator: {leftovers}"

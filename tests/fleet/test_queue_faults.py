@@ -144,11 +144,12 @@ def test_poison_message_is_dead_lettered_after_the_attempt_limit(fake_fleet):
 
 @pytest.mark.timeout(360)
 def test_callback_endpoint_503_then_hanging(fake_fleet, report):
-    """Injects: the job-callback endpoint answers 503 for 12 s, then accepts connections and never answers
-    for 12 s, while one job per queue runs and one more waits on each (CALLBACK_RETRY_SECONDS keeps its
-    default, 240). The delivery's backoff (1, 2, 4, 8 s plus up to 1 s of jitter each) puts tries into both
-    windows: the first four are refused, the fifth (15 to 20 s in) is held until the workers' 3 s read timeout
-    fires, and the sixth, 16 s later, finds the endpoint back; a longer outage would only add waiting.
+    """Injects: the job-callback endpoint answers 503 for 6 s, then accepts connections and never answers
+    for 9 s, while one job per queue runs and one more waits on each (CALLBACK_RETRY_SECONDS keeps its
+    default, 240). The delivery's backoff (the fake fleet's 0.5, 1, 2, 4 s, each plus up to 0.5 s of jitter)
+    puts tries into both windows: the first three are refused, the fifth (8 to 10 s in) is held until the
+    workers' 3 s read timeout fires, and the sixth, 8 s later, finds the endpoint back; a longer outage would
+    only add waiting.
     Asserts: during the outage each finished job is settled durably (out of its processing list, its callback
     in the outbox under its own worker's lease, so no outbox sender sends it meanwhile) while its worker keeps
     delivering it, and the next jobs wait in their queues; afterwards every job completes exactly once;
@@ -161,11 +162,11 @@ def test_callback_endpoint_503_then_hanging(fake_fleet, report):
     try:
         for queue in QUEUES:
             rig.client.rpush(queue, fake_element(first[queue], queue), fake_element(second[queue], queue))
-        for mode, until in ((Mode.REFUSE, 12.0), (Mode.HANG, 24.0)):
+        for mode, until in ((Mode.REFUSE, 6.0), (Mode.HANG, 15.0)):
             rig.front.set_mode(mode)
             while time.monotonic() - started < until:
                 time.sleep(2)
-                if time.monotonic() - started < 8:
+                if time.monotonic() - started < 4:   # the first jobs have run and settled by then
                     continue
                 assert held(rig.client) == {}
                 assert all(rig.client.llen(q) == 1 for q in QUEUES)

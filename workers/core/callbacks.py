@@ -54,8 +54,11 @@ class CallbackClient:
     def __init__(self, url: str, service_key: str, secret: str, retry_seconds: float = 240.0,
                  timeout: float = 15.0, session: requests.Session | None = None,
                  metrics: Metrics | None = None, sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, retry_first: float = 1.0):
+        if retry_first <= 0:
+            raise ValueError(f"retry_first must be positive seconds, got {retry_first!r}")
         self.endpoint = url.rstrip("/") + "/functions/v1/job-callback"
+        self.retry_first = retry_first
         self._key = service_key
         self._secret = secret
         self.retry_seconds = retry_seconds
@@ -70,7 +73,8 @@ class CallbackClient:
         settings.require("supabase_url", "supabase_service_key", "job_callback_secret")
         return cls(settings.supabase_url, settings.supabase_service_key.reveal(),
                    settings.job_callback_secret.reveal(), settings.callback_retry_seconds,
-                   settings.callback_timeout_seconds, metrics=metrics)
+                   settings.callback_timeout_seconds, metrics=metrics,
+                   retry_first=settings.callback_retry_first_seconds)
 
     def post_once(self, body: bytes, timeout: float | None = None) -> Outcome | None:
         """One attempt: the outcome, or ``None`` for a failure worth retrying."""
@@ -99,9 +103,9 @@ class CallbackClient:
         return retry.Answer(Outcome.REJECTED)
 
     def deliver(self, body: bytes) -> Outcome:
-        """Terminal delivery: 1, 2, 4 … 30 s backoff (plus up to 1 s of jitter) and the server's
-        ``Retry-After``, as long as the next try still starts within ``retry_seconds``; then ``FAILED``."""
-        answer = retry.call(lambda: self._attempt(body), initial=1.0, cap=30.0,
+        """Terminal delivery: 1, 2, 4 … 30 s backoff (from ``retry_first``, plus up to as much jitter) and the
+        server's ``Retry-After``, as long as the next try still starts within ``retry_seconds``; then ``FAILED``."""
+        answer = retry.call(lambda: self._attempt(body), initial=self.retry_first, cap=30.0,
                             deadline=self.clock() + self.retry_seconds, sleep=self.sleep, clock=self.clock,
                             on_retry=self._retried)
         return Outcome.FAILED if answer.retry else answer.value
