@@ -256,13 +256,14 @@ def test_worker_health_answers_while_slow_clients_are_cut_at_the_deadline(worker
 
 
 def test_worker_health_answers_under_forty_long_requests(worker_env, tmp_path: Path) -> None:
-    """40 requests the app takes 6 s to answer, on a worker with the default 32 HTTP threads."""
+    """40 requests the app takes 5 s to answer, on a worker with the default 32 HTTP threads: the probe runs
+    from 1 s to 4 s, while all 32 are busy and 8 wait."""
     worker = WorkerProcess(worker_env, log_path=tmp_path / "worker.log",
                            handler="tests.security.slow_handler:create_handler")
     try:
         worker.wait_healthy()
         with ThreadPoolExecutor(40) as pool:
-            calls = [pool.submit(SESSION.post, f"{worker.url}/slow?seconds=6", timeout=30) for _ in range(40)]
+            calls = [pool.submit(SESSION.post, f"{worker.url}/slow?seconds=5", timeout=30) for _ in range(40)]
             time.sleep(1.0)  # all 40 sent: 32 running, 8 waiting for a thread
             prober = Prober([f"{worker.url}/health"], duration=3.0, interval=0.5).run()
             answers = [call.result().status_code for call in calls]
