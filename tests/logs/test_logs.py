@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
 import sys
 import threading
 import time
@@ -100,3 +101,22 @@ def test_the_orchestrator_text_log_is_unchanged(restored_logging, tmp_path):
     assert any(line.endswith(' INFO orchestrator.child: chat | {"level": "INFO", "logger": "workers", '
                              '"message": "ready", "job_id": "j-1"}') for line in lines)
     assert any(line.endswith(" INFO orchestrator.child: chat | plain text") for line in lines)
+
+
+def test_torchaos_start_up_warnings_stay_out_of_a_configured_log():
+    """transformers and diffusers import torchao when it is installed; its "Failed to load <extension>" warnings
+    (built for another torch) must not fill every worker's start-up log. Its errors still pass."""
+    script = (
+        "import io, logging\n"
+        "from common.logs import setup_logging\n"
+        "out = io.StringIO()\n"
+        "setup_logging('INFO', service='t', stream=out)\n"
+        "import torchao  # noqa: F401\n"
+        "logging.getLogger('torchao').warning('hidden')\n"
+        "logging.getLogger('torchao').error('shown')\n"
+        "print(repr(out.getvalue()))\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 0, run.stderr[-2000:]
+    logged = run.stdout
+    assert "shown" in logged and "hidden" not in logged and "Failed to load" not in logged
