@@ -106,9 +106,11 @@ def configure(handlers: Sequence[logging.Handler], level: str | int, fmt: str, s
         root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
     # torchao, installed for the opt-in FP8 (workers/gpu/fp8.py), is imported by transformers and diffusers
-    # whenever present and warns at every start that its C++ extensions, built for another torch, do not load;
-    # the FP8 path runs on torch._scaled_mm and needs none of them. Its errors still show.
-    logging.getLogger("torchao").setLevel(logging.ERROR)
+    # whenever present: it warns at every start that its C++ extensions, built for another torch, do not load,
+    # and diffusers that it cannot import torchao's older tensor types (for loading torchao checkpoints, which
+    # these workers never do); the FP8 path runs on torch._scaled_mm and needs neither. Errors still show.
+    for name in ("torchao", "diffusers.quantizers.torchao"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     _state["format"] = fmt
     if fmt == "json":
         logging.captureWarnings(True)

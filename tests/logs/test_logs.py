@@ -105,13 +105,15 @@ def test_the_orchestrator_text_log_is_unchanged(restored_logging, tmp_path):
 
 def test_torchaos_start_up_warnings_stay_out_of_a_configured_log():
     """transformers and diffusers import torchao when it is installed; its "Failed to load <extension>" warnings
-    (built for another torch) must not fill every worker's start-up log. Its errors still pass."""
+    (built for another torch) and diffusers' "Unable to import `torchao` Tensor objects" must not fill every
+    worker's start-up log. Its errors still pass."""
     script = (
         "import io, logging\n"
         "from common.logs import setup_logging\n"
         "out = io.StringIO()\n"
         "setup_logging('INFO', service='t', stream=out)\n"
         "import torchao  # noqa: F401\n"
+        "import diffusers.quantizers.torchao.torchao_quantizer  # noqa: F401\n"
         "logging.getLogger('torchao').warning('hidden')\n"
         "logging.getLogger('torchao').error('shown')\n"
         "print(repr(out.getvalue()))\n")
@@ -120,3 +122,4 @@ def test_torchaos_start_up_warnings_stay_out_of_a_configured_log():
     assert run.returncode == 0, run.stderr[-2000:]
     logged = run.stdout
     assert "shown" in logged and "hidden" not in logged and "Failed to load" not in logged
+    assert "Unable to import `torchao`" not in logged + run.stderr
