@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -183,3 +185,28 @@ def settle(batch: Any, done: dict[int, list[int]]) -> None:
     for row in finished:
         done[id(row.request)] = list(row.tokens)
     batch.remove(finished)
+
+
+def raw_post(url: str, path: str, body: dict[str, Any]) -> socket.socket:
+    """Send one HTTP request on a raw socket and return it unread (the caller closes it: a client giving up)."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Authorization: {AUTH['Authorization']}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def engine_stats(url: str) -> dict[str, Any]:
+    """A running chat worker's generation-loop counters (``/worker/info``)."""
+    return requests.get(f"{url}/worker/info", headers=AUTH, timeout=10).json()["engine"]
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Whether ``condition()`` holds within ``timeout`` seconds (polled every 20 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import socket
 import threading
 import time
 import weakref
@@ -39,7 +38,7 @@ from workers.chat.settings import ChatSettings
 from workers.chat.slot_batch import SlotBatch
 from workers.core.errors import ErrorType, JobCancelled, RetryableError, WorkerError
 
-from .conftest import AUTH, Served, make_job
+from .conftest import AUTH, Served, engine_stats, eventually, make_job, raw_post
 from .slow import slowed
 
 INSTRUCT = ModelName.INSTRUCT
@@ -98,15 +97,6 @@ def started(engine: Engine, req: GenerationRequest, tokens: int = 5) -> Generati
         assert time.monotonic() < deadline, "the request did not start decoding"
         time.sleep(0.001)
     return req
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def wrap_choice(monkeypatch, wrapper: Callable[..., torch.Tensor]) -> None:
@@ -462,20 +452,6 @@ def test_a_chat_job_stops_decoding_when_the_runner_cancels_it(fresh_handler, slo
     assert len(calls) >= 2
     assert eventually(lambda: handler.engine.stats()["active"] == 0, 5)
     assert handler.engine.stats()["completed"] == 0
-
-
-def raw_post(url: str, path: str, body: dict[str, Any]) -> socket.socket:
-    """Send one HTTP request on a raw socket and return it unread (the caller closes it: a client giving up)."""
-    host, port = url.removeprefix("http://").split(":")
-    data = json.dumps(body).encode()
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                 f"Authorization: {AUTH['Authorization']}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
-    return sock
-
-
-def engine_stats(url: str) -> dict[str, Any]:
-    return requests.get(f"{url}/worker/info", headers=AUTH, timeout=10).json()["engine"]
 
 
 def test_a_client_that_disconnects_stops_its_decoding_under_gunicorn(chat_worker):

@@ -7,40 +7,20 @@ token comes (the request waits in the line for a row), the request thread's peek
 """
 from __future__ import annotations
 
-import json
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 import requests
 
-from .conftest import AUTH
+from .conftest import AUTH, engine_stats, eventually, raw_post
 
 POEM = "write a poem"   # the demo instruct model's greedy reply to this runs 300+ tokens without a stop
 
 
 def open_stream(url: str, body: dict[str, Any]) -> socket.socket:
     """POST a streaming completion on a raw socket and return it unread (closing it = a client giving up)."""
-    host, port = url.removeprefix("http://").split(":")
-    data = json.dumps({**body, "stream": True}).encode()
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                 f"Authorization: {AUTH['Authorization']}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
-    return sock
-
-
-def engine(url: str) -> dict[str, Any]:
-    return requests.get(f"{url}/worker/info", headers=AUTH, timeout=10).json()["engine"]
-
-
-def eventually(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
+    return raw_post(url, "/v1/chat/completions", {**body, "stream": True})
 
 
 def long_request(max_tokens: int = 400) -> dict[str, Any]:
@@ -56,9 +36,9 @@ def test_a_stream_whose_client_closes_mid_stream_stops_decoding(chat_worker):
     assert b" 200 " in received.split(b"\r\n", 1)[0]
     sock.close()
     gone = time.monotonic()
-    assert eventually(lambda: engine(worker.url)["active"] == 0, 8), "the abandoned stream kept decoding"
+    assert eventually(lambda: engine_stats(worker.url)["active"] == 0, 8), "the abandoned stream kept decoding"
     print(f"decoding stopped {time.monotonic() - gone:.2f} s after the client closed its socket")
-    assert engine(worker.url)["completed"] == 0
+    assert engine_stats(worker.url)["completed"] == 0
     ok = requests.post(f"{worker.url}/v1/chat/completions", json={**long_request(3), "stream": True}, headers=AUTH,
                        timeout=60)
     assert ok.status_code == 200 and ok.text.rstrip().endswith("data: [DONE]")
@@ -69,14 +49,14 @@ def test_a_stream_whose_client_leaves_while_it_waits_for_a_row_is_never_decoded(
     client closes. Without the peek it would be admitted once the row frees and decode until a write fails."""
     worker = chat_worker(TEST_CHAT_STEP_DELAY_SECONDS="0.05", CHAT_MAX_BATCH="1")
     busy = open_stream(worker.url, long_request(60))   # about 3 s of decoding
-    assert eventually(lambda: engine(worker.url)["active"] == 1, 30)
+    assert eventually(lambda: engine_stats(worker.url)["active"] == 1, 30)
     waiting = open_stream(worker.url, long_request())
-    assert eventually(lambda: engine(worker.url)["waiting"] == 1, 10)
+    assert eventually(lambda: engine_stats(worker.url)["waiting"] == 1, 10)
     waiting.recv(4096)   # the headers and the role chunk came; no token will until the row frees
     waiting.close()
-    assert eventually(lambda: engine(worker.url)["completed"] == 1, 30), "the busy request did not finish"
+    assert eventually(lambda: engine_stats(worker.url)["completed"] == 1, 30), "the busy request did not finish"
     time.sleep(1.0)   # the row is free: an admitted stream would be decoding now
-    stats = engine(worker.url)
+    stats = engine_stats(worker.url)
     assert stats["active"] == 0 and stats["waiting"] == 0 and stats["completed"] == 1
     assert stats["tokens"] <= 60, f"{stats['tokens']} tokens: the abandoned stream was decoded"
     busy.close()
