@@ -25,7 +25,7 @@ from common.errors import ConfigError
 from common.settings import Settings
 from local.net import BackgroundServer, free_port
 from tests.conftest import SUPABASE_TEST_SERVICE_KEY
-from tests.core.rig import Q, Rig, Scripted, element, held, made_by, wait_until
+from tests.core.rig import Q, Scripted, element, held, made_by, wait_until
 from workers.core.cancellation import CancelChecks, JobStatusLookup, Verdict
 from workers.core.handler import Progress, Result
 from workers.core.job import Job
@@ -33,13 +33,6 @@ from workers.core.metrics import Metrics
 from workers.core.runner import Runner
 
 STEP = 0.05
-
-
-@pytest.fixture
-def rig(redis_server, redis_client, supabase_standin, tmp_path):
-    built = Rig(redis_server.url, supabase_standin, tmp_path)
-    yield built
-    built.close()
 
 
 class CountedLookup(JobStatusLookup):

@@ -5,19 +5,10 @@ import socket
 import threading
 import time
 
-import pytest
-
 from common import keys
-from tests.core.rig import Hold, Q, Rig, Scripted, element, held, process_on_a_thread, wait_until
+from tests.core.rig import Hold, Q, Scripted, element, held, process_on_a_thread, wait_until
 from tests.procs import WorkerProcess, runtime_env
 from workers.core.transport import RedisProtocolTransport
-
-
-@pytest.fixture
-def rig(redis_server, redis_client, supabase_standin, tmp_path):
-    built = Rig(redis_server.url, supabase_standin, tmp_path / "storage")
-    yield built
-    built.close()
 
 
 # -- #2: a move in flight while the worker retires ----------------------------------------------------------

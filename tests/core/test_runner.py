@@ -32,13 +32,6 @@ from workers.core.transport import RedisProtocolTransport, TransportError
 BUCKET = "results"
 
 
-@pytest.fixture
-def rig(redis_server, redis_client, supabase_standin, tmp_path):
-    built = Rig(redis_server.url, supabase_standin, tmp_path / "unused")
-    yield built
-    built.close()
-
-
 class Burst:
     """One worker's job loop as the service builds it, over fake time; ``trips`` records the escalations."""
 

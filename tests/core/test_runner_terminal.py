@@ -15,20 +15,13 @@ import pytest
 from common import keys
 from common.exit_codes import ExitCode
 from tests.conftest import SUPABASE_TEST_CALLBACK_SECRET, SUPABASE_TEST_SERVICE_KEY
-from tests.core.rig import Hold, Q, Rig, Scripted, element, held, made_by, process_on_a_thread, wait_until
+from tests.core.rig import Hold, Q, Scripted, element, held, made_by, process_on_a_thread, wait_until
 from tests.procs import WorkerProcess, runtime_env
 from workers.core.callbacks import CallbackClient, OutboxSender
 from workers.core.errors import ErrorType, FatalWorkerError, InvalidJob, RetryableError, WorkerError
 from workers.core.job import JobType
 from workers.core.runner import JobTimeouts
 from workers.core.transport import RedisProtocolTransport
-
-
-@pytest.fixture
-def rig(redis_server, redis_client, supabase_standin, tmp_path):
-    built = Rig(redis_server.url, supabase_standin, tmp_path / "storage")
-    yield built
-    built.close()
 
 
 def raises(exc):

@@ -11,6 +11,7 @@ from common.background import BackgroundServer
 from orchestrator.program import Backoff, ProgramSpec
 from orchestrator.status import create_app as status_app
 from orchestrator.supervisor import Supervisor
+from tests.core.conftest import rig  # noqa: F401 - the job-runtime rig the journal tests use
 
 PROMPT = "SECRET-PROMPT a lighthouse at dusk"
 

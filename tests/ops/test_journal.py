@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from common import keys
 from tests.conftest import SUPABASE_TEST_SERVICE_KEY
-from tests.core.rig import Rig, Scripted
+from tests.core.rig import Scripted
 from workers.core.cancellation import CancelChecks, JobStatusLookup
 from workers.core.errors import ErrorType, WorkerError
 from workers.core.job import Queue
@@ -16,13 +14,6 @@ from workers.core.journal import Journal, error_type_of, record
 from workers.core.transport import RedisProtocolTransport, TransportError
 
 PROMPT = "a secret lighthouse prompt"
-
-
-@pytest.fixture
-def rig(redis_server, redis_client, supabase_standin, tmp_path):
-    built = Rig(redis_server.url, supabase_standin, tmp_path / "storage")
-    yield built
-    built.close()
 
 
 def journal(client) -> list[dict]:
