@@ -35,10 +35,10 @@ def test_store_match_and_load_copy_the_blocks_exactly():
     assert cache.store(keys, values, 1, sequence) == 0          # already there
     match = cache.match(sequence + [999])
     assert match.tokens == 3 * BLOCK
-    cache.load(match, keys, values, 3)
+    gathered = cache.gather(match)
     cache.release(match)
-    for tensor in keys + values:
-        assert torch.equal(tensor[3, :, :3 * BLOCK], tensor[1, :, :3 * BLOCK])
+    for got, tensor in zip(gathered[0] + gathered[1], keys + values):
+        assert torch.equal(got[0], tensor[1, :, :3 * BLOCK])
     assert cache.match(list(range(3 * BLOCK))).tokens == 2 * BLOCK   # at least one prompt token is left to prefill
     assert cache.match([7] + sequence).tokens == 0
     assert cache.describe()["used_tokens"] == 3 * BLOCK and cache.counters["hits"] == 2
@@ -53,8 +53,9 @@ def test_a_shared_start_is_stored_once_and_a_diverging_block_does_not_match():
     assert cache.store(keys, values, 2, system + [2] * BLOCK) == 1   # the two system blocks are shared
     other = cache.match(system + [2] * BLOCK + [5])
     assert other.tokens == 3 * BLOCK
-    cache.load(other, keys, values, 3)
-    assert torch.equal(keys[0][3, :, 2 * BLOCK:3 * BLOCK], keys[0][2, :, 2 * BLOCK:3 * BLOCK])
+    (got, *_), _ = cache.gather(other)   # the first layer's keys: slot 0's system blocks, slot 2's own third
+    assert torch.equal(got[0, :, :2 * BLOCK], keys[0][0, :, :2 * BLOCK])
+    assert torch.equal(got[0, :, 2 * BLOCK:], keys[0][2, :, 2 * BLOCK:3 * BLOCK])
     assert cache.match(system + [1] * (BLOCK - 1) + [3] + [0]).tokens == 2 * BLOCK   # one token differs
 
 

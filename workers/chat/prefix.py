@@ -9,7 +9,7 @@ the whole prefix up to its end, and two conversations that share a system prompt
 - ``store(cache, slot, tokens)`` copies the full blocks of a slot's sequence that are not in the tree yet.
 - ``match(prompt)`` finds the longest run of stored blocks the prompt starts with (always leaving at least one
   prompt token to prefill: the model's scores for the next token come from it), pins it, and ``load`` copies
-  it into a slot; ``release`` unpins.
+  it out (``gather``) as the start of the prompt's prefill cache; ``release`` unpins.
 - Reference counts: a block is pinned while a match uses it, and is kept while it has children. Only unpinned
   leaves are evicted, least recently used first, when a store needs room; so a stored prefix is always whole.
 
@@ -23,15 +23,15 @@ from typing import Any
 
 import torch
 
+from .slots import kv_bytes, kv_geometry
+
 BLOCK = 16
 """Tokens per block: the granularity of reuse (at most ``BLOCK - 1`` tokens of a match are prefilled again)."""
 
 
 def bytes_needed(config: Any, tokens: int, dtype: torch.dtype) -> int:
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * (tokens // BLOCK) * BLOCK * heads * head_dim * itemsize
+    """The pool's bytes for ``tokens`` (whole blocks only)."""
+    return kv_bytes(config, tokens // BLOCK * BLOCK, dtype)
 
 
 @dataclass(eq=False)
@@ -55,12 +55,11 @@ class Match:
 
 class PrefixCache:
     def __init__(self, config: Any, tokens: int, dtype: torch.dtype, device: torch.device):
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        layers, heads, head_dim = kv_geometry(config)
         self.capacity = tokens // BLOCK
         shape = (self.capacity, heads, BLOCK, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self._free = list(range(self.capacity - 1, -1, -1))
         self._children: dict[tuple[int, tuple[int, ...]], Block] = {}   # (id of parent or 0, tokens) -> block
         self._leaves: set[Block] = set()
@@ -168,11 +167,3 @@ class PrefixCache:
         keys, values = ([pool[source].transpose(0, 1).flatten(1, 2)[None] for pool in pools]
                         for pools in (self.keys, self.values))
         return keys, values
-
-    def load(self, match: Match, slot_keys: list[torch.Tensor], slot_values: list[torch.Tensor], slot: int) -> None:
-        """Copy the matched blocks into columns ``0..match.tokens-1`` of ``slot``."""
-        if not match.blocks:
-            return
-        keys, values = self.gather(match)
-        for source, target in zip(keys + values, slot_keys + slot_values):
-            target[slot, :, :match.tokens] = source[0]

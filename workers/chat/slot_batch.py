@@ -228,16 +228,11 @@ class SlotBatch:
         return scores
 
     def _prefill_suffix(self, request: GenerationRequest, match: Match, slot: int) -> torch.Tensor:
-        """Copy the matched prefix into ``slot`` and prefill the rest of the prompt on top of it: [1, vocab]."""
+        """Prefill the rest of the prompt on top of the matched prefix, into ``slot``: [1, vocab]."""
         assert self.prefix is not None
-        reused, length = match.tokens, len(request.prompt_ids)
-        self.prefix.load(match, self.cache.keys, self.cache.values, slot)
-        past = prefill.cache_of([k[slot:slot + 1, :, :reused] for k in self.cache.keys],
-                                [v[slot:slot + 1, :, :reused] for v in self.cache.values])
-        scores = prefill.extend(self.loaded.model, past, request.prompt_ids[reused:], reused)
-        for layer, keys, values in zip(past.layers, self.cache.keys, self.cache.values):
-            keys[slot, :, reused:length].copy_(layer.keys[0, :, reused:])
-            values[slot, :, reused:length].copy_(layer.values[0, :, reused:])
+        past = prefill.cache_of(*self.prefix.gather(match))
+        scores = prefill.extend(self.loaded.model, past, request.prompt_ids[match.tokens:], match.tokens)
+        self.cache.load(slot, past.layers, [len(request.prompt_ids)])
         return scores
 
     @torch.inference_mode()

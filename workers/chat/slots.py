@@ -16,11 +16,22 @@ from typing import Any
 import torch
 
 
+def kv_geometry(config: Any) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of a decoder config: what one token's cached keys and values are."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, heads, head_dim
+
+
+def kv_bytes(config: Any, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of the keys and values of ``tokens`` cached tokens in every layer."""
+    layers, heads, head_dim = kv_geometry(config)
+    return 2 * layers * tokens * heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
 class SlotCache:
     def __init__(self, config: Any, slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        layers = config.num_hidden_layers
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        layers, heads, head_dim = kv_geometry(config)
         shape = (slots, heads, max_len, head_dim)
         self.slots, self.max_len = slots, max_len
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
@@ -30,10 +41,7 @@ class SlotCache:
 
     @staticmethod
     def bytes_needed(config: Any, slots: int, max_len: int, dtype: torch.dtype) -> int:
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        return 2 * config.num_hidden_layers * slots * heads * max_len * head_dim * itemsize
+        return kv_bytes(config, slots * max_len, dtype)
 
     @property
     def nbytes(self) -> int:
